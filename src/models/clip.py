@@ -1,0 +1,92 @@
+"""The frozen CLIP backbone: an open_clip model made from a name and a pretrained tag."""
+
+from __future__ import annotations
+
+import logging
+from importlib.resources import files
+from pathlib import Path
+
+import open_clip
+import torch
+from torch import nn
+
+from src.models.text_encoder import TextEncoder
+
+log = logging.getLogger(__name__)
+
+# Architectures shipped with the project (e.g. `coop-tiny`) are open_clip JSON configs; a user adds
+# one by dropping a JSON file here, no code needed.
+CONFIG_DIR = Path(str(files("src.models") / "configs"))
+
+
+class WeightsUnavailableError(RuntimeError):
+    """The pretrained CLIP weights could not be fetched or read."""
+
+
+def register_project_configs() -> None:
+    if not any(name in open_clip.list_models() for name in _project_models()):
+        open_clip.add_model_config(CONFIG_DIR)
+
+
+def _project_models() -> list[str]:
+    return [p.stem for p in CONFIG_DIR.glob("*.json")]
+
+
+class FrozenCLIP(nn.Module):
+    """An open_clip model whose weights never train and which stays in eval mode.
+
+    `pretrained` is an open_clip tag (e.g. "openai"), a local weights file, or None for random
+    weights (the tiny test architecture).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        pretrained: str | None = None,
+        text_fast: bool = True,
+        text_chunk: int | None = None,
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        register_project_configs()
+        if name not in open_clip.list_models():
+            raise ValueError(
+                f"model.name={name!r} is not an open_clip architecture; pick one of "
+                f"open_clip.list_models() (e.g. RN50-quickgelu, ViT-B-32) or {_project_models()}"
+            )
+        self.name = name
+        self.pretrained = pretrained or None
+        try:
+            self.model = open_clip.create_model(
+                name, pretrained=self.pretrained, cache_dir=cache_dir, device="cpu"
+            )
+        except RuntimeError as err:
+            raise WeightsUnavailableError(
+                f"cannot load CLIP weights model.pretrained={pretrained!r} for model.name={name!r} "
+                f"({err}); without network pass a local file with model.pretrained=<file>, "
+                "or use model=tiny for a random-weight test model"
+            ) from err
+        self.model.requires_grad_(False)
+        self.model.eval()
+        self.tokenizer = open_clip.get_tokenizer(name)
+        self.text = TextEncoder(self.model, fast=text_fast, chunk=text_chunk)
+        size = self.model.visual.image_size
+        self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
+
+    def train(self, mode: bool = True) -> FrozenCLIP:
+        # Frozen means eval mode too: RN50's BatchNorm statistics must never update.
+        return super().train(False)
+
+    @property
+    def token_embedding(self) -> nn.Embedding:
+        return self.text.token_embedding
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.model.logit_scale.exp()
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(images)
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        return self.tokenizer(texts)

@@ -1,0 +1,158 @@
+"""CoOp as a LightningModule: frozen CLIP plus a learnable prompt context."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch.optim.lr_scheduler import LambdaLR
+from torchmetrics.classification import MulticlassAccuracy
+
+from src.models.clip import FrozenCLIP
+from src.models.prompt_learner import Position, PromptLearner
+
+PROMPT_FORMAT = 1
+
+
+class CoOp(pl.LightningModule):
+    """Learns the prompt context from few labelled images; CLIP itself never changes."""
+
+    def __init__(
+        self,
+        clip: FrozenCLIP,
+        classnames: list[str],
+        n_ctx: int = 16,
+        ctx_init: str | None = None,
+        class_specific: bool = False,
+        class_token_position: Position = "end",
+        lr: float = 0.002,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        warmup_epochs: int = 1,
+        warmup_lr: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["clip"])
+        self.clip = clip
+        self.prompt_learner = PromptLearner(
+            classnames,
+            clip.token_embedding,
+            clip.tokenize,
+            n_ctx=n_ctx,
+            ctx_init=ctx_init,
+            class_specific=class_specific,
+            class_token_position=class_token_position,
+        )
+        # Lightning resume checkpoints hold the context only; CLIP comes from its own weights.
+        self.strict_loading = False
+        n_cls = len(classnames)
+        self.val_acc = MulticlassAccuracy(num_classes=n_cls, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes=n_cls, average="micro")
+        self.test_macro_acc = MulticlassAccuracy(num_classes=n_cls, average="macro")
+        self._eval_text_features: torch.Tensor | None = None
+
+    # -- the method -------------------------------------------------------------------------
+    def text_features(self) -> torch.Tensor:
+        learner = self.prompt_learner
+        prompts = learner(self.clip.text.prompt_length(learner.eos))
+        return self.clip.text(prompts, learner.eos, learner.shared_len)
+
+    def logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        image_features = F.normalize(image_features, dim=-1)
+        text_features = F.normalize(text_features, dim=-1)
+        return self.clip.logit_scale * image_features @ text_features.t()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        text = self._eval_text_features
+        if text is None:
+            text = self.text_features()
+        return self.logits(self.clip.encode_image(images), text)
+
+    # -- Lightning hooks --------------------------------------------------------------------
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        loss = F.cross_entropy(self(images), labels)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(labels))
+        return loss
+
+    def _start_eval(self) -> None:
+        # The prompts do not change during evaluation: encode them once, not once per batch.
+        with torch.no_grad():
+            self._eval_text_features = self.text_features()
+
+    def _end_eval(self) -> None:
+        self._eval_text_features = None
+
+    def on_validation_epoch_start(self) -> None:
+        self._start_eval()
+
+    def on_validation_epoch_end(self) -> None:
+        self._end_eval()
+
+    def on_test_epoch_start(self) -> None:
+        self._start_eval()
+
+    def on_test_epoch_end(self) -> None:
+        self._end_eval()
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        images, labels = batch
+        self.val_acc(self(images), labels)
+        self.log("val/acc", self.val_acc, prog_bar=True, batch_size=len(labels))
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        images, labels = batch
+        logits = self(images)
+        self.test_acc(logits, labels)
+        self.test_macro_acc(logits, labels)
+        self.log("test/acc", self.test_acc, batch_size=len(labels))
+        self.log("test/macro_acc", self.test_macro_acc, batch_size=len(labels))
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        optimizer = torch.optim.SGD(
+            self.prompt_learner.parameters(),
+            lr=hp.lr,
+            momentum=hp.momentum,
+            weight_decay=hp.weight_decay,
+        )
+        schedule = warmup_cosine(hp.lr, hp.warmup_lr, hp.warmup_epochs, self.trainer.max_epochs)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": LambdaLR(optimizer, schedule), "interval": "epoch"},
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith("clip.")]:
+            del state[key]
+
+    # -- the learned prompt, as a small portable file ---------------------------------------
+    def prompt_state(self) -> dict[str, Any]:
+        learner = self.prompt_learner
+        return {
+            "format": PROMPT_FORMAT,
+            "ctx": learner.ctx.detach().cpu().clone(),
+            "classnames": list(learner.classnames),
+            "backbone": self.clip.name,
+            "pretrained": self.clip.pretrained,
+            "n_ctx": learner.n_ctx,
+            "class_specific": learner.class_specific,
+            "class_token_position": learner.class_token_position,
+            "ctx_init": self.hparams.ctx_init,
+        }
+
+
+def warmup_cosine(lr: float, warmup_lr: float, warmup_epochs: int, max_epochs: int):
+    """LR factor per epoch: constant `warmup_lr` for the warm-up epochs, then the cosine of the
+    reference, lr * 0.5 * (1 + cos(pi * (e - warmup) / max_epochs)), stepped once per epoch."""
+
+    def factor(epoch: int) -> float:
+        if epoch < warmup_epochs:
+            return warmup_lr / lr
+        return 0.5 * (1 + math.cos(math.pi * (epoch - warmup_epochs) / max_epochs))
+
+    return factor

@@ -1,0 +1,109 @@
+"""The learnable context of CoOp and the prompt embeddings built from it."""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+Position = Literal["end", "middle", "front"]
+
+
+class PromptLearner(nn.Module):
+    """Context vectors (unified or class-specific) placed around each class name.
+
+    Prompt of class c: [SOS] [ctx_1 .. ctx_M] [class name tokens] [.] [EOS] (position "end"),
+    with the class name in the middle of the context ("middle") or before it ("front").
+    """
+
+    def __init__(
+        self,
+        classnames: list[str],
+        token_embedding: nn.Embedding,
+        tokenize,
+        n_ctx: int = 16,
+        ctx_init: str | None = None,
+        class_specific: bool = False,
+        class_token_position: Position = "end",
+    ) -> None:
+        super().__init__()
+        if class_token_position not in ("end", "middle", "front"):
+            raise ValueError(f"ctx.class_token_position={class_token_position!r}: use end, middle or front")
+        names = [name.replace("_", " ") for name in classnames]
+        n_cls = len(names)
+        width = token_embedding.weight.shape[1]
+        with torch.no_grad():
+            if ctx_init:
+                words = ctx_init.replace("_", " ").strip()
+                n_ctx = _token_count(tokenize, words)
+                ctx = token_embedding(tokenize([words]))[0, 1 : 1 + n_ctx].float()
+                if class_specific:
+                    log.info("class-specific context: every class starts from %r", words)
+                    ctx = ctx.expand(n_cls, -1, -1).clone()
+                prompt_prefix = words
+            else:
+                if n_ctx < 1:
+                    raise ValueError(f"ctx.n_ctx={n_ctx}: the context needs at least 1 vector")
+                shape = (n_cls, n_ctx, width) if class_specific else (n_ctx, width)
+                ctx = torch.empty(shape).normal_(std=0.02)
+                prompt_prefix = " ".join(["X"] * n_ctx)
+            tokens = tokenize([f"{prompt_prefix} {name}." for name in names])
+            embedding = token_embedding(tokens).float()
+        self.ctx = nn.Parameter(ctx)  # fp32 always, also under mixed precision
+        self.classnames = list(classnames)
+        self.n_ctx = n_ctx
+        self.class_specific = class_specific
+        self.class_token_position = class_token_position
+        self.context_length = tokens.shape[1]
+        # Frozen parts of the prompts; rebuilt from the tokenizer, so never saved in checkpoints.
+        self.register_buffer("token_prefix", embedding[:, :1], persistent=False)
+        self.register_buffer("token_suffix", embedding[:, 1 + n_ctx :], persistent=False)
+        self.register_buffer("eos", tokens.argmax(dim=-1), persistent=False)
+        name_lens = [_token_count(tokenize, name) for name in names]
+        self.register_buffer("order", self._position_order(name_lens), persistent=False)
+        half = n_ctx // 2
+        before_name = {"end": n_ctx, "middle": half, "front": 0}[class_token_position]
+        # Positions identical for every class: SOS, plus the context before the name if shared.
+        self.shared_len = 1 + (0 if class_specific else before_name)
+
+    @property
+    def n_cls(self) -> int:
+        return len(self.classnames)
+
+    def forward(self, length: int | None = None) -> torch.Tensor:
+        """Prompt embeddings [n_cls, length, width], cut after `length` positions."""
+        length = length or self.context_length
+        ctx = self.ctx if self.class_specific else self.ctx.expand(self.n_cls, -1, -1)
+        suffix = self.token_suffix[:, : max(length - 1 - self.n_ctx, 0)]
+        prompts = torch.cat([self.token_prefix, ctx, suffix], dim=1)  # the "end" layout
+        if self.class_token_position == "end":
+            return prompts[:, :length]
+        full = prompts.shape[1]
+        flat = self.order[:, :length] + full * torch.arange(self.n_cls, device=ctx.device)[:, None]
+        return prompts.reshape(-1, prompts.shape[-1])[flat.flatten()].view(self.n_cls, length, -1)
+
+    def _position_order(self, name_lens: list[int]) -> torch.Tensor:
+        """Per class, which position of the "end" layout fills each output position."""
+        n_ctx, length = self.n_ctx, self.context_length
+        ctx = list(range(1, 1 + n_ctx))
+        orders = []
+        for name_len in name_lens:
+            name = list(range(1 + n_ctx, 1 + n_ctx + name_len))
+            rest = list(range(1 + n_ctx + name_len, length))
+            if self.class_token_position == "middle":
+                half = n_ctx // 2
+                orders.append([0, *ctx[:half], *name, *ctx[half:], *rest])
+            elif self.class_token_position == "front":
+                orders.append([0, *name, *ctx, *rest])
+            else:
+                orders.append(list(range(length)))
+        return torch.tensor(orders, dtype=torch.long)
+
+
+def _token_count(tokenize, text: str) -> int:
+    """Number of BPE tokens of `text` (without SOS/EOS; padding is token id 0)."""
+    return int((tokenize([text])[0] != 0).sum()) - 2

@@ -1,0 +1,164 @@
+"""CLIP's text tower run on prompt embeddings (not token ids), exactly and cheaply.
+
+The reference CoOp runs every class prompt through all 77 positions at every step. With a causal
+mask the feature at the EOS token depends on nothing after it, and positions before the class name
+are the same for every class when the context is shared. So, in fast mode (all exact):
+
+- prompts stop at their own EOS: classes are grouped by prompt length and each group runs only
+  the positions it needs;
+- the shared prefix (SOS + the context before the class name) runs once; each class's remaining
+  tokens attend to the prefix's cached keys and values;
+- optionally, classes are processed in chunks whose activations are recomputed in backward
+  (torch.utils.checkpoint), which bounds memory for 1000-class class-specific contexts.
+
+Text towers that break these shortcuts (no causal mask, pooling another position, a class token)
+fall back to the plain computation over the full context length.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from open_clip.transformer import ResidualAttentionBlock, text_global_pool
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+log = logging.getLogger(__name__)
+
+
+class TextEncoder(nn.Module):
+    """Encodes prompt embeddings [n_cls, length, width] into text features [n_cls, embed_dim]."""
+
+    def __init__(self, clip_model: nn.Module, fast: bool = True, chunk: int | None = None) -> None:
+        super().__init__()
+        tower = getattr(clip_model, "text", clip_model)
+        if not hasattr(tower, "token_embedding"):
+            raise ValueError(
+                f"model: {type(tower).__name__} has no token-embedding table, so prompts cannot be "
+                "learned in its input space; pick an open_clip model with a CLIP text transformer"
+            )
+        # A view over the backbone's own modules, kept out of this module's registry so that the
+        # frozen weights are owned (and moved, and excluded from checkpoints) in one place.
+        self.__dict__["tower"] = tower
+        self.pool_type = getattr(tower, "text_pool_type", None) or tower.pool_type
+        causal = getattr(tower, "attn_mask", None) is not None
+        self.eos_cut_exact = (
+            causal and self.pool_type in ("argmax", "eos") and getattr(tower, "cls_emb", None) is None
+        )
+        if fast and not self.eos_cut_exact:
+            log.warning(
+                "text tower has no causal mask or pools another position than EOS: "
+                "using the plain full-length text computation"
+            )
+        self.fast = fast and self.eos_cut_exact
+        self.prefix_sharing = self.fast and all(
+            type(blk) is ResidualAttentionBlock
+            and not hasattr(blk, "ln_1_kv")
+            and isinstance(blk.attn, nn.MultiheadAttention)
+            and blk.attn.in_proj_weight is not None
+            for blk in tower.transformer.resblocks
+        )
+        self.chunk = chunk if self.fast and chunk else None
+
+    @property
+    def token_embedding(self) -> nn.Embedding:
+        return self.tower.token_embedding
+
+    @property
+    def context_length(self) -> int:
+        return self.tower.positional_embedding.shape[0]
+
+    def prompt_length(self, eos: torch.Tensor) -> int:
+        """How many leading positions of the prompts this encoder needs."""
+        return int(eos.max()) + 1 if self.fast else self.context_length
+
+    def forward(self, prompts: torch.Tensor, eos: torch.Tensor, shared_len: int = 1) -> torch.Tensor:
+        """prompts: [n, L, width] embeddings; eos: [n] EOS positions; shared_len: how many leading
+        positions are identical for every prompt (their hidden states then are too)."""
+        if not self.fast:
+            return self._plain(prompts, eos)
+        pos = self.tower.positional_embedding.to(self._dtype)
+        prefix_kv = None
+        if self.prefix_sharing:
+            prefix_kv = self._prefix_keys_values(prompts[:1, :shared_len].to(self._dtype) + pos[:shared_len])
+        else:
+            shared_len = 0
+        order, feats = [], []
+        for length in torch.unique(eos).tolist():
+            group = torch.nonzero(eos == length).flatten()
+            for idx in group.split(self.chunk or len(group)):
+                x = prompts[idx, shared_len : length + 1].to(self._dtype) + pos[shared_len : length + 1]
+                if self.chunk:
+                    feats.append(checkpoint(self._suffix, x, prefix_kv, use_reentrant=False))
+                else:
+                    feats.append(self._suffix(x, prefix_kv))
+                order.append(idx)
+        return torch.cat(feats)[torch.argsort(torch.cat(order))]
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        return self.tower.transformer.get_cast_dtype()
+
+    def _plain(self, prompts: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
+        """Exactly open_clip's encode_text, from embeddings (the reference computation)."""
+        length = prompts.shape[1]
+        x = prompts.to(self._dtype) + self.tower.positional_embedding[:length].to(self._dtype)
+        mask = self.tower.attn_mask
+        x = self.tower.transformer(x, attn_mask=None if mask is None else mask[:length, :length])
+        x = self.tower.ln_final(x)
+        if self.pool_type in ("argmax", "eos"):
+            x = x[torch.arange(x.shape[0], device=x.device), eos]
+        else:
+            x = text_global_pool(x, pool_type=self.pool_type)
+        return self._project(x)
+
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
+        proj = self.tower.text_projection
+        if proj is None:
+            return x
+        return proj(x) if isinstance(proj, nn.Linear) else x @ proj
+
+    def _suffix(self, x: torch.Tensor, prefix_kv: list | None) -> torch.Tensor:
+        """Runs prompts ending at their EOS (after the shared prefix, if any); returns features."""
+        if prefix_kv is None:
+            length = x.shape[1]
+            x = self.tower.transformer(x, attn_mask=self.tower.attn_mask[:length, :length])
+        else:
+            for blk, kv in zip(self.tower.transformer.resblocks, prefix_kv, strict=True):
+                x, _ = _block(blk, x, kv)
+        return self._project(self.tower.ln_final(x[:, -1]))
+
+    def _prefix_keys_values(self, x: torch.Tensor) -> list:
+        kvs = []
+        for blk in self.tower.transformer.resblocks:
+            x, kv = _block(blk, x, None)
+            kvs.append(kv)
+        return kvs
+
+
+def _block(
+    blk: ResidualAttentionBlock, x: torch.Tensor, prefix_kv: tuple | None
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """open_clip's ResidualAttentionBlock with a causal mask, where the queries of `x` may also
+    attend to the cached keys/values of a shared prefix placed before them."""
+    n, length, width = x.shape
+    heads = blk.attn.num_heads
+    qkv = F.linear(blk.ln_1(x), blk.attn.in_proj_weight, blk.attn.in_proj_bias)
+    q, k, v = (t.view(n, length, heads, width // heads).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
+    own_kv = (k, v)
+    if prefix_kv is None:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    else:
+        pk, pv = prefix_kv
+        shared = pk.shape[2]
+        k = torch.cat([pk.expand(n, -1, -1, -1), k], dim=2)
+        v = torch.cat([pv.expand(n, -1, -1, -1), v], dim=2)
+        # query i sits at position shared + i: it sees the whole prefix and its own causal past
+        mask = torch.ones(length, shared + length, dtype=torch.bool, device=x.device).tril(shared)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    out = blk.attn.out_proj(out.transpose(1, 2).reshape(n, length, width))
+    x = x + blk.ls_1(out)
+    x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+    return x, own_kv

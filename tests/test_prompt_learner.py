@@ -1,0 +1,117 @@
+"""The method: prompts and text features exactly as in the paper, and the EOS cut is exact."""
+
+from __future__ import annotations
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+
+from src.models.clip import FrozenCLIP
+from src.models.prompt_learner import PromptLearner
+
+CLASSNAMES = ["golden_retriever", "tabby cat", "airliner", "great white shark", "bell pepper"]
+
+
+@pytest.fixture(scope="module")
+def vit_b32() -> FrozenCLIP:
+    torch.manual_seed(0)
+    return FrozenCLIP("ViT-B-32", None)
+
+
+def encode(clip: FrozenCLIP, learner: PromptLearner, fast: bool) -> torch.Tensor:
+    """Text features in fast mode or in the reference's plain 77-position mode."""
+    saved = clip.text.fast, clip.text.prefix_sharing
+    clip.text.fast = clip.text.prefix_sharing = fast
+    try:
+        prompts = learner(clip.text.prompt_length(learner.eos))
+        return clip.text(prompts, learner.eos, learner.shared_len)
+    finally:
+        clip.text.fast, clip.text.prefix_sharing = saved
+
+
+def learner_for(clip: FrozenCLIP, **kwargs) -> PromptLearner:
+    return PromptLearner(CLASSNAMES, clip.token_embedding, clip.tokenize, **kwargs)
+
+
+@pytest.mark.parametrize("arch", ["tiny", "vit_b32"])
+@pytest.mark.parametrize(
+    "position, text",
+    [
+        ("end", "a photo of a {}."),
+        ("middle", "a photo {} of a."),  # half of the 4 context words before the name
+        ("front", "{} a photo of a."),
+    ],
+)
+@pytest.mark.parametrize("fast", [False, True])
+def test_init_from_words_equals_open_clip_encode_text(arch, position, text, fast, request):
+    clip = request.getfixturevalue("tiny_clip" if arch == "tiny" else "vit_b32")
+    learner = learner_for(clip, ctx_init="a photo of a", class_token_position=position)
+    assert learner.n_ctx == 4
+    names = [c.replace("_", " ") for c in CLASSNAMES]
+    with torch.no_grad():
+        expected = clip.model.encode_text(clip.tokenize([text.format(n) for n in names]))
+        got = encode(clip, learner, fast)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("class_specific", [False, True])
+@pytest.mark.parametrize("position", ["end", "middle", "front"])
+def test_logits_equal_with_and_without_eos_cut(tiny_clip, class_specific, position):
+    torch.manual_seed(1)
+    learner = learner_for(tiny_clip, n_ctx=8, class_specific=class_specific, class_token_position=position)
+    images = torch.randn(6, tiny_clip.model.text_projection.shape[1])
+    with torch.no_grad():
+        full = F.normalize(encode(tiny_clip, learner, fast=False), dim=-1)
+        cut = F.normalize(encode(tiny_clip, learner, fast=True), dim=-1)
+    assert tiny_clip.text.prompt_length(learner.eos) < learner.context_length
+    logits_full = tiny_clip.logit_scale * F.normalize(images, dim=-1) @ full.t()
+    logits_cut = tiny_clip.logit_scale * F.normalize(images, dim=-1) @ cut.t()
+    torch.testing.assert_close(logits_cut, logits_full, rtol=0, atol=1e-5)
+
+
+def test_context_shapes_and_init(tiny_clip):
+    torch.manual_seed(0)
+    unified = learner_for(tiny_clip, n_ctx=16)
+    csc = learner_for(tiny_clip, n_ctx=16, class_specific=True)
+    width = tiny_clip.token_embedding.weight.shape[1]
+    assert unified.ctx.shape == (16, width)
+    assert csc.ctx.shape == (len(CLASSNAMES), 16, width)
+    assert unified.ctx.std().item() == pytest.approx(0.02, rel=0.15)
+    assert unified.ctx.dtype == torch.float32
+    words = learner_for(tiny_clip, ctx_init="a photo of a")
+    expected = tiny_clip.token_embedding(tiny_clip.tokenize(["a photo of a"]))[0, 1:5]
+    torch.testing.assert_close(words.ctx.data, expected)
+    csc_words = learner_for(tiny_clip, ctx_init="a photo of a", class_specific=True)
+    assert csc_words.ctx.shape == (len(CLASSNAMES), 4, width)
+
+
+def test_prompt_tokens_follow_the_reference_layout(tiny_clip):
+    learner = learner_for(tiny_clip, n_ctx=4)
+    tokens = tiny_clip.tokenize(["X X X X golden retriever."])[0]
+    eos = int(tokens.argmax())
+    assert learner.eos[0] == eos
+    # class names: "_" becomes " "; the frozen suffix is the name, ".", EOS and padding
+    suffix = tiny_clip.token_embedding(tokens)[1 + 4 :]
+    torch.testing.assert_close(learner.token_suffix[0], suffix)
+    assert learner.shared_len == 5
+    assert learner_for(tiny_clip, n_ctx=4, class_specific=True).shared_len == 1
+    assert learner_for(tiny_clip, n_ctx=4, class_token_position="middle").shared_len == 3
+
+
+def test_bad_context_settings_are_refused(tiny_clip):
+    with pytest.raises(ValueError, match="ctx.n_ctx=0"):
+        learner_for(tiny_clip, n_ctx=0)
+    with pytest.raises(ValueError, match="ctx.class_token_position='side'"):
+        learner_for(tiny_clip, class_token_position="side")
+
+
+def test_imagenet_names_are_encoded_exactly(tiny_clip):
+    """Many classes of many prompt lengths: grouping by length changes nothing."""
+    names = open_clip.IMAGENET_CLASSNAMES[:60]
+    learner = PromptLearner(names, tiny_clip.token_embedding, tiny_clip.tokenize, n_ctx=16)
+    assert len(torch.unique(learner.eos)) > 3
+    with torch.no_grad():
+        torch.testing.assert_close(
+            encode(tiny_clip, learner, fast=True), encode(tiny_clip, learner, fast=False), rtol=0, atol=1e-5
+        )
