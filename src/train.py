@@ -54,7 +54,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if last.exists():
         log.info("resuming from %s", last)
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=last if last.exists() else None)
+    if cfg.method.fit:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=last if last.exists() else None)
     train_time = time.perf_counter() - start
     (metrics,) = trainer.test(module, datamodule=datamodule, verbose=False)
 
@@ -82,7 +83,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "text_fast": clip.text.fast,
     }
     if trainer.is_global_zero:
-        save_torch(out / "prompt.pt", module.prompt_state())
+        if hasattr(module, "prompt_state"):
+            save_torch(out / "prompt.pt", module.prompt_state())
         write_json(out / "results.json", results)
         log.info(
             "test accuracy %.2f%% (%d images); results in %s", results["test_acc"], results["num_test"], out

@@ -116,3 +116,19 @@ def test_test_metrics_are_top1_and_macro_accuracy(tiny_clip, tmp_path):
     assert metrics["test/acc"] == pytest.approx(correct.mean().item())
     per_class = [correct[labels == c].mean().item() for c in range(3)]
     assert metrics["test/macro_acc"] == pytest.approx(sum(per_class) / 3)
+
+
+def test_prompt_file_round_trip_and_transfer(tiny_clip, tmp_path):
+    from src.files import save_torch
+    from src.models.coop import coop_from_prompt, load_prompt
+
+    module = make_module(tiny_clip)
+    save_torch(tmp_path / "prompt.pt", module.prompt_state())
+    state = load_prompt(tmp_path / "prompt.pt")
+    same = coop_from_prompt(state, tiny_clip)
+    assert torch.equal(same.prompt_learner.ctx, module.prompt_learner.ctx)
+    other = coop_from_prompt(state, tiny_clip, classnames=["car", "plane"])
+    assert other.prompt_learner.n_cls == 2
+    csc = make_module(tiny_clip, class_specific=True)
+    with pytest.raises(ValueError, match="class-specific context only applies"):
+        coop_from_prompt(csc.prompt_state(), tiny_clip, classnames=["car", "plane"])

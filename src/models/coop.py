@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -144,6 +145,46 @@ class CoOp(pl.LightningModule):
             "class_token_position": learner.class_token_position,
             "ctx_init": self.hparams.ctx_init,
         }
+
+
+def load_prompt(path: str | Path) -> dict[str, Any]:
+    """A prompt file written by a run (prompt.pt), read without unpickling code."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != PROMPT_FORMAT:
+        raise ValueError(f"{path} is not a prompt file of this project (format {PROMPT_FORMAT})")
+    return state
+
+
+def coop_from_prompt(state: dict[str, Any], clip: FrozenCLIP, classnames: list[str] | None = None) -> CoOp:
+    """Rebuilds CoOp from a prompt file, for its own class list or, for a unified context,
+    for another one (a class-specific context only exists for the classes it was trained on)."""
+    if (clip.name, clip.pretrained) != (state["backbone"], state["pretrained"]):
+        raise ValueError(
+            f"the prompt was learned on {state['backbone']} ({state['pretrained']}), not "
+            f"{clip.name} ({clip.pretrained}): use model.name={state['backbone']} "
+            f"model.pretrained={state['pretrained']}"
+        )
+    classnames = list(classnames or state["classnames"])
+    if state["class_specific"] and classnames != state["classnames"]:
+        raise ValueError(
+            "a class-specific context only applies to the class list it was trained on "
+            f"({len(state['classnames'])} classes); evaluate it on that dataset or train a unified one"
+        )
+    module = CoOp(
+        clip,
+        classnames,
+        n_ctx=state["n_ctx"],
+        class_specific=state["class_specific"],
+        class_token_position=state["class_token_position"],
+    )
+    if module.prompt_learner.ctx.shape != state["ctx"].shape:
+        raise ValueError(
+            f"context of shape {tuple(state['ctx'].shape)} does not fit the backbone's token "
+            f"embedding (expected {tuple(module.prompt_learner.ctx.shape)})"
+        )
+    with torch.no_grad():
+        module.prompt_learner.ctx.copy_(state["ctx"])
+    return module
 
 
 def warmup_cosine(lr: float, warmup_lr: float, warmup_epochs: int, max_epochs: int):
