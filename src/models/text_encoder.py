@@ -147,18 +147,32 @@ def _block(
     heads = blk.attn.num_heads
     qkv = F.linear(blk.ln_1(x), blk.attn.in_proj_weight, blk.attn.in_proj_bias)
     q, k, v = (t.view(n, length, heads, width // heads).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
-    own_kv = (k, v)
     if prefix_kv is None:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     else:
-        pk, pv = prefix_kv
-        shared = pk.shape[2]
-        k = torch.cat([pk.expand(n, -1, -1, -1), k], dim=2)
-        v = torch.cat([pv.expand(n, -1, -1, -1), v], dim=2)
-        # query i sits at position shared + i: it sees the whole prefix and its own causal past
-        mask = torch.ones(length, shared + length, dtype=torch.bool, device=x.device).tril(shared)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = _attend_with_prefix(q, k, v, *prefix_kv)
     out = blk.attn.out_proj(out.transpose(1, 2).reshape(n, length, width))
     x = x + blk.ls_1(out)
     x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
-    return x, own_kv
+    return x, (k, v)
+
+
+def _attend_with_prefix(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor
+) -> torch.Tensor:
+    """Causal attention of q/k/v [n, heads, length, head_dim] placed after a prefix whose keys and
+    values pk/pv [1, heads, shared, head_dim] are the same for all n prompts.
+
+    The prefix part is one matmul over the queries of all prompts (heads x (n * length) rows)
+    instead of n copies of the prefix's keys and values."""
+    n, heads, length, dim = q.shape
+    shared = pk.shape[2]
+    q = q * dim**-0.5
+    rows = q.transpose(0, 1).reshape(heads, n * length, dim)
+    prefix_scores = (rows @ pk[0].transpose(1, 2)).view(heads, n, length, shared).transpose(0, 1)
+    causal = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
+    own_scores = (q @ k.transpose(2, 3)).masked_fill(~causal, float("-inf"))
+    probs = torch.cat([prefix_scores, own_scores], dim=-1).softmax(dim=-1)
+    prefix_probs = probs[..., :shared].transpose(0, 1).reshape(heads, n * length, shared)
+    prefix_out = (prefix_probs @ pv[0]).view(heads, n, length, dim).transpose(0, 1)
+    return prefix_out + probs[..., shared:] @ v

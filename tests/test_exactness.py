@@ -1,0 +1,77 @@
+"""Every fast path of the text encoder computes exactly what the reference computes: logits and
+the context gradient within 1e-5 (fp32), on the tiny model and on a random ViT-B-32."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from src.models.clip import FrozenCLIP
+from src.models.coop import CoOp
+from src.models.text_encoder import TextEncoder
+
+# names of 1 to 5 tokens, so that prompts of several lengths are grouped
+CLASSNAMES = ["tench", "goldfish", "great white shark", "tiger_shark", "hammerhead", "electric ray", "Komodo"]
+# the default fast path (EOS cut, length groups, shared prefix), and the same in chunks of 2 classes
+FAST_PATHS = [{}, {"chunk": 2}]
+
+
+@pytest.fixture(scope="module")
+def vit_b32() -> FrozenCLIP:
+    torch.manual_seed(0)
+    return FrozenCLIP("ViT-B-32", None)
+
+
+def logits_and_grad(clip: FrozenCLIP, encoder: TextEncoder, module: CoOp, images, labels):
+    clip.text = encoder
+    module.prompt_learner.ctx.grad = None
+    logits = module.logits(images, module.text_features())
+    F.cross_entropy(logits, labels).backward()
+    return logits.detach(), module.prompt_learner.ctx.grad.clone()
+
+
+@pytest.mark.parametrize("arch", ["tiny", "vit_b32"])
+@pytest.mark.parametrize(
+    "class_specific, position, init",
+    list(itertools.product([False, True], ["end", "middle", "front"], [None, "a photo of a"])),
+)
+def test_fast_paths_equal_reference(arch, class_specific, position, init, request):
+    clip = request.getfixturevalue("tiny_clip" if arch == "tiny" else "vit_b32")
+    original = clip.text
+    torch.manual_seed(0)
+    names = CLASSNAMES if arch == "tiny" else CLASSNAMES[:4]  # the 77-position reference is slow
+    module = CoOp(
+        clip, names, n_ctx=8, ctx_init=init, class_specific=class_specific, class_token_position=position
+    )
+    width = original.tower.text_projection.shape[1]
+    images = torch.randn(12, width)
+    labels = torch.arange(12) % len(names)
+    try:
+        reference = logits_and_grad(clip, TextEncoder(clip.model, fast=False), module, images, labels)
+        for options in FAST_PATHS:
+            encoder = TextEncoder(clip.model, fast=True, **options)
+            assert encoder.prefix_sharing
+            logits, grad = logits_and_grad(clip, encoder, module, images, labels)
+            torch.testing.assert_close(logits, reference[0], rtol=0, atol=1e-5)
+            # fp32 sums run in another order: 1e-5 of the gradient's own scale
+            scale = max(1.0, reference[1].abs().max().item())
+            assert (grad - reference[1]).abs().max().item() <= 1e-5 * scale
+    finally:
+        clip.text = original
+
+
+def test_reference_mode_runs_all_77_positions(tiny_clip):
+    encoder = TextEncoder(tiny_clip.model, fast=False)
+    eos = torch.tensor([20, 25])
+    assert encoder.prompt_length(eos) == 77
+    assert TextEncoder(tiny_clip.model, fast=True).prompt_length(eos) == 26
+
+
+def test_towers_without_causal_mask_fall_back_to_the_plain_computation(tiny_clip, monkeypatch):
+    monkeypatch.setattr(tiny_clip.model, "attn_mask", None)
+    encoder = TextEncoder(tiny_clip.model, fast=True)
+    assert not encoder.fast and not encoder.prefix_sharing
+    assert encoder.prompt_length(torch.tensor([20])) == 77
