@@ -1,7 +1,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test lint quickstart bench clean
+.PHONY: install test lint quickstart bench clean prepare report slurm-up
 
 install: $(VENV)/.installed
 
@@ -12,13 +12,28 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 lint:
-	$(PY) -m ruff check src tests
+	$(PY) -m ruff check src tests hydra_plugins
 
 test: lint
 	$(PY) -m pytest
 
+bench:
+	$(PY) experiments/benchmarks/bench.py $(BENCH_ARGS)
+
 quickstart:
 	$(PY) -m src.train experiment=quickstart
+
+# make prepare NAME=dtd DATA=/path/to/data: what is present in $(DATA)/<dataset folder>, what is missing
+prepare:
+	$(PY) -m src.data.prepare $(NAME) --data-dir $(or $(DATA),data)
+
+# make report DIR=outputs/fewshot_grid: runs.csv, report.md (tables) and plots/ in DIR/report/
+report:
+	$(PY) -m src.report $(or $(DIR),outputs)
+
+# A one-node SLURM cluster on this machine for the SLURM tests (as root: installs slurm-wlm, munge)
+slurm-up:
+	.ci/slurm_up.sh
 
 clean:
 	rm -rf outputs multirun .pytest_cache

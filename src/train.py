@@ -6,6 +6,7 @@ python -m src.train experiment=quickstart          # offline, tiny model, textil
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sys
@@ -18,9 +19,13 @@ import pytorch_lightning as pl
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import WandbLogger
 
+from src.cli import run
+from src.data.subsample import subsample_suffix
 from src.data.transforms import describe
 from src.files import atomic_write, save_torch, write_json
+from src.resume import AtomicCheckpointIO, prepare_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +37,20 @@ def default_precision() -> str:
 
 
 OmegaConf.register_new_resolver("default_precision", default_precision, replace=True)
+OmegaConf.register_new_resolver("subsample_suffix", subsample_suffix, replace=True)
+# Progress bars only where someone watches them: not in SLURM logs, CI or redirected output.
+OmegaConf.register_new_resolver("isatty", lambda: sys.stdout.isatty(), replace=True)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fits the method on the k-shot train set, tests the last model, writes the run's files."""
     out = Path(cfg.paths.output_dir)
+    last = prepare_run_dir(cfg, out)  # writable, and no run of another config in it
+    done = out / "results.json"
+    if cfg.get("skip_done", False) and done.exists():
+        # A re-launched sweep runs only what is missing (results.json is written last, atomically).
+        log.info("%s exists: skipping this run (skip_done=false runs it again)", done)
+        return json.loads(done.read_text())
     pl.seed_everything(cfg.seed, workers=True)
     clip = instantiate(cfg.model)
     datamodule = instantiate(cfg.data, dataset=instantiate(cfg.dataset.reader), image_size=clip.image_size)
@@ -46,26 +60,30 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         callbacks=[instantiate(c) for c in cfg.get("callbacks", {}).values()],
         logger=[instantiate(c) for c in cfg.get("logger", {}).values()],
     )
+    trainer.strategy.checkpoint_io = AtomicCheckpointIO()
     if trainer.is_global_zero:
         text = OmegaConf.to_yaml(cfg, resolve=True)
         atomic_write(out / "config.yaml", lambda f: f.write(text.encode()))
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    for logger in trainer.loggers:
+        logger.log_hyperparams(resolved)
 
-    last = out / "checkpoints" / "last.ckpt"
-    if last.exists():
+    if last is not None:
         log.info("resuming from %s", last)
     start = time.perf_counter()
     if cfg.method.fit:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=last if last.exists() else None)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=last)
     train_time = time.perf_counter() - start
     (metrics,) = trainer.test(module, datamodule=datamodule, verbose=False)
 
     results = {
         "dataset": cfg.dataset.name,
+        "subsample": cfg.dataset.subsample,
         "method": cfg.method.name,
         "shots": cfg.shots,
         "seed": cfg.seed,
         "ctx": cfg.ctx.name,
-        "n_ctx": module.prompt_learner.n_ctx,
+        "n_ctx": module.prompt_learner.n_ctx if hasattr(module, "prompt_learner") else None,
         "ctx_init": cfg.ctx.init,
         "class_token_position": cfg.ctx.class_token_position,
         "backbone": clip.name,
@@ -81,7 +99,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "image_size": clip.image_size,
         "transforms": describe(clip.image_size),
         "text_fast": clip.text.fast,
+        "train_views": cfg.data.train_views,
     }
+    if hasattr(module, "result_fields"):  # what a method adds to (or has instead of) CoOp's fields
+        results.update(module.result_fields())
     if trainer.is_global_zero:
         if hasattr(module, "prompt_state"):
             save_torch(out / "prompt.pt", module.prompt_state())
@@ -89,6 +110,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log.info(
             "test accuracy %.2f%% (%d images); results in %s", results["test_acc"], results["num_test"], out
         )
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            # The next run of a sweep in this process gets its own W&B run, not this one.
+            logger.experiment.finish()
     return results
 
 
@@ -116,4 +141,4 @@ def main(cfg: DictConfig) -> float:
 
 if __name__ == "__main__":
     sys.argv = quote_numeric_choices(sys.argv)
-    main()
+    run(main)

@@ -1,10 +1,14 @@
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
 
 from src.models.clip import FrozenCLIP
@@ -40,11 +44,38 @@ def make_cfg(overrides: list[str], output_dir: Path) -> DictConfig:
 
 
 @pytest.fixture
-def tiny_overrides(data_dir: Path) -> list[str]:
+def cli(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
+    """`cli(main, args)` runs an entry point as `python -m src.<name> <args>` would, in this process."""
+    from src.cli import run
+
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    monkeypatch.setenv("HYDRA_MAIN_MODULE", "__main__")  # find conf/ beside the entry point, as `-m` does
+
+    def call(main: Callable[[], Any], args: list[str]) -> None:
+        # Hydra leaves the test session's logging alone
+        logging_off = ["hydra/job_logging=none", "hydra/hydra_logging=none"]
+        monkeypatch.setattr(sys, "argv", [main.__module__, *args, *logging_off])
+        try:
+            run(main)
+        finally:
+            GlobalHydra.instance().clear()
+
+    return call
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The feature cache of the test session (features of equal keys are equal: sharing is safe)."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def tiny_overrides(data_dir: Path, cache_dir: Path) -> list[str]:
     return [
         "model=tiny",
         "trainer=cpu",
         f"paths.data_dir={data_dir}",
+        f"paths.cache_dir={cache_dir}",
         "data.num_workers=0",
         "trainer.enable_progress_bar=false",
     ]

@@ -95,7 +95,7 @@ def test_missing_folder_split_file_and_images(tmp_path, data_dir):
     with pytest.raises(DatasetError, match="paths.data_dir"):
         OxfordPets(tmp_path / "oxford_pets").read()
     (tmp_path / "oxford_pets").mkdir()
-    with pytest.raises(DatasetError, match="split_zhou_OxfordPets.json not found"):
+    with pytest.raises(DatasetError, match="annotations/trainval.txt not found"):  # no split file either
         OxfordPets(tmp_path / "oxford_pets").read()
     root = tmp_path / "oxford_pets"
     split = json.loads((data_dir / "oxford_pets" / "split_zhou_OxfordPets.json").read_text())

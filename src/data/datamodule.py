@@ -9,12 +9,16 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
 from src.data.datasets.base import DatasetError, DatasetReader
-from src.data.fewshot import few_shot
+from src.data.feature_cache import FeatureCache, RandomView, SeededViews, extract_features, feature_key
+from src.data.fewshot import few_shot, load_fewshot, save_fewshot
+from src.data.image_check import ImageCheck
 from src.data.samples import Sample, Splits
-from src.data.transforms import eval_transform, train_transform
+from src.data.subsample import Subsample, subsample_classes
+from src.data.transforms import describe, eval_transform, train_transform
 
 log = logging.getLogger(__name__)
 
@@ -31,12 +35,25 @@ class ImageList(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         item = self.items[index]
-        with Image.open(item.path) as image:
-            return self.transform(image), item.label
+        try:
+            with Image.open(item.path) as image:
+                return self.transform(image), item.label
+        except OSError as err:  # e.g. a truncated file whose header looked fine at setup
+            raise DatasetError(f"{item.path} cannot be read ({err}): replace or remove it") from err
 
 
 class FewShotDataModule(pl.LightningDataModule):
-    """k images per class from the train split (per seed), min(k, 4) from val, the full test."""
+    """k images per class from the train split (per seed), min(k, 4) from val, the full test.
+
+    With `cache_features`, validation and test batches are the frozen backbone's image features
+    (computed once, then read from the feature cache) instead of images; with `train_views=K`,
+    training batches too, each image drawn as one of K pre-computed augmented views. The method
+    modules take either kind of batch.
+
+    The few-shot subsets are saved (`save_fewshot_to`) and can be given back (`fewshot_file`) to
+    rerun on exactly the same images. Unreadable images stop `setup` with their path, or with
+    `skip_bad_images` are left out and counted.
+    """
 
     def __init__(
         self,
@@ -49,6 +66,13 @@ class FewShotDataModule(pl.LightningDataModule):
         num_workers: int = 4,
         pin_memory: bool = True,
         persistent_workers: bool = True,
+        subsample: Subsample = "all",
+        cache_features: bool = True,
+        cache_dir: str | Path | None = None,
+        train_views: int = 0,
+        skip_bad_images: bool = False,
+        fewshot_file: str | Path | None = None,
+        save_fewshot_to: str | Path | None = None,
     ) -> None:
         super().__init__()
         if shots < 1:
@@ -62,33 +86,61 @@ class FewShotDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.pin_memory = pin_memory and torch.cuda.is_available()
         self.persistent_workers = persistent_workers and num_workers > 0
+        self.subsample = subsample
+        self.cache = FeatureCache(cache_dir) if cache_features and cache_dir else None
+        if train_views < 0:
+            raise ValueError(f"data.train_views={train_views}: use 0 (augment on the fly) or K >= 1 views")
+        self.train_views = train_views
+        self.skip_bad_images = skip_bad_images
+        self.fewshot_file = fewshot_file
+        self.save_fewshot_to = save_fewshot_to
         self.train_items: list[Sample] | None = None
         self.val_items: list[Sample] = []
         self.test_items: list[Sample] = []
 
     @cached_property
     def splits(self) -> Splits:
-        return self.dataset.read()
+        return subsample_classes(self.dataset.read(), self.subsample)
 
     @property
     def classnames(self) -> list[str]:
         return self.splits.classnames
 
     def setup(self, stage: str | None = None) -> None:
-        if self.train_items is not None:
-            return
+        if self.train_items is None:
+            self._select()
+        if stage in (None, "fit"):
+            self._require_training_images()
+
+    def _select(self) -> None:
+        """The few-shot train/val subsets (sampled, or the given `fewshot_file`) and the test split,
+        with every image checked; the subsets are saved to `save_fewshot_to`."""
         splits = self.splits
-        self.train_items = few_shot(splits.train, self.shots, self.seed)
-        self.val_items = few_shot(splits.val, min(self.shots, VAL_SHOTS), self.seed) if splits.val else []
-        self.test_items = splits.test
-        missing_labels = set(range(len(splits.classnames))) - {s.label for s in self.train_items}
-        if missing_labels:
-            names = [splits.classnames[i] for i in sorted(missing_labels)][:5]
+        check = ImageCheck(skip_bad=self.skip_bad_images)
+        if self.fewshot_file:
+            train, val = load_fewshot(self.fewshot_file, self.dataset.root, splits)
+            log.info("few-shot subsets from %s", self.fewshot_file)
+            self.train_items, self.val_items = check.keep_good(train), check.keep_good(val)
+        else:
+            self.train_items = self._sample(splits.train, self.shots, check)
+            self.val_items = self._sample(splits.val, min(self.shots, VAL_SHOTS), check)
+        self.test_items = check.keep_good(splits.test)
+        check.report()
+        if not self.test_items:  # before any training: every run ends with the test
+            skipped = " (all skipped as unreadable: data.skip_bad_images=true)" if splits.test else ""
             raise DatasetError(
-                f"{self.dataset.root}: no training images for classes {names}; "
-                "add images for them or remove them from the split"
+                f"{self.dataset.root}: no test images{skipped}; check the split's test list and its images"
             )
-        _check_exist(self.train_items + self.val_items + self.test_items)
+        if self.save_fewshot_to and self.train_items:
+            path = save_fewshot(
+                self.save_fewshot_to,
+                self.dataset.root,
+                self.train_items,
+                self.val_items,
+                self.shots,
+                self.seed,
+            )
+            log.info("few-shot subsets saved to %s (rerun on them with data.fewshot_file=%s)", path, path)
         log.info(
             "%s: %d train (%d-shot, seed %d), %d val, %d test images, %d classes",
             self.dataset.root,
@@ -100,10 +152,41 @@ class FewShotDataModule(pl.LightningDataModule):
             len(splits.classnames),
         )
 
+    def _sample(self, pool: list[Sample], shots: int, check: ImageCheck) -> list[Sample]:
+        """`few_shot` over the readable images: an unreadable image drawn (and skipped) is treated
+        as absent from the split, so its class still gets `shots` images when it has them."""
+        bad: set[str] = set()
+        while True:
+            chosen = few_shot([item for item in pool if item.path not in bad], shots, self.seed)
+            good = check.keep_good(chosen)
+            if len(good) == len(chosen):
+                return chosen
+            bad |= {item.path for item in chosen} - {item.path for item in good}
+
+    def _require_training_images(self) -> None:
+        splits = self.splits
+        if not splits.train:
+            raise DatasetError(
+                f"{self.dataset.root} has no training images (a test-only dataset): train on another "
+                "dataset and evaluate the prompt on this one (python -m src.eval ckpt=... dataset=...)"
+            )
+        missing_labels = set(range(len(splits.classnames))) - {s.label for s in self.train_items}
+        if missing_labels:
+            names = [splits.classnames[i] for i in sorted(missing_labels)][:5]
+            raise DatasetError(
+                f"{self.dataset.root}: no training images for classes {names}; "
+                "add images for them or remove them from the split"
+            )
+
     def train_dataloader(self) -> DataLoader:
         items = self.train_items
+        if self.train_views:
+            features, labels = self.image_features("train", views=self.train_views)
+            data = RandomView(features.view(self.train_views, len(items), -1), labels[: len(items)])
+        else:
+            data = ImageList(items, train_transform(self.image_size))
         return self._loader(
-            ImageList(items, train_transform(self.image_size)),
+            data,
             self.batch_size,
             shuffle=True,
             # the reference drops the last partial batch only when there is a full one
@@ -111,29 +194,89 @@ class FewShotDataModule(pl.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(ImageList(self.val_items, eval_transform(self.image_size)), self.test_batch_size)
+        return self._eval_loader("val", self.val_items)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(ImageList(self.test_items, eval_transform(self.image_size)), self.test_batch_size)
+        return self._eval_loader("test", self.test_items)
+
+    def _eval_loader(self, split: str, items: list[Sample]) -> DataLoader:
+        if self.cache is None:
+            data = ImageList(items, eval_transform(self.image_size))
+        else:
+            data = TensorDataset(*self.image_features(split))
+        return self._loader(data, self.test_batch_size, sampler=unrepeated_sampler(data, self.trainer))
+
+    def image_features(self, split: str, views: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Frozen image features of a split's images ("train", "val" or "test") and their labels,
+        under the eval transform or, with `views`, as `views` seeded augmentations per image under
+        the train transform ([views * n, d], view-major). Read from the feature cache when it is on.
+
+        Needs the trainer: the features are computed with the module's CLIP, on its device and
+        under the trainer's precision, exactly as the batches of a test step would be.
+        """
+        items = {"train": self.train_items, "val": self.val_items, "test": self.test_items}[split]
+        trainer = self.trainer
+        clip = trainer.lightning_module.clip
+        if views:
+            data = SeededViews(items, train_transform(self.image_size), views, self.seed)
+            transform = f"{describe(self.image_size)['train']}; {views} views, seed {self.seed}"
+        else:
+            data = ImageList(items, eval_transform(self.image_size))
+            transform = describe(self.image_size)["test"]
+
+        def compute() -> torch.Tensor:
+            return extract_features(
+                clip,
+                data,
+                self.test_batch_size,
+                self.num_workers,
+                trainer.strategy.root_device,
+                trainer.precision_plugin.forward_context,
+            )
+
+        labels = torch.tensor([item.label for item in items]).repeat(max(views, 1))
+        if self.cache is None:
+            return compute(), labels
+        name = getattr(self.dataset, "name", "") or type(self.dataset).__name__.lower()
+        key = feature_key(clip, name, split, items, transform, str(trainer.precision))
+        # Rank 0 computes and stores first; the other ranks then read its file.
+        features = self.cache.get(key, compute) if trainer.is_global_zero else None
+        trainer.strategy.barrier()
+        if features is None:
+            features = self.cache.get(key, compute)
+        return features, labels
 
     def _loader(
-        self, data: Dataset, batch_size: int, shuffle: bool = False, drop_last: bool = False
+        self,
+        data: Dataset,
+        batch_size: int,
+        shuffle: bool = False,
+        drop_last: bool = False,
+        sampler: Sampler | None = None,
     ) -> DataLoader:
+        features = isinstance(data, (TensorDataset, RandomView))  # in memory: no worker processes
         return DataLoader(
             data,
             batch_size=batch_size,
             shuffle=shuffle,
             drop_last=drop_last,
-            num_workers=self.num_workers,
+            sampler=sampler,
+            num_workers=0 if features else self.num_workers,
             pin_memory=self.pin_memory,
-            persistent_workers=self.persistent_workers,
+            persistent_workers=self.persistent_workers and not features,
         )
 
 
-def _check_exist(items: list[Sample]) -> None:
-    missing = [item.path for item in items if not Path(item.path).is_file()]
-    if missing:
-        raise DatasetError(
-            f"{missing[0]} not found ({len(missing)} images of the split are missing): "
-            "restore the images or regenerate the split file"
-        )
+def unrepeated_sampler(data: Dataset, trainer: pl.Trainer | None) -> Sampler | None:
+    """Under DDP, each rank evaluates its own share of the images, none of them twice.
+
+    Lightning's default DistributedSampler pads the last share with repeated images, so that every
+    rank gets as many batches, and the repeats would count twice in the accuracy. Uneven shares are
+    safe in evaluation: nothing is synchronised per batch, and torchmetrics sums the ranks' counts
+    once at the end. None (Lightning's default) on one device.
+    """
+    if trainer is None or trainer.world_size < 2:
+        return None
+    return UnrepeatedDistributedSampler(
+        data, num_replicas=trainer.world_size, rank=trainer.global_rank, shuffle=False
+    )

@@ -67,10 +67,13 @@ class CoOp(pl.LightningModule):
         return self.clip.logit_scale * image_features @ text_features.t()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits of a batch of images [b, 3, h, w] or of their image features [b, d] (the data
+        module's batches when image features are cached)."""
         text = self._eval_text_features
         if text is None:
             text = self.text_features()
-        return self.logits(self.clip.encode_image(images), text)
+        features = images if images.ndim == 2 else self.clip.encode_image(images)
+        return self.logits(features, text)
 
     # -- Lightning hooks --------------------------------------------------------------------
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -115,7 +118,7 @@ class CoOp(pl.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         optimizer = torch.optim.SGD(
-            self.prompt_learner.parameters(),
+            [p for p in self.parameters() if p.requires_grad],  # CLIP's are frozen
             lr=hp.lr,
             momentum=hp.momentum,
             weight_decay=hp.weight_decay,
@@ -149,15 +152,29 @@ class CoOp(pl.LightningModule):
 
 def load_prompt(path: str | Path) -> dict[str, Any]:
     """A prompt file written by a run (prompt.pt), read without unpickling code."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    fix = "give the prompt.pt that a training run wrote"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as err:  # torch raises many kinds for a file that is not plain tensors and data
+        raise ValueError(
+            f"{path} is not a prompt file of this project ({type(err).__name__}): {fix}"
+        ) from err
     if not isinstance(state, dict) or state.get("format") != PROMPT_FORMAT:
-        raise ValueError(f"{path} is not a prompt file of this project (format {PROMPT_FORMAT})")
+        raise ValueError(f"{path} is not a prompt file of this project (format {PROMPT_FORMAT}): {fix}")
     return state
 
 
-def coop_from_prompt(state: dict[str, Any], clip: FrozenCLIP, classnames: list[str] | None = None) -> CoOp:
-    """Rebuilds CoOp from a prompt file, for its own class list or, for a unified context,
-    for another one (a class-specific context only exists for the classes it was trained on)."""
+def coop_from_prompt(
+    state: dict[str, Any],
+    clip: FrozenCLIP,
+    classnames: list[str] | None = None,
+    module_cls: type[CoOp] | None = None,
+) -> CoOp:
+    """Rebuilds CoOp (or `module_cls`, a subclass) from a prompt file, for its own class list or, for
+    a unified context, for another one (a class-specific context only exists for the classes it was
+    trained on)."""
     if (clip.name, clip.pretrained) != (state["backbone"], state["pretrained"]):
         raise ValueError(
             f"the prompt was learned on {state['backbone']} ({state['pretrained']}), not "
@@ -170,7 +187,7 @@ def coop_from_prompt(state: dict[str, Any], clip: FrozenCLIP, classnames: list[s
             "a class-specific context only applies to the class list it was trained on "
             f"({len(state['classnames'])} classes); evaluate it on that dataset or train a unified one"
         )
-    module = CoOp(
+    module = (module_cls or CoOp)(
         clip,
         classnames,
         n_ctx=state["n_ctx"],

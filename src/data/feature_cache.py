@@ -1,0 +1,175 @@
+"""Image features of the frozen backbone, computed once and reused by every later run.
+
+The image encoder never changes, so the features of a split under a deterministic transform are
+the same in every run of a sweep: zero-shot, the linear probe and the test of every CoOp run
+share them. A file per key holds them; the key is everything the features depend on (the weights,
+the dataset, the split, the ordered image list, the transform and input size, the precision), so a
+changed part never reuses stale features. Images are assumed not to change in place: delete the
+cache folder if they do.
+
+Files are written to a temporary name and renamed, so jobs that read and write the cache at the
+same time never see a partial file; two jobs computing the same key write the same contents.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from pathlib import Path
+
+import torch
+from PIL import Image
+from rich.progress import track
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
+from torch.utils.data import DataLoader, Dataset
+
+from src.data.samples import Sample
+from src.files import atomic_write
+from src.models.clip import FrozenCLIP
+
+log = logging.getLogger(__name__)
+
+FORMAT = "1"  # bump when what a key means changes, so that old files are never read
+HASHED_WEIGHTS_BYTES = 4 << 20  # a local weights file is identified by its size, mtime and first MiBs
+
+
+class FeatureCache:
+    """Feature files under `root`, one per key."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def path(self, key: dict[str, str]) -> Path:
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+        return self.root / "features" / key["dataset"] / f"{key['split']}-{digest}.safetensors"
+
+    def load(self, key: dict[str, str]) -> torch.Tensor | None:
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        try:
+            tensors = load_file(path)
+        except (SafetensorError, OSError) as err:
+            log.warning("unreadable feature file %s (%s): computing the features again", path, err)
+            return None
+        return tensors["features"]
+
+    def save(self, key: dict[str, str], features: torch.Tensor) -> Path:
+        data = safetensors_bytes({"features": features.contiguous()}, metadata={"key": json.dumps(key)})
+        return atomic_write(self.path(key), lambda f: f.write(data))
+
+    def get(self, key: dict[str, str], compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The stored features of `key`, or `compute()`'s, stored for the next run."""
+        features = self.load(key)
+        if features is None:
+            features = compute()
+            path = self.save(key, features)
+            log.info("image features cached in %s", path)
+        else:
+            log.info("image features read from %s", self.path(key))
+        return features
+
+
+def feature_key(
+    clip: FrozenCLIP, dataset: str, split: str, items: Sequence[Sample], transform: str, precision: str
+) -> dict[str, str]:
+    paths = hashlib.sha256("\n".join(item.path for item in items).encode()).hexdigest()
+    return {
+        "format": FORMAT,
+        "weights": weights_identity(clip),
+        "dataset": dataset,
+        "split": split,
+        "images": f"{len(items)}:{paths}",
+        "transform": transform,
+        "image_size": str(clip.image_size),
+        "precision": precision,
+    }
+
+
+def weights_identity(clip: FrozenCLIP) -> str:
+    """What identifies the image encoder's weights: the open_clip tag, a local file's size, mtime
+    and first bytes, or, for random weights (which depend on the seed), the weights themselves."""
+    if clip.pretrained is None:
+        digest = hashlib.sha256()
+        for name, tensor in sorted(clip.model.visual.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return f"{clip.name}:random:{digest.hexdigest()}"
+    path = Path(clip.pretrained)
+    if path.is_file():
+        stat = path.stat()
+        with path.open("rb") as f:
+            head = hashlib.sha256(f.read(HASHED_WEIGHTS_BYTES)).hexdigest()
+        return f"{clip.name}:file:{stat.st_size}:{stat.st_mtime_ns}:{head}"
+    return f"{clip.name}:{clip.pretrained}"
+
+
+class SeededViews(Dataset):
+    """`views` augmentations of every image, each drawn with its own seed: the same views whatever
+    the number of workers or the order of loading. Index v * n + i is view v of image i."""
+
+    def __init__(self, items: list[Sample], transform, views: int, seed: int) -> None:
+        self.items = items
+        self.transform = transform
+        self.views = views
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return self.views * len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        item = self.items[index % len(self.items)]
+        with Image.open(item.path) as image, torch.random.fork_rng(devices=[]):
+            # torchvision's random transforms draw from torch's global generator
+            torch.manual_seed((self.seed << 32) + index)
+            return self.transform(image), item.label
+
+
+class RandomView(Dataset):
+    """Each time an image is drawn, one of its pre-computed views at random (the fast training
+    mode's stand-in for on-the-fly augmentation). `features` is [views, n, d]."""
+
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        self.features = features
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return self.features.shape[1]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        view = int(torch.randint(self.features.shape[0], ()))
+        return self.features[view, index], self.labels[index]
+
+
+@torch.no_grad()
+def extract_features(
+    clip: FrozenCLIP,
+    data: Dataset,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    precision_context: Callable[[], AbstractContextManager],
+) -> torch.Tensor:
+    """The frozen image features of every image of `data`, in order, as float32 on the CPU."""
+    # A generator of its own: drawing the loader's seed from the global one would make a training
+    # run's random stream depend on whether the features were cached or computed (src/resume.py).
+    loader = DataLoader(
+        data,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator(),
+    )
+    log.info("computing image features of %d images", len(data))
+    features = []
+    with precision_context():
+        # a progress bar in a terminal only, as the trainer's (conf/trainer/default.yaml)
+        for images, _ in track(loader, description="image features", disable=not sys.stdout.isatty()):
+            features.append(clip.encode_image(images.to(device, non_blocking=True)).float().cpu())
+    return torch.cat(features)

@@ -1,0 +1,41 @@
+"""What the methods without gradient training share: a classifier of frozen CLIP image features,
+tested like CoOp (top-1 and macro accuracy) on images or on cached image features."""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+from torchmetrics.classification import MulticlassAccuracy
+
+from src.models.clip import FrozenCLIP
+
+
+class FrozenClassifier(pl.LightningModule):
+    """Subclasses give `logits(image_features)`; nothing here has gradients."""
+
+    def __init__(self, clip: FrozenCLIP, classnames: list[str]) -> None:
+        super().__init__()
+        self.clip = clip
+        self.classnames = list(classnames)
+        self.test_acc = MulticlassAccuracy(num_classes=len(classnames), average="micro")
+        self.test_macro_acc = MulticlassAccuracy(num_classes=len(classnames), average="macro")
+
+    def logits(self, image_features: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits of a batch of images [b, 3, h, w] or of their image features [b, d]."""
+        features = images if images.ndim == 2 else self.clip.encode_image(images)
+        return self.logits(features)
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        images, labels = batch
+        logits = self(images)
+        self.test_acc(logits, labels)
+        self.test_macro_acc(logits, labels)
+        self.log("test/acc", self.test_acc, batch_size=len(labels))
+        self.log("test/macro_acc", self.test_macro_acc, batch_size=len(labels))
+
+    def result_fields(self) -> dict:
+        # No learned context and no training epochs: CoOp's fields of those do not apply.
+        return {"ctx": None, "n_ctx": None, "ctx_init": None, "class_token_position": None, "epochs": 0}

@@ -1,0 +1,46 @@
+"""Zero-shot CLIP: class text features from hand-made templates, one or an ensemble."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from src.models.clip import FrozenCLIP
+from src.models.frozen_classifier import FrozenClassifier
+
+
+class ZeroShotCLIP(FrozenClassifier):
+    """Each class's text feature is the mean of the normalised features of its prompts, one per
+    template ("a photo of a {}."), normalised again: the reference's prompt ensembling, which for
+    one template is plain zero-shot CLIP."""
+
+    def __init__(self, clip: FrozenCLIP, classnames: list[str], templates: list[str]) -> None:
+        super().__init__(clip, classnames)
+        bad = [t for t in templates if "{}" not in t]
+        if not templates or bad:
+            raise ValueError(
+                f"method.module.templates={list(templates)}: give at least one template, each with "
+                "{} where the class name goes"
+            )
+        self.templates = list(templates)
+        self._text_features: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def text_features(self) -> torch.Tensor:
+        names = [name.replace("_", " ") for name in self.classnames]
+        total = 0
+        for template in self.templates:
+            tokens = self.clip.tokenize([template.format(name) for name in names]).to(self.device)
+            total = total + F.normalize(self.clip.model.encode_text(tokens).float(), dim=-1)
+        return F.normalize(total / len(self.templates), dim=-1)
+
+    def logits(self, image_features: torch.Tensor) -> torch.Tensor:
+        if self._text_features is None:
+            self._text_features = self.text_features()
+        return self.clip.logit_scale * F.normalize(image_features, dim=-1) @ self._text_features.t()
+
+    def on_test_epoch_start(self) -> None:
+        self._text_features = self.text_features()  # on the test device, once
+
+    def result_fields(self) -> dict:
+        return {**super().result_fields(), "templates": self.templates}

@@ -1,0 +1,387 @@
+"""The paper's tables and figures from a folder of runs.
+
+    python -m src.report outputs/fewshot_grid            # or: make report DIR=outputs/fewshot_grid
+
+Reads every results.json under DIR and writes, into DIR/report/ (or --out):
+  runs.csv      one row per run (duplicates marked),
+  report.md     few-shot accuracy per dataset x method x shots (mean ± std over seeds), its
+                average over datasets, the domain generalisation, cross-dataset and base-to-new
+                tables, and the runs that are missing seeds or duplicated,
+  plots/*.png   few-shot curves per dataset and their average: the CoOp variants against the
+                zero-shot and linear-probe baselines.
+
+Runs are never silently merged: a setting that lacks seeds other settings have is marked `*`
+in the tables and listed; two results for the same run (e.g. from two sweep folders) are
+listed, and only the newest is used (marked `†`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display (clusters, CI)
+
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+# Methods whose result depends neither on the shots nor on the seed: plotted as a line, tabled
+# at 0 shots, one run expected per dataset.
+TRAINING_FREE = ("zeroshot", "zeroshot_ensemble")
+# Methods with a learned context, whose variants (class-specific, position, M) are told apart.
+CONTEXT_METHODS = ("coop", "cocoop")
+# The evaluation sets of the domain generalisation study; other transfer targets are cross-dataset.
+DG_TARGETS = ("imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r")
+# The key of results.json naming the dataset a transferred prompt was trained on.
+SOURCE_KEY = "trained_on"
+REQUIRED = ("dataset", "method", "backbone", "shots", "seed", "test_acc")
+CELL = ["protocol", "backbone", "source", "dataset", "subsample", "variant", "shots"]
+INCOMPLETE, DUPLICATED = "*", "†"
+
+
+class ReportError(ValueError):
+    """There is nothing to report, or a results file cannot be read."""
+
+
+def load_runs(root: Path) -> pd.DataFrame:
+    """One row per results.json under `root`, with its folder (`path`) and modification time."""
+    if not root.is_dir():
+        raise ReportError(f"{root}: no such folder; give the folder of a run or of a sweep")
+    rows = []
+    for file in sorted(root.rglob("results.json")):
+        try:
+            data = json.loads(file.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ReportError(f"{file}: not a readable results file ({err}); delete or rerun it") from err
+        missing = [key for key in REQUIRED if key not in data]
+        if missing:
+            raise ReportError(f"{file} lacks {missing}: not a results file of this project; move it away")
+        rows.append({**data, "path": str(file.parent.relative_to(root)), "mtime": file.stat().st_mtime})
+    if not rows:
+        raise ReportError(f"{root}: no results.json under it; give the folder of a run or of a sweep")
+    return tidy(pd.DataFrame(rows))
+
+
+def variant_name(row: pd.Series) -> str:
+    """`coop unified end M16` for a learned context, the method's name otherwise."""
+    if row["method"] not in CONTEXT_METHODS or pd.isna(row.get("ctx")):
+        return str(row["method"])
+    name = f"{row['method']} {row['ctx']} {row['class_token_position']} M{int(row['n_ctx'])}"
+    init = row.get("ctx_init")
+    return f"{name} init={init!r}" if isinstance(init, str) else name
+
+
+def tidy(runs: pd.DataFrame) -> pd.DataFrame:
+    """Adds the columns that place each run in a table, and marks duplicated runs."""
+    runs = runs.copy()
+    for column, default in (("subsample", "all"), (SOURCE_KEY, None), ("ctx_init", None)):
+        if column not in runs:
+            runs[column] = default
+    runs["subsample"] = runs["subsample"].fillna("all")
+    runs["source"] = runs[SOURCE_KEY].fillna(runs["dataset"])
+    # The domain generalisation targets are test sets: a training-free method run on one is that
+    # study's evaluation, with ImageNet as the source.
+    runs.loc[runs["method"].isin(TRAINING_FREE) & runs["dataset"].isin(DG_TARGETS), "source"] = "imagenet"
+    runs["variant"] = runs.apply(variant_name, axis=1)
+    runs["training_free"] = runs["method"].isin(TRAINING_FREE)
+    # Zero-shot runs at any shots and seed are one and the same run.
+    runs.loc[runs["training_free"], ["shots", "seed"]] = 0
+    runs["protocol"] = "fewshot"
+    runs.loc[runs["source"] != runs["dataset"], "protocol"] = "transfer"
+    runs.loc[runs["subsample"] != "all", "protocol"] = "base_to_new"
+    runs = runs.sort_values("mtime", kind="stable")
+    runs["duplicate_of_newer"] = runs.duplicated([*CELL, "seed"], keep="last")
+    return runs.sort_values([*CELL, "seed"], kind="stable").reset_index(drop=True)
+
+
+def cells(runs: pd.DataFrame) -> pd.DataFrame:
+    """Mean and std (over seeds, ddof 0 as the reference's parse script) of each setting."""
+    used = runs[~runs["duplicate_of_newer"]]
+    duplicated = runs[runs["duplicate_of_newer"]].groupby(CELL, dropna=False).size()
+    table = (
+        used.groupby(CELL, dropna=False)
+        .agg(
+            mean=("test_acc", "mean"),
+            std=("test_acc", lambda a: a.std(ddof=0)),
+            n=("test_acc", "size"),
+            seeds=("seed", lambda s: tuple(sorted(s))),
+            training_free=("training_free", "first"),
+        )
+        .reset_index()
+    )
+    expected = sorted(set(used.loc[~used["training_free"], "seed"]))
+    table["missing_seeds"] = [
+        () if free else tuple(s for s in expected if s not in seeds)
+        for free, seeds in zip(table["training_free"], table["seeds"], strict=True)
+    ]
+    table["duplicated"] = [tuple(key) in duplicated.index for key in table[CELL].itertuples(index=False)]
+    return table
+
+
+def fmt(mean: float, std: float = math.nan, n: int = 1, incomplete: bool = False, dup: bool = False) -> str:
+    text = f"{mean:.2f}" if n < 2 or math.isnan(std) else f"{mean:.2f} ± {std:.2f}"
+    return text + (INCOMPLETE if incomplete else "") + (DUPLICATED if dup else "")
+
+
+def cell_text(row: pd.Series) -> str:
+    return fmt(row["mean"], row["std"], row["n"], bool(row["missing_seeds"]), row["duplicated"])
+
+
+def fewshot_table(table: pd.DataFrame, backbone: str) -> pd.DataFrame:
+    """Rows dataset x method, columns shots (0: training-free methods)."""
+    part = table[(table["protocol"] == "fewshot") & (table["backbone"] == backbone)].copy()
+    part["text"] = part.apply(cell_text, axis=1)
+    wide = part.pivot_table(index=["dataset", "variant"], columns="shots", values="text", aggfunc="first")
+    return wide.rename(columns=shots_label).rename_axis(columns=None)
+
+
+def average_over_datasets(table: pd.DataFrame, backbone: str) -> pd.DataFrame:
+    """Rows method, columns shots: the mean over datasets of the per-dataset means, marked when
+    some dataset lacks the setting or some seeds."""
+    part = table[(table["protocol"] == "fewshot") & (table["backbone"] == backbone)]
+    datasets = part["dataset"].nunique()
+    rows = {}
+    for (variant, shots), group in part.groupby(["variant", "shots"]):
+        incomplete = len(group) < datasets or any(map(bool, group["missing_seeds"]))
+        rows.setdefault(variant, {})[shots] = fmt(
+            group["mean"].mean(), incomplete=incomplete, dup=group["duplicated"].any()
+        )
+    frame = pd.DataFrame.from_dict(rows, orient="index").sort_index(axis=1)
+    return frame.rename(columns=shots_label).rename_axis("variant")
+
+
+def transfer_table(table: pd.DataFrame, backbone: str, targets: list[str]) -> pd.DataFrame:
+    """Rows source x method x shots; columns the source's own test set, each target that was
+    run and the average over the targets (marked when some were not run)."""
+    part = table[(table["backbone"] == backbone) & (table["subsample"] == "all")]
+    moved = part[(part["protocol"] == "transfer") & part["dataset"].isin(targets)]
+    rows = []
+    for (source, variant, shots), group in moved.groupby(["source", "variant", "shots"]):
+        own = part[
+            (part["protocol"] == "fewshot")
+            & (part["dataset"] == source)
+            & (part["variant"] == variant)
+            & (part["shots"] == shots)
+        ]
+        row = {"source": source, "variant": variant, "shots": shots}
+        row[f"{source} (source)"] = cell_text(own.iloc[0]) if len(own) else ""
+        for _, target in group.iterrows():
+            row[target["dataset"]] = cell_text(target)
+        row["average"] = fmt(group["mean"].mean(), incomplete=len(group) < len(targets))
+        rows.append(row)
+    columns = [t for t in targets if t in set(moved["dataset"])]
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    first = [c for c in frame.columns if c.endswith("(source)")]
+    return frame.set_index(["source", "variant", "shots"])[[*first, *columns, "average"]].fillna("")
+
+
+def harmonic_mean(base: float, new: float) -> float:
+    return 2 * base * new / (base + new) if base + new > 0 else 0.0
+
+
+def base_to_new_table(table: pd.DataFrame, backbone: str) -> pd.DataFrame:
+    """Base and new accuracy per dataset x method (means over seeds), H from those means; the
+    average row is H of the average base and new accuracies, as in the CoCoOp paper."""
+    part = table[(table["protocol"] == "base_to_new") & (table["backbone"] == backbone)]
+    rows = []
+    for (variant, shots), group in part.groupby(["variant", "shots"]):
+        base = group[group["subsample"] == "base"].set_index("dataset")
+        new = group[group["subsample"] == "new"].set_index("dataset")
+        datasets = sorted(set(base.index) & set(new.index))
+        for dataset in datasets:
+            b, n = base.loc[dataset], new.loc[dataset]
+            h = fmt(
+                harmonic_mean(b["mean"], n["mean"]), incomplete=bool(b["missing_seeds"] or n["missing_seeds"])
+            )
+            rows.append((variant, shots, dataset, cell_text(b), cell_text(n), h))
+        if datasets:
+            b, n = base.loc[datasets], new.loc[datasets]
+            incomplete = len(datasets) < len(set(base.index) | set(new.index)) or any(
+                map(bool, [*b["missing_seeds"], *n["missing_seeds"]])
+            )
+            mb, mn = b["mean"].mean(), n["mean"].mean()
+            averages = [fmt(v, incomplete=incomplete) for v in (mb, mn, harmonic_mean(mb, mn))]
+            rows.append((variant, shots, "average", *averages))
+    frame = pd.DataFrame(rows, columns=["variant", "shots", "dataset", "base", "new", "H"])
+    return frame.set_index(["variant", "shots", "dataset"])
+
+
+def plot_fewshot(table: pd.DataFrame, backbone: str, dataset: str | None = None) -> Figure:
+    """Accuracy against shots for one dataset (None: the average over datasets): a curve per
+    method with a training set (± std over seeds), a horizontal line per training-free method."""
+    part = table[(table["protocol"] == "fewshot") & (table["backbone"] == backbone)]
+    if dataset is None:
+        part = part.groupby(["variant", "shots", "training_free"], as_index=False)["mean"].mean()
+        part["std"] = 0.0  # the spread over seeds is per dataset; the average has none to show
+    else:
+        part = part[part["dataset"] == dataset]
+    fig, ax = plt.subplots(figsize=(5, 4), dpi=100)
+    shots = sorted(part.loc[~part["training_free"], "shots"].unique())
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (variant, group) in enumerate(part.groupby("variant")):
+        color = colors[i % len(colors)]
+        if group["training_free"].iloc[0]:
+            ax.axhline(group["mean"].iloc[0], linestyle="--", color=color, label=variant)
+            continue
+        group = group.sort_values("shots")
+        style = {"linestyle": ":", "marker": "s"} if variant == "linear_probe" else {"marker": "o"}
+        ax.errorbar(
+            group["shots"],
+            group["mean"],
+            yerr=group["std"].fillna(0),
+            label=variant,
+            color=color,
+            capsize=2,
+            **style,
+        )
+    if shots:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(shots, [str(s) for s in shots])
+    ax.set_xlabel("labelled images per class")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{dataset or 'average over datasets'} ({backbone})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def markdown(frame: pd.DataFrame) -> str:
+    if frame.empty:
+        return "(none)"
+    if not isinstance(frame.index, pd.RangeIndex):
+        frame = frame.reset_index()
+    return frame.map(as_text).to_markdown(index=False, disable_numparse=True)
+
+
+def as_text(value: object) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return f"{value:.2f}" if isinstance(value, float) else str(value)
+
+
+def shots_label(shots: int) -> str:
+    return "zero-shot" if shots == 0 else f"{shots}-shot"
+
+
+def write_report(root: Path, out: Path | None = None) -> Path:
+    """Writes runs.csv, report.md and plots/ for the runs under `root`; returns report.md."""
+    out = out or root / "report"
+    runs = load_runs(root)
+    table = cells(runs)
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    runs.drop(columns=["mtime"]).to_csv(out / "runs.csv", index=False)
+    lines = [f"# Results under {root}", "", f"{len(runs)} runs; runs.csv lists them all.", ""]
+    for backbone in sorted(table["backbone"].unique()):
+        lines += section_for(table, backbone, out)
+    lines += problems(runs, table)
+    report = out / "report.md"
+    report.write_text("\n".join(lines) + "\n")
+    log.info("report: %s", report)
+    return report
+
+
+def section_for(table: pd.DataFrame, backbone: str, out: Path) -> list[str]:
+    lines = [f"## {backbone}", ""]
+    fewshot = table[(table["protocol"] == "fewshot") & (table["backbone"] == backbone)]
+    if not fewshot.empty:
+        lines += [
+            "### Few-shot accuracy (%), mean ± std over seeds",
+            "",
+            markdown(fewshot_table(table, backbone)),
+        ]
+        lines += ["", "### Average over datasets", "", markdown(average_over_datasets(table, backbone)), ""]
+        for dataset in [*sorted(fewshot["dataset"].unique()), None]:
+            fig = plot_fewshot(table, backbone, dataset)
+            name = f"fewshot_{backbone}_{dataset or 'average'}.png"
+            fig.savefig(out / "plots" / name)
+            plt.close(fig)
+            lines.append(f"![{dataset or 'average'}](plots/{name})")
+        lines.append("")
+    transferred = set(
+        table.loc[(table["protocol"] == "transfer") & (table["backbone"] == backbone), "dataset"]
+    )
+    cross = sorted(transferred - set(DG_TARGETS))
+    if transferred & set(DG_TARGETS):
+        dg = transfer_table(table, backbone, list(DG_TARGETS))
+        lines += ["### Domain generalisation", "", markdown(dg), ""]
+    if cross:
+        lines += ["### Cross-dataset transfer", "", markdown(transfer_table(table, backbone, cross)), ""]
+    b2n = base_to_new_table(table, backbone)
+    if not b2n.empty:
+        lines += ["### Base-to-new (H: harmonic mean of base and new)", "", markdown(b2n), ""]
+    return lines
+
+
+def problems(runs: pd.DataFrame, table: pd.DataFrame) -> list[str]:
+    lines = ["## Incomplete and duplicated runs", ""]
+    incomplete = table[table["missing_seeds"].map(bool)]
+    if incomplete.empty:
+        lines.append("Every setting has all seeds.")
+    else:
+        lines += [
+            f"Settings missing seeds (`{INCOMPLETE}` in the tables: the mean of the seeds present):",
+            "",
+        ]
+        seeds = {c: incomplete[c].map(lambda s: ", ".join(map(str, s))) for c in ("seeds", "missing_seeds")}
+        lines.append(markdown(incomplete.assign(**seeds).set_index(CELL)[["seeds", "missing_seeds"]]))
+    missing = missing_settings(table)
+    if not missing.empty:
+        lines += ["", "Settings not run at all (other datasets or shots of the same method have them):", ""]
+        lines.append(markdown(missing))
+    duplicates = runs[runs.duplicated([*CELL, "seed"], keep=False)]
+    lines.append("")
+    if duplicates.empty:
+        lines.append("No run is duplicated.")
+    else:
+        lines += [f"Duplicated runs (`{DUPLICATED}` in the tables: only the newest of each is used):", ""]
+        shown = duplicates.assign(used=~duplicates["duplicate_of_newer"])
+        lines.append(markdown(shown.set_index([*CELL, "seed"])[["test_acc", "used", "path"]]))
+    return lines
+
+
+def missing_settings(table: pd.DataFrame) -> pd.DataFrame:
+    """Few-shot settings (dataset x shots of a method that has run elsewhere) with no run."""
+    part = table[(table["protocol"] == "fewshot") & ~table["training_free"]]
+    missing = []
+    for (backbone, variant), group in part.groupby(["backbone", "variant"]):
+        datasets = set(
+            table.loc[(table["protocol"] == "fewshot") & (table["backbone"] == backbone), "dataset"]
+        )
+        have = set(zip(group["dataset"], group["shots"], strict=True))
+        for dataset in sorted(datasets):
+            for shots in sorted(group["shots"].unique()):
+                if (dataset, shots) not in have:
+                    missing.append(
+                        {"backbone": backbone, "variant": variant, "dataset": dataset, "shots": shots}
+                    )
+    return pd.DataFrame(missing)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("dir", type=Path, help="a folder with results.json files below it (a run or a sweep)")
+    parser.add_argument("--out", type=Path, default=None, help="where to write (default: DIR/report)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        report = write_report(args.dir, args.out)
+    except ReportError as err:
+        parser.exit(2, f"error: {err}\n")
+    print(report.read_text())
+
+
+if __name__ == "__main__":
+    main()

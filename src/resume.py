@@ -1,0 +1,160 @@
+"""Continuing a killed run exactly where it stopped, and never with another configuration.
+
+A run's folder is a function of its configuration (conf/train.yaml), so the same command finds its
+own `checkpoints/last.ckpt` and continues from it. Three things make the continued run end exactly
+like an uninterrupted one:
+
+- the checkpoint also holds the random generators' states (`RandomState`), so the resumed epochs
+  draw the same data order and augmentations (exact with `data.num_workers=0` or
+  `data.persistent_workers=false`: persistent workers keep random states of their own);
+- checkpoints are written to a temporary file beside the target and renamed (`AtomicCheckpointIO`):
+  a kill during a write leaves the previous checkpoint, never a truncated one;
+- the folder remembers the configuration it was started with (`fingerprint.json`); a
+  later run there with another one stops with the keys that differ (`prepare_run_dir`) instead of
+  mixing two recipes in one run.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+from pytorch_lightning.plugins.io import TorchCheckpointIO
+
+from src.files import save_torch, write_json
+
+FINGERPRINT = "fingerprint.json"
+
+# Settings that change how a run goes, not what it computes: a run may continue with other values
+# (fewer loader workers on another node, a progress bar, another logger). The `paths` group is
+# compared with its values replaced by placeholders, so a moved data or output folder still resumes.
+NOT_FINGERPRINTED = (
+    "logger",
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
+    "trainer.log_every_n_steps",
+    "data.num_workers",
+    "data.pin_memory",
+    "data.persistent_workers",
+    "data.test_batch_size",
+    "data.cache_features",  # the cached features are the ones a run computes
+    "model.cache_dir",
+    "model.text_chunk",  # memory only: chunks are recomputed exactly
+    "skip_done",
+)
+
+
+class RunDirError(ValueError):
+    """The run folder cannot be used: not writable, or it holds a run of another configuration."""
+
+
+def prepare_run_dir(cfg: DictConfig, out: Path) -> Path | None:
+    """Checks the run folder before any work and returns the checkpoint to continue from, if any.
+
+    Raises RunDirError when `out` is not writable or holds a run of another configuration.
+    """
+    _check_writable(out)
+    current = fingerprint(cfg)
+    stored_file = out / FINGERPRINT
+    if stored_file.exists():
+        changed = differences(json.loads(stored_file.read_text())["config"], current)
+        if changed:
+            raise RunDirError(
+                f"{out} holds a run with another configuration ({changed}): delete that folder to "
+                "start again, or give this run its own folder with hydra.run.dir=<folder>"
+            )
+    else:
+        write_json(stored_file, {"config": current})
+    last = out / "checkpoints" / "last.ckpt"
+    return last if last.exists() else None
+
+
+def fingerprint(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved configuration as flat `dotted.key: value` pairs, without NOT_FINGERPRINTED."""
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        for key in cfg.get("paths", {}):
+            cfg.paths[key] = f"<paths.{key}>"
+    flat = _flatten(OmegaConf.to_container(cfg, resolve=True))
+    kept = {k: v for k, v in flat.items() if not any(_under(k, skip) for skip in NOT_FINGERPRINTED)}
+    return json.loads(json.dumps(kept))  # as it reads back from the file: tuples become lists
+
+
+def differences(stored: dict[str, Any], current: dict[str, Any], show: int = 5) -> str:
+    """'key: old -> new, ...' for the keys whose values differ ('' when none do)."""
+    keys = sorted(k for k in stored.keys() | current.keys() if stored.get(k, ...) != current.get(k, ...))
+    parts = [f"{k}: {_show(stored, k)} -> {_show(current, k)}" for k in keys[:show]]
+    if len(keys) > show:
+        parts.append(f"and {len(keys) - show} more")
+    return ", ".join(parts)
+
+
+def _show(config: dict[str, Any], key: str) -> str:
+    return json.dumps(config[key]) if key in config else "(unset)"
+
+
+def _under(key: str, prefix: str) -> bool:
+    return key == prefix or key.startswith(prefix + ".")
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict) and node:
+        flat: dict[str, Any] = {}
+        for key, value in node.items():
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        return flat
+    return {prefix[:-1]: node}
+
+
+def _check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as err:
+        raise RunDirError(
+            f"paths.output_dir={out} is not writable ({err.strerror or err}): choose a writable folder "
+            "with hydra.run.dir=<folder> (or paths.log_dir=<folder> for every run)"
+        ) from err
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint files, written to a temporary file beside the target and renamed
+    (Lightning's own writes the temporary file in /tmp, which on another file system becomes a copy
+    onto the target), and read back without unpickling code."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        save_torch(path, checkpoint)
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict:
+        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+
+
+class RandomState(pl.Callback):
+    """Saves the random generators' states with every checkpoint and restores them on resume.
+
+    Lightning restores the model, optimiser, schedule and epoch but not these, and the data order
+    and augmentations of the epochs after a resume would otherwise differ from an uninterrupted run.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        torch.set_rng_state(state["torch"])
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+        if len(state.get("cuda", [])) == torch.cuda.device_count() > 0:  # the same GPUs as before
+            torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,69 @@
+"""Evaluating a saved prompt on any dataset: the same test as training, transfer, clear refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from src.eval import evaluate
+from src.files import save_torch
+from src.models.coop import CoOp
+from src.protocols import compose_config
+from src.train import train
+from tests.conftest import CONF_DIR, make_cfg
+
+
+@pytest.fixture
+def eval_overrides(data_dir, cache_dir) -> list[str]:
+    return [
+        "trainer=cpu",
+        f"paths.data_dir={data_dir}",
+        f"paths.cache_dir={cache_dir}",
+        "data.num_workers=0",
+        "trainer.enable_progress_bar=false",
+    ]
+
+
+def test_evaluating_a_run_prompt_repeats_its_test_and_transfers(tiny_overrides, eval_overrides, tmp_path):
+    run = tmp_path / "run"
+    trained = train(
+        make_cfg(["dataset=oxford_pets", "shots=2", "trainer.max_epochs=1", *tiny_overrides], run)
+    )
+    ckpt = run / "prompt.pt"
+    cfg = compose_config("eval", [f"ckpt={ckpt}", "dataset=oxford_pets", *eval_overrides], tmp_path / "same")
+    assert cfg.model.name == "coop-tiny" and cfg.model.pretrained is None  # the prompt's own backbone
+    same = evaluate(cfg)
+    assert same["test_acc"] == trained["test_acc"] and same["test_macro_acc"] == trained["test_macro_acc"]
+    assert same["trained_on"] == "oxford_pets" and same["ckpt"] == str(ckpt) and same["seed"] == 1
+    assert json.loads((tmp_path / "same" / "results.json").read_text()) == same
+
+    # a unified context is rebuilt on another class list: here the last 2 of the 4 classes
+    new_cfg = compose_config(
+        "eval",
+        [f"ckpt={ckpt}", "dataset=oxford_pets", "dataset.subsample=new", *eval_overrides],
+        tmp_path / "new",
+    )
+    new = evaluate(new_cfg)
+    assert new["num_classes"] == 2 and new["num_test"] == 8 and new["subsample"] == "new"
+
+
+def test_class_specific_prompt_only_evaluates_on_its_own_classes(tiny_clip, eval_overrides, tmp_path):
+    torch.manual_seed(0)
+    names = ["abyssinian", "american_bulldog", "basset_hound", "bengal"]
+    save_torch(tmp_path / "prompt.pt", CoOp(tiny_clip, names, n_ctx=4, class_specific=True).prompt_state())
+    args = [f"ckpt={tmp_path / 'prompt.pt'}", "dataset=oxford_pets", *eval_overrides]
+    assert evaluate(compose_config("eval", args, tmp_path / "own"))["num_classes"] == 4
+    with pytest.raises(ValueError, match="class-specific context only applies to the class list"):
+        evaluate(compose_config("eval", [*args, "dataset.subsample=base"], tmp_path / "base"))
+
+
+def test_eval_command_writes_beside_the_prompt(tiny_clip, tmp_path):
+    names = ["abyssinian", "american_bulldog", "basset_hound", "bengal"]
+    save_torch(tmp_path / "prompt.pt", CoOp(tiny_clip, names, n_ctx=4).prompt_state())
+    overrides = [f"ckpt={tmp_path / 'prompt.pt'}", "dataset=oxford_pets", "dataset.subsample=new"]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("eval", overrides=overrides, return_hydra_config=True)
+    assert cfg.hydra.run.dir == str(tmp_path / "eval" / "oxford_pets_new")

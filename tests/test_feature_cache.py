@@ -1,0 +1,148 @@
+"""The feature cache: computed once, reused by later runs, never stale, exact, written atomically."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from PIL import Image
+
+from src.data.datamodule import FewShotDataModule
+from src.data.datasets.oxford_pets import OxfordPets
+from src.data.feature_cache import FeatureCache, SeededViews, feature_key, weights_identity
+from src.data.samples import Sample
+from src.data.transforms import train_transform
+from src.models.clip import FrozenCLIP
+from src.models.coop import CoOp
+from src.train import train
+from tests.conftest import make_cfg
+
+
+@pytest.fixture
+def encoded(monkeypatch) -> list[int]:
+    """The number of images each call of the image encoder encodes."""
+    calls: list[int] = []
+    encode = FrozenCLIP.encode_image
+
+    def counting(self, images):
+        calls.append(len(images))
+        return encode(self, images)
+
+    monkeypatch.setattr(FrozenCLIP, "encode_image", counting)
+    return calls
+
+
+def run(overrides, tmp_path, name, *extra):
+    return train(make_cfg(["dataset=oxford_pets", "shots=2", *overrides, *extra], tmp_path / name))
+
+
+def test_a_sweep_encodes_each_test_image_once_and_changed_keys_recompute(tiny_overrides, tmp_path, encoded):
+    overrides = [*tiny_overrides, f"paths.cache_dir={tmp_path / 'cache'}"]
+    first = run(overrides, tmp_path, "zs1", "method=zeroshot")
+    assert sum(encoded) == first["num_test"] == 16
+    encoded.clear()
+    second = run(overrides, tmp_path, "zs2", "method=zeroshot")
+    assert encoded == [] and second["test_acc"] == first["test_acc"]
+    # a CoOp run of the same sweep encodes its training images only: the test comes from the cache
+    coop = run(overrides, tmp_path, "coop", "trainer.max_epochs=2")
+    assert sum(encoded) == 2 * coop["num_train"]
+    assert len(list((tmp_path / "cache" / "features" / "oxford_pets").glob("test-*.safetensors"))) == 1
+    encoded.clear()
+    run(overrides, tmp_path, "seed2", "method=zeroshot", "seed=2")  # other random weights (tiny model)
+    assert sum(encoded) == 16
+    encoded.clear()
+    run(overrides, tmp_path, "base", "method=zeroshot", "dataset.subsample=base")  # another image list
+    assert sum(encoded) == 8
+
+
+def test_changed_key_parts_give_other_files(tmp_path):
+    clip = FrozenCLIP("coop-tiny", None)
+    items = [Sample("/a.jpg", 0, "cat"), Sample("/b.jpg", 1, "dog")]
+    cache = FeatureCache(tmp_path)
+    key = feature_key(clip, "pets", "test", items, "Resize(32)", "32-true")
+    paths = {
+        cache.path(key),
+        cache.path(feature_key(clip, "pets", "test", items[::-1], "Resize(32)", "32-true")),
+        cache.path(feature_key(clip, "pets", "test", items, "Resize(64)", "32-true")),
+        cache.path(feature_key(clip, "pets", "val", items, "Resize(32)", "32-true")),
+        cache.path(feature_key(clip, "pets", "test", items, "Resize(32)", "bf16-mixed")),
+    }
+    assert len(paths) == 5
+    clip.image_size = 64  # another input size
+    assert cache.path(feature_key(clip, "pets", "test", items, "Resize(32)", "32-true")) not in paths
+
+
+def test_weights_identity_follows_the_weights(tmp_path):
+    torch.manual_seed(0)
+    a = FrozenCLIP("coop-tiny", None)
+    torch.manual_seed(0)
+    b = FrozenCLIP("coop-tiny", None)
+    torch.manual_seed(1)
+    c = FrozenCLIP("coop-tiny", None)
+    assert weights_identity(a) == weights_identity(b) != weights_identity(c)
+    assert weights_identity(SimpleNamespace(name="RN50", pretrained="openai")) == "RN50:openai"
+    weights = tmp_path / "RN50.pt"
+    weights.write_bytes(b"x" * 100)
+    local = SimpleNamespace(name="RN50", pretrained=str(weights))
+    before = weights_identity(local)
+    weights.write_bytes(b"y" * 100)
+    assert weights_identity(local) != before
+
+
+def test_cached_features_give_the_same_test_as_on_the_fly(tiny_clip, data_dir, tmp_path):
+    def datamodule(**kwargs) -> FewShotDataModule:
+        reader = OxfordPets(data_dir / "oxford_pets")
+        return FewShotDataModule(reader, shots=2, seed=1, image_size=32, num_workers=0, **kwargs)
+
+    cached, direct = datamodule(cache_dir=tmp_path), datamodule(cache_features=False)
+    torch.manual_seed(0)
+    module = CoOp(tiny_clip, cached.classnames, n_ctx=4)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    assert trainer.test(module, datamodule=cached) == trainer.test(module, datamodule=direct)
+    features, labels = cached.image_features("test")
+    images, image_labels = next(iter(direct.test_dataloader()))
+    assert torch.equal(labels, image_labels)
+    with torch.no_grad():
+        assert torch.equal(features, tiny_clip.encode_image(images))
+        assert torch.equal(module(features), module(images))
+
+
+def test_store_load_and_unreadable_files(tmp_path):
+    cache = FeatureCache(tmp_path)
+    key = {"dataset": "pets", "split": "test", "images": "2:abc"}
+    features = torch.randn(2, 8)
+    computed = []
+
+    def compute():
+        computed.append(1)
+        return features
+
+    assert torch.equal(cache.get(key, compute), features) and len(computed) == 1
+    assert torch.equal(cache.get(key, compute), features) and len(computed) == 1
+    path = cache.path(key)
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind
+    path.write_bytes(path.read_bytes()[:20])  # a file cut short (a disk full, a copy interrupted)
+    assert torch.equal(cache.get(key, compute), features) and len(computed) == 2
+    assert torch.equal(cache.load(key), features)
+
+
+def test_train_views_are_seeded_and_read_back_from_the_cache(tiny_overrides, tmp_path, encoded):
+    items = []
+    for i in range(3):
+        path = tmp_path / f"noise{i}.png"
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(path)
+        items.append(Sample(str(path), i, "noise"))
+    views = SeededViews(items, train_transform(32), views=2, seed=1)
+    again = SeededViews(items, train_transform(32), views=2, seed=1)
+    assert torch.equal(views[4][0], again[4][0])  # view 1 of image 1, whatever was drawn before
+    assert not torch.equal(views[1][0], views[4][0])  # two views of one image differ
+
+    overrides = [*tiny_overrides, f"paths.cache_dir={tmp_path / 'cache'}", "data.train_views=3"]
+    first = run(overrides, tmp_path, "a", "trainer.max_epochs=1")
+    assert sum(encoded) == 3 * first["num_train"] + first["num_test"]
+    encoded.clear()
+    second = run(overrides, tmp_path, "b", "trainer.max_epochs=1")
+    assert encoded == [] and second["test_acc"] == first["test_acc"] and second["train_views"] == 3

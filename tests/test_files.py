@@ -1,0 +1,85 @@
+"""Safe files: a writer killed mid-write leaves the previous complete file (or none), never a
+truncated one under the real name; prompt files are read without unpickling code."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from src.files import save_torch, write_json
+from src.models.coop import load_prompt
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Writes the first half of a real torch.save payload into the temporary file, says so, and waits
+# to be killed: what a SIGKILL in the middle of torch.save leaves behind.
+KILLED_WRITER = textwrap.dedent(
+    """
+    import io, sys, time
+    import torch
+    from src.files import atomic_write
+
+    buffer = io.BytesIO()
+    torch.save({"ctx": torch.full((256, 512), 2.0)}, buffer)
+    data = buffer.getvalue()
+
+    def half_then_wait(f):
+        f.write(data[: len(data) // 2])
+        f.flush()
+        print("half written", flush=True)
+        time.sleep(120)
+
+    atomic_write(sys.argv[1], half_then_wait)
+    """
+)
+
+
+@pytest.mark.parametrize("existing", [True, False], ids=["overwrite", "new"])
+def test_a_killed_writer_leaves_the_old_file_or_none(tmp_path, existing):
+    target = tmp_path / "prompt.pt"
+    if existing:
+        save_torch(target, {"ctx": torch.ones(3)})
+    writer = subprocess.Popen(
+        [sys.executable, "-c", KILLED_WRITER, str(target)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    assert writer.stdout.readline().strip() == "half written"
+    writer.send_signal(signal.SIGKILL)
+    assert writer.wait() == -signal.SIGKILL
+
+    if existing:
+        assert torch.equal(torch.load(target, weights_only=True)["ctx"], torch.ones(3))
+    else:
+        assert not target.exists()
+    # the partial temporary file is hidden and named *.tmp, so no reader's pattern picks it up
+    (stray,) = [p for p in tmp_path.iterdir() if p != target]
+    assert stray.name.startswith(".prompt.pt.") and stray.suffix == ".tmp"
+    assert sorted(tmp_path.glob("*.pt")) == ([target] if existing else [])
+    save_torch(target, {"ctx": torch.zeros(2)})  # a later write is not disturbed by it
+    assert torch.equal(torch.load(target, weights_only=True)["ctx"], torch.zeros(2))
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    target = tmp_path / "results.json"
+    write_json(target, {"test_acc": 50.0})
+    with pytest.raises(TypeError):
+        write_json(target, {"test_acc": object()})  # fails while serialising
+    assert json.loads(target.read_text()) == {"test_acc": 50.0}
+    assert os.listdir(tmp_path) == ["results.json"]
+
+
+def test_prompt_files_load_without_unpickling_code(tmp_path):
+    path = tmp_path / "prompt.pt"
+    torch.save({"format": 1, "ctx": torch.zeros(2, 4), "extra": Path("a pickled object")}, path)
+    with pytest.raises(ValueError, match=r"prompt.pt is not a prompt file .*UnpicklingError.*training run"):
+        load_prompt(path)
+    path.write_text("not a torch file")
+    with pytest.raises(ValueError, match="is not a prompt file of this project"):
+        load_prompt(path)

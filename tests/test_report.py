@@ -1,0 +1,204 @@
+"""Reports: tables and plots from a folder of results.json files (synthetic runs, known values)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.image import imread
+
+from src.report import (
+    SOURCE_KEY,
+    ReportError,
+    average_over_datasets,
+    base_to_new_table,
+    cells,
+    fewshot_table,
+    harmonic_mean,
+    load_runs,
+    plot_fewshot,
+    transfer_table,
+    write_report,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+BACKBONE = "RN50-quickgelu"
+COOP = "coop unified end M16"
+
+
+def write_run(root: Path, rel: str, acc: float, mtime: float | None = None, **fields) -> Path:
+    data = {
+        "dataset": "oxford_pets",
+        "method": "coop",
+        "shots": 16,
+        "seed": 1,
+        "ctx": "unified",
+        "n_ctx": 16,
+        "ctx_init": None,
+        "class_token_position": "end",
+        "backbone": BACKBONE,
+        "test_acc": acc,
+        **fields,
+    }
+    if data["method"] != "coop":
+        data.update(ctx=None, n_ctx=None, class_token_position=None)
+    path = root / rel / "results.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+    if mtime is not None:
+        os.utime(path, (mtime, mtime))
+    return path
+
+
+def acc_of(dataset: str, method: str, shots: int, seed: int) -> float:
+    base = {"oxford_pets": 80.0, "dtd": 50.0}[dataset] + {"coop": 5.0, "linear_probe": 0.0}[method]
+    return base + shots + seed  # seeds 1, 2, 3: mean base + shots + 2, std sqrt(2/3)
+
+
+@pytest.fixture
+def grid(tmp_path: Path) -> Path:
+    """2 datasets x shots 1, 2 x seeds 1-3 of CoOp and the linear probe, zero-shot once each;
+    dtd's CoOp 2-shot lacks seed 3; one oxford_pets run is there twice."""
+    for dataset in ("oxford_pets", "dtd"):
+        write_run(tmp_path, f"{dataset}/zeroshot", {"oxford_pets": 70.0, "dtd": 40.0}[dataset],
+                  dataset=dataset, method="zeroshot", shots=1, seed=1)  # fmt: skip
+        for method in ("coop", "linear_probe"):
+            for shots in (1, 2):
+                for seed in (1, 2, 3):
+                    if (dataset, method, shots, seed) == ("dtd", "coop", 2, 3):
+                        continue
+                    acc = acc_of(dataset, method, shots, seed)
+                    write_run(tmp_path, f"{dataset}/{method}/{shots}/{seed}", acc, 1000.0,
+                              dataset=dataset, method=method, shots=shots, seed=seed)  # fmt: skip
+    # the same run in an older sweep folder, with another result: the newer one counts
+    write_run(tmp_path, "old_sweep/oxford_pets/coop/1/1", 0.0, 10.0, shots=1, seed=1)
+    return tmp_path
+
+
+def test_fewshot_cells_are_means_over_seeds(grid):
+    table = cells(load_runs(grid)).set_index(["dataset", "variant", "shots"])
+    pets = table.loc[("oxford_pets", COOP, 1)]
+    assert pets["mean"] == pytest.approx(85 + 1 + 2) and pets["std"] == pytest.approx(np.sqrt(2 / 3))
+    assert pets["n"] == 3 and pets["duplicated"] and pets["missing_seeds"] == ()
+    dtd = table.loc[("dtd", COOP, 2)]
+    assert dtd["mean"] == pytest.approx(55 + 2 + 1.5) and dtd["missing_seeds"] == (3,)
+    zeroshot = table.loc[("dtd", "zeroshot", 0)]
+    assert zeroshot["mean"] == 40.0 and zeroshot["missing_seeds"] == () and zeroshot["n"] == 1
+
+
+def test_tables_mark_incomplete_and_duplicated_settings(grid):
+    table = cells(load_runs(grid))
+    fewshot = fewshot_table(table, BACKBONE)
+    assert fewshot.loc[("oxford_pets", COOP), "1-shot"] == "88.00 ± 0.82†"  # the duplicate marked
+    assert fewshot.loc[("dtd", COOP), "2-shot"] == "58.50 ± 0.50*"  # seeds 1 and 2 only
+    assert fewshot.loc[("dtd", "zeroshot"), "zero-shot"] == "40.00"
+    # the mean over datasets of the per-dataset means
+    average = average_over_datasets(table, BACKBONE)
+    assert average.loc[COOP, "1-shot"] == "73.00†" and average.loc[COOP, "2-shot"] == "73.75*"
+    assert (
+        average.loc["linear_probe", "2-shot"] == "69.00" and average.loc["zeroshot", "zero-shot"] == "55.00"
+    )
+
+
+def test_report_writes_runs_tables_and_problem_lists(grid):
+    report = write_report(grid).read_text()
+    runs = pd.read_csv(grid / "report" / "runs.csv")
+    assert len(runs) == 2 * (1 + 2 * 2 * 3) - 1 + 1 and runs["duplicate_of_newer"].sum() == 1
+    assert "| oxford_pets | coop unified end M16 |             | 88.00 ± 0.82† |" in report
+    assert "### Average over datasets" in report and "![average](plots/" in report
+    problems = report.split("## Incomplete and duplicated runs")[1]
+    missing = next(line for line in problems.splitlines() if "| dtd " in line)
+    assert "| 2 " in missing and "| 1, 2 " in missing and "| 3 " in missing
+    assert "| 0.00 " in problems and "| False  | old_sweep/oxford_pets/coop/1/1 |" in problems
+    assert "Settings not run at all" not in problems
+
+
+def test_fewshot_plots_show_every_method(grid):
+    write_report(grid)
+    plots = sorted((grid / "report" / "plots").glob("*.png"))
+    assert [p.name for p in plots] == [
+        f"fewshot_{BACKBONE}_average.png",
+        f"fewshot_{BACKBONE}_dtd.png",
+        f"fewshot_{BACKBONE}_oxford_pets.png",
+    ]
+    for plot in plots:
+        pixels = imread(plot)
+        assert pixels.shape[0] > 200 and pixels[..., :3].std() > 0.05  # drawn on, not blank
+    fig = plot_fewshot(cells(load_runs(grid)), BACKBONE, "dtd")
+    (ax,) = fig.axes
+    assert sorted(ax.get_legend_handles_labels()[1]) == [COOP, "linear_probe", "zeroshot"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "2"]
+    zeroshot_line = next(line for line in ax.get_lines() if line.get_label() == "zeroshot")
+    assert list(zeroshot_line.get_ydata()) == [40.0, 40.0]
+
+
+def test_base_to_new_and_transfer_tables(tmp_path):
+    for dataset, (base, new) in {"oxford_pets": (90.0, 60.0), "dtd": (70.0, 50.0)}.items():
+        for seed in (1, 2, 3):
+            base_acc = base + seed - 2
+            write_run(
+                tmp_path, f"b2n/{dataset}_b/{seed}", base_acc, dataset=dataset, subsample="base", seed=seed
+            )
+            write_run(tmp_path, f"b2n/{dataset}_new/{seed}", new, dataset=dataset, subsample="new", seed=seed)
+    for seed in (1, 2, 3):
+        write_run(tmp_path, f"in/{seed}", 63.0, dataset="imagenet", seed=seed)
+        for target, acc in {"imagenetv2": 55.0, "imagenet_a": 30.0, "dtd": 40.0}.items():
+            write_run(
+                tmp_path, f"out/{target}/{seed}", acc, dataset=target, seed=seed, **{SOURCE_KEY: "imagenet"}
+            )
+    # zero-shot CLIP on ImageNet and, with no `trained_on`, on a target: the table's CLIP row
+    write_run(tmp_path, "zs/imagenet", 58.0, dataset="imagenet", method="zeroshot")
+    write_run(tmp_path, "zs/imagenetv2", 51.0, dataset="imagenetv2", method="zeroshot")
+    table = cells(load_runs(tmp_path))
+    b2n = base_to_new_table(table, BACKBONE)
+    assert b2n.loc[(COOP, 16, "oxford_pets"), "H"] == f"{harmonic_mean(90, 60):.2f}"
+    assert b2n.loc[(COOP, 16, "average")].tolist() == ["80.00", "55.00", f"{harmonic_mean(80, 55):.2f}"]
+    dg = transfer_table(table, BACKBONE, ["imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r"])
+    assert dg.loc[("imagenet", COOP, 16)].to_dict() == {
+        "imagenet (source)": "63.00 ± 0.00",
+        "imagenetv2": "55.00 ± 0.00",
+        "imagenet_a": "30.00 ± 0.00",
+        "average": "42.50*",  # imagenet_sketch and imagenet_r were not run
+    }
+    assert dg.loc[("imagenet", "zeroshot", 0)].to_dict() == {
+        "imagenet (source)": "58.00",
+        "imagenetv2": "51.00",
+        "imagenet_a": "",
+        "average": "51.00*",
+    }
+    cross = transfer_table(table, BACKBONE, ["dtd"])
+    assert cross.loc[("imagenet", COOP, 16)].tolist() == ["63.00 ± 0.00", "40.00 ± 0.00", "40.00"]
+    report = write_report(tmp_path).read_text()
+    assert "### Domain generalisation" in report and "### Cross-dataset transfer" in report
+    assert "### Base-to-new" in report
+
+
+def test_harmonic_mean_of_the_papers_average():
+    # CoCoOp paper, CoOp over 11 datasets: base 82.69, new 63.22, H 71.66
+    assert harmonic_mean(82.69, 63.22) == pytest.approx(71.66, abs=0.005)
+
+
+def test_empty_folder_or_foreign_results_are_one_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ReportError, match="no results.json"):
+        load_runs(tmp_path / "empty")
+    with pytest.raises(ReportError, match="no such folder"):
+        load_runs(tmp_path / "absent")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "results.json").write_text('{"accuracy": 3}')
+    with pytest.raises(ReportError, match=r"other/results.json lacks \['dataset', 'method'"):
+        load_runs(tmp_path / "other")
+    run = subprocess.run(
+        [sys.executable, "-m", "src.report", str(tmp_path / "empty")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 2 and run.stderr.strip().count("\n") == 0 and "no results.json" in run.stderr

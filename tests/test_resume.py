@@ -1,0 +1,166 @@
+"""Resume: a run killed at any point and started again with the same command ends exactly as an
+uninterrupted one; a changed configuration in the same folder is refused; checkpoints are written
+atomically and read without unpickling code."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from src.resume import AtomicCheckpointIO, RunDirError, differences, fingerprint, prepare_run_dir
+from src.train import train
+from tests.conftest import make_cfg
+
+ROOT = Path(__file__).resolve().parents[1]
+EPOCHS = 20
+
+
+def overrides(data_dir: Path, cache_dir: Path) -> list[str]:
+    return [
+        "model=tiny",
+        "dataset=oxford_pets",
+        "shots=4",
+        "data.batch_size=4",  # 4 steps per epoch: the data order, drawn at random, matters
+        "trainer=cpu",
+        f"trainer.max_epochs={EPOCHS}",
+        "trainer.check_val_every_n_epoch=7",
+        "trainer.enable_progress_bar=false",
+        "data.num_workers=0",
+        f"paths.data_dir={data_dir}",
+        f"paths.cache_dir={cache_dir}",
+    ]
+
+
+def checkpoint_epoch(path: Path) -> int | None:
+    try:
+        return torch.load(path, weights_only=True)["epoch"]
+    except FileNotFoundError:  # not written yet (it appears whole: written beside and renamed)
+        return None
+
+
+def kill_after_first_checkpoint(run: subprocess.Popen, last: Path) -> None:
+    deadline = time.monotonic() + 300
+    while checkpoint_epoch(last) is None and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    run.send_signal(signal.SIGKILL)
+
+
+def test_killed_run_resumes_to_the_same_context_and_accuracy(data_dir, cache_dir, tmp_path):
+    args = overrides(data_dir, cache_dir)
+    killed, whole = tmp_path / "killed", tmp_path / "whole"
+    # the same float arithmetic in the child as in this process: the same number of threads
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    run = subprocess.Popen(
+        [sys.executable, "-m", "src.train", *args, f"hydra.run.dir={killed}"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    killer = threading.Thread(
+        target=kill_after_first_checkpoint, args=(run, killed / "checkpoints" / "last.ckpt")
+    )
+    killer.start()
+    uninterrupted = train(make_cfg(args, whole))  # meanwhile, in this process
+    killer.join()
+    assert run.wait() == -signal.SIGKILL
+    stopped_at = checkpoint_epoch(killed / "checkpoints" / "last.ckpt")
+    assert stopped_at is not None and stopped_at < EPOCHS - 2, "the run ended before it was killed"
+    assert not (killed / "results.json").exists()
+
+    resumed = train(make_cfg(args, killed))  # the same command again
+    assert checkpoint_epoch(killed / "checkpoints" / "last.ckpt") == EPOCHS - 1
+    ctx_whole = torch.load(whole / "prompt.pt", weights_only=True)["ctx"]
+    ctx_resumed = torch.load(killed / "prompt.pt", weights_only=True)["ctx"]
+    assert torch.allclose(ctx_resumed, ctx_whole, rtol=0, atol=1e-6)
+    assert resumed["test_acc"] == uninterrupted["test_acc"]
+    assert resumed["test_macro_acc"] == uninterrupted["test_macro_acc"]
+
+
+def test_a_changed_config_is_refused_in_the_same_folder(tiny_overrides, tmp_path):
+    base = ["dataset=oxford_pets", *tiny_overrides]
+    assert prepare_run_dir(make_cfg([*base, "trainer.max_epochs=4"], tmp_path), tmp_path) is None
+    stored = json.loads((tmp_path / "fingerprint.json").read_text())["config"]
+    assert stored["trainer.max_epochs"] == 4 and stored["method.module.lr"] == 0.002
+    # settings that do not change what a run computes may differ
+    same = make_cfg(
+        [*base, "trainer.max_epochs=4", "data.num_workers=3", "trainer.enable_progress_bar=true"], tmp_path
+    )
+    assert prepare_run_dir(same, tmp_path) is None
+    with pytest.raises(RunDirError) as error:
+        prepare_run_dir(make_cfg([*base, "trainer.max_epochs=6", "seed=2"], tmp_path), tmp_path)
+    message = str(error.value)
+    assert "\n" not in message and str(tmp_path) in message
+    assert "seed: 1 -> 2" in message and "trainer.max_epochs: 4 -> 6" in message
+    assert "hydra.run.dir=" in message and "delete" in message
+
+
+def test_fingerprint_ignores_where_files_are():
+    from omegaconf import OmegaConf
+
+    def cfg(data: str, out: str):
+        return OmegaConf.create(
+            {
+                "paths": {"data_dir": data, "output_dir": out},
+                "dataset": {"root": "${paths.data_dir}/pets"},
+                "data": {"num_workers": 4, "batch_size": 32},
+                "logger": {"csv": {"save_dir": "${paths.output_dir}"}},
+            }
+        )
+
+    a, b = fingerprint(cfg("/a", "/x")), fingerprint(cfg("/b", "/y"))
+    assert (
+        a
+        == b
+        == {
+            "paths.data_dir": "<paths.data_dir>",
+            "paths.output_dir": "<paths.output_dir>",
+            "dataset.root": "<paths.data_dir>/pets",
+            "data.batch_size": 32,
+        }
+    )
+    assert (
+        differences(a, {**a, "data.batch_size": 16, "new": True})
+        == "data.batch_size: 32 -> 16, new: (unset) -> true"
+    )
+
+
+def test_an_unwritable_output_folder_is_refused_before_training(tiny_overrides, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    out = blocker / "run"
+    cfg = make_cfg(["dataset=oxford_pets", *tiny_overrides], out)
+    with pytest.raises(RunDirError, match=r"paths.output_dir=.*a_file/run is not writable.*hydra.run.dir="):
+        train(cfg)
+
+
+def test_checkpoints_are_written_atomically_and_loaded_weights_only(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    io.save_checkpoint({"epoch": 3, "state_dict": {"w": torch.ones(2)}}, path)
+    assert io.load_checkpoint(path)["epoch"] == 3
+    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
+
+    def interrupted(obj, f):
+        f.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"epoch": 4}, path)
+    monkeypatch.undo()
+    assert io.load_checkpoint(path)["epoch"] == 3  # the previous checkpoint, whole
+    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
+
+    torch.save({"epoch": 5, "code": Path("pickled")}, path)  # a pickled object, not plain data
+    with pytest.raises(Exception, match="[Ww]eights only load failed"):
+        io.load_checkpoint(path)

@@ -1,0 +1,121 @@
+"""SLURM through `hydra/launcher=slurm`, on a real cluster: a sweep of two runs, one of which is
+requeued while it trains and resumes from its checkpoint. Needs a running cluster (`sudo make
+slurm-up` starts a one-node one on this machine); without one these tests are skipped, saying so."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def slurm() -> None:
+    try:
+        info = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, timeout=30)
+    except (FileNotFoundError, subprocess.TimeoutExpired) as err:
+        pytest.skip(
+            f"SLURM tests skipped: no SLURM cluster answers ({err}); start one with `sudo make slurm-up`"
+        )
+    states = info.stdout.split()
+    if info.returncode != 0 or not {"idle", "mix", "alloc"} & set(states):
+        pytest.skip(
+            f"SLURM tests skipped: sinfo found no usable node ({info.stderr.strip() or states}); "
+            "start a one-node cluster with `sudo make slurm-up`"
+        )
+
+
+def wait_for(condition: Callable[[], bool], what: str, process: subprocess.Popen, timeout: float) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        if process.poll() is not None:
+            pytest.fail(f"the sweep ended before {what}:\n{process.stdout.read()[-3000:]}")
+        if time.monotonic() > end:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def array_task(sweep: Path, index: int) -> str:
+    """The SLURM id (`<array>_<index>`) of a sweep's run, from submitit's folder of that job."""
+    names = [p.name for p in (sweep / ".submitit").glob(f"*_{index}")]
+    return next(name for name in names if re.fullmatch(rf"\d+_{index}", name))
+
+
+def test_sweep_on_slurm_with_a_requeued_run_that_resumes(slurm, data_dir, tmp_path):
+    sweep = tmp_path / "sweep"
+    command = [
+        sys.executable,
+        "-m",
+        "src.train",
+        "-m",
+        "experiment=fewshot_grid",  # narrowed to one setting below
+        "dataset=oxford_pets",
+        "shots=2",
+        "seed=1",
+        "method=coop",
+        "ctx=unified",
+        "ctx.class_token_position=end",
+        # two runs of the same training in two folders: `a` is requeued, `b` runs through
+        "+copy=a,b",
+        "hydra.sweep.subdir=run_${copy}",
+        f"hydra.sweep.dir={sweep}",
+        "model=tiny",
+        "trainer=cpu",
+        "trainer.max_epochs=60",
+        f"paths.data_dir={data_dir}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        "data.num_workers=0",
+        "hydra/launcher=slurm",
+        "hydra.launcher.partition=null",
+        "hydra.launcher.gpus_per_node=null",
+        "hydra.launcher.cpus_per_task=1",
+        "hydra.launcher.mem_gb=null",
+        "hydra.launcher.timeout_min=10",
+        'hydra.launcher.setup=["export OMP_NUM_THREADS=1"]',
+    ]
+    sweep_run = subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    job = None
+    try:
+        run_a = sweep / "run_a"
+        wait_for((run_a / "checkpoints" / "last.ckpt").exists, "run a's first checkpoint", sweep_run, 300)
+        job = array_task(sweep, 0)
+        assert not (run_a / "results.json").exists(), "run a ended before the requeue: train it longer"
+        subprocess.run(["scontrol", "requeue", job], check=True, timeout=30)
+
+        # SLURM holds a requeued job for two minutes before it may start again: start it now.
+        def pending() -> bool:
+            state = ["squeue", "-h", "-j", job, "-o", "%T"]
+            return (
+                subprocess.run(state, capture_output=True, text=True, timeout=30).stdout.strip() == "PENDING"
+            )
+
+        wait_for(pending, "the requeued job to be pending", sweep_run, 120)
+        subprocess.run(["scontrol", "update", f"jobid={job}", "StartTime=now"], check=True, timeout=30)
+        output, _ = sweep_run.communicate(timeout=400)
+    finally:
+        if sweep_run.poll() is None:
+            sweep_run.kill()
+            if job is not None:
+                subprocess.run(["scancel", job.split("_")[0]], timeout=30)
+    assert sweep_run.returncode == 0, output[-3000:]
+
+    a, b = (json.loads((sweep / f"run_{copy}" / "results.json").read_text()) for copy in "ab")
+    assert a["epochs"] == 60 and a["method"] == "coop"
+    a.pop("train_time_s"), b.pop("train_time_s")
+    assert a == b  # the same accuracy and settings as the run that was never interrupted
+    ctx_a, ctx_b = (torch.load(sweep / f"run_{c}" / "prompt.pt", weights_only=True)["ctx"] for c in "ab")
+    assert torch.equal(ctx_a, ctx_b)
+    log_a = (run_a / "train.log").read_text()
+    assert f"resuming from {run_a / 'checkpoints' / 'last.ckpt'}" in log_a
+    assert "resuming from" not in (sweep / "run_b" / "train.log").read_text()

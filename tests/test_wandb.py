@@ -1,0 +1,102 @@
+"""W&B logging (`logger=wandb`), offline: what a run logs, and that no API key is written."""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from wandb.proto.wandb_internal_pb2 import Record
+
+from src.train import train
+from tests.conftest import make_cfg
+
+FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"
+
+
+def read_records(path: Path) -> Iterator[Record]:
+    """The records of a .wandb transaction log: a ':W&B' header, then LevelDB log blocks of 32 KiB
+    whose chunks (4-byte checksum, 2-byte length, 1-byte type) carry serialised protobuf Records."""
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    block, header = 32768, 7
+    pos, pending = header, b""
+    while pos + header <= len(data):
+        if block - pos % block < header:  # a block's tail too short for a chunk is padding
+            pos += block - pos % block
+            continue
+        length, kind = struct.unpack("<HB", data[pos + 4 : pos + header])
+        pending += data[pos + header : pos + header + length]
+        pos += header + length
+        if kind in (1, 4):  # a full record, or the last chunk of one
+            record = Record()
+            record.ParseFromString(pending)
+            yield record
+            pending = b""
+
+
+def test_offline_run_logs_config_losses_accuracies_and_no_key(tiny_overrides, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_dir"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb_cache"))
+    out = tmp_path / "run"
+    cfg = make_cfg(
+        [
+            "dataset=oxford_pets",
+            "shots=2",
+            "seed=3",
+            "logger=wandb",
+            "trainer.max_epochs=3",
+            "trainer.check_val_every_n_epoch=1",
+            *tiny_overrides,
+        ],
+        out,
+    )
+    results = train(cfg)
+
+    (log_file,) = out.glob("wandb/offline-run-*/run-*.wandb")
+    records = list(read_records(log_file))
+    run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+    assert run.run_group == "oxford_pets-coop-coop-tiny-unified-m16-end-2shot"
+    assert run.display_name == "oxford_pets-coop-unified-2shot-seed3"
+    assert set(run.tags) == {"oxford_pets", "coop", "coop-tiny", "unified", "end", "2shot"}
+
+    config = {
+        item.key: json.loads(item.value_json)
+        for r in records
+        if r.WhichOneof("record_type") == "config"
+        for item in r.config.update
+    }
+    # the resolved config of the run, and the module's own hyperparameters
+    assert config["dataset"]["name"] == "oxford_pets" and config["trainer"]["max_epochs"] == 3
+    assert config["seed"] == 3 and config["logger"]["wandb"]["project"] == "coop"
+    assert config["classnames"] == ["abyssinian", "american_bulldog", "basset_hound", "bengal"]
+
+    history = [
+        {item.key or "/".join(item.nested_key): item.value_json for item in r.history.item}
+        for r in records
+        if r.WhichOneof("record_type") == "history"
+    ]
+    losses = [h["train/loss"] for h in history if "train/loss" in h]
+    lrs = [float(h["lr-SGD"]) for h in history if "lr-SGD" in h]
+    accs = [h["val/acc"] for h in history if "val/acc" in h]
+    steps = 3 * 1  # 8 images, batch 32: one step per epoch
+    assert len(losses) == steps and len(lrs) == steps and len(accs) == 3
+    assert lrs[0] == pytest.approx(1e-5) and lrs[1] == pytest.approx(0.002)  # warm-up, then cosine
+    test_acc = next(float(h["test/acc"]) for h in history if "test/acc" in h)
+    assert 100 * test_acc == pytest.approx(results["test_acc"])
+    summary_keys = {
+        item.key or "/".join(item.nested_key)
+        for r in records
+        if r.WhichOneof("record_type") == "summary"
+        for item in r.summary.update
+    }
+    assert {"test/acc", "test/macro_acc", "train/loss", "val/acc"} <= summary_keys
+
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(written) > 10
+    assert not [p for p in written if FAKE_KEY.encode() in p.read_bytes()]
