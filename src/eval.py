@@ -22,11 +22,11 @@ from omegaconf import DictConfig, OmegaConf
 
 import src.train  # noqa: F401  (registers the resolvers that conf/ uses)
 from src.cli import run
-from src.data.transforms import describe
 from src.files import write_json
 from src.models.clip import FrozenCLIP
 from src.models.cocoop import cocoop_from_prompt
 from src.models.coop import CoOp, coop_from_prompt, load_prompt
+from src.results import evaluation_fields
 
 log = logging.getLogger(__name__)
 
@@ -84,16 +84,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "n_ctx": state["n_ctx"],
         "ctx_init": state.get("ctx_init"),
         "class_token_position": state["class_token_position"],
-        "backbone": clip.name,
-        "pretrained": clip.pretrained,
-        "test_acc": 100 * metrics["test/acc"],
-        "test_macro_acc": 100 * metrics["test/macro_acc"],
-        "num_test": len(datamodule.test_items),
-        "num_classes": len(datamodule.classnames),
-        "precision": str(trainer.precision),
-        "image_size": clip.image_size,
-        "transforms": describe(clip.image_size),
-        "text_fast": clip.text.fast,
+        **evaluation_fields(clip, datamodule, trainer, metrics),
     }
     if trainer.is_global_zero:
         write_json(out / "results.json", results)

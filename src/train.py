@@ -23,8 +23,8 @@ from pytorch_lightning.loggers import WandbLogger
 
 from src.cli import run
 from src.data.subsample import subsample_suffix
-from src.data.transforms import describe
 from src.files import atomic_write, save_torch, write_json
+from src.results import evaluation_fields
 from src.resume import AtomicCheckpointIO, prepare_run_dir
 
 log = logging.getLogger(__name__)
@@ -86,19 +86,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "n_ctx": module.prompt_learner.n_ctx if hasattr(module, "prompt_learner") else None,
         "ctx_init": cfg.ctx.init,
         "class_token_position": cfg.ctx.class_token_position,
-        "backbone": clip.name,
-        "pretrained": clip.pretrained,
-        "test_acc": 100 * metrics["test/acc"],
-        "test_macro_acc": 100 * metrics["test/macro_acc"],
-        "num_test": len(datamodule.test_items),
+        **evaluation_fields(clip, datamodule, trainer, metrics),
         "num_train": len(datamodule.train_items),
-        "num_classes": len(datamodule.classnames),
         "train_time_s": round(train_time, 3),
         "epochs": trainer.max_epochs,
-        "precision": str(trainer.precision),
-        "image_size": clip.image_size,
-        "transforms": describe(clip.image_size),
-        "text_fast": clip.text.fast,
         "train_views": cfg.data.train_views,
     }
     if hasattr(module, "result_fields"):  # what a method adds to (or has instead of) CoOp's fields

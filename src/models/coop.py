@@ -12,13 +12,14 @@ import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.classification import MulticlassAccuracy
 
+from src.models.accuracy_test import AccuracyTest
 from src.models.clip import FrozenCLIP
 from src.models.prompt_learner import Position, PromptLearner
 
 PROMPT_FORMAT = 1
 
 
-class CoOp(pl.LightningModule):
+class CoOp(AccuracyTest, pl.LightningModule):
     """Learns the prompt context from few labelled images; CLIP itself never changes."""
 
     def __init__(
@@ -51,8 +52,7 @@ class CoOp(pl.LightningModule):
         self.strict_loading = False
         n_cls = len(classnames)
         self.val_acc = MulticlassAccuracy(num_classes=n_cls, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes=n_cls, average="micro")
-        self.test_macro_acc = MulticlassAccuracy(num_classes=n_cls, average="macro")
+        self.init_test_metrics(n_cls)
         self._eval_text_features: torch.Tensor | None = None
 
     # -- the method -------------------------------------------------------------------------
@@ -106,14 +106,6 @@ class CoOp(pl.LightningModule):
         images, labels = batch
         self.val_acc(self(images), labels)
         self.log("val/acc", self.val_acc, prog_bar=True, batch_size=len(labels))
-
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        images, labels = batch
-        logits = self(images)
-        self.test_acc(logits, labels)
-        self.test_macro_acc(logits, labels)
-        self.log("test/acc", self.test_acc, batch_size=len(labels))
-        self.log("test/macro_acc", self.test_macro_acc, batch_size=len(labels))
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams

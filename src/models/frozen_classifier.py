@@ -5,20 +5,19 @@ from __future__ import annotations
 
 import pytorch_lightning as pl
 import torch
-from torchmetrics.classification import MulticlassAccuracy
 
+from src.models.accuracy_test import AccuracyTest
 from src.models.clip import FrozenCLIP
 
 
-class FrozenClassifier(pl.LightningModule):
+class FrozenClassifier(AccuracyTest, pl.LightningModule):
     """Subclasses give `logits(image_features)`; nothing here has gradients."""
 
     def __init__(self, clip: FrozenCLIP, classnames: list[str]) -> None:
         super().__init__()
         self.clip = clip
         self.classnames = list(classnames)
-        self.test_acc = MulticlassAccuracy(num_classes=len(classnames), average="micro")
-        self.test_macro_acc = MulticlassAccuracy(num_classes=len(classnames), average="macro")
+        self.init_test_metrics(len(classnames))
 
     def logits(self, image_features: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -27,14 +26,6 @@ class FrozenClassifier(pl.LightningModule):
         """Logits of a batch of images [b, 3, h, w] or of their image features [b, d]."""
         features = images if images.ndim == 2 else self.clip.encode_image(images)
         return self.logits(features)
-
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        images, labels = batch
-        logits = self(images)
-        self.test_acc(logits, labels)
-        self.test_macro_acc(logits, labels)
-        self.log("test/acc", self.test_acc, batch_size=len(labels))
-        self.log("test/macro_acc", self.test_macro_acc, batch_size=len(labels))
 
     def result_fields(self) -> dict:
         # No learned context and no training epochs: CoOp's fields of those do not apply.
