@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +15,18 @@ from src.train import train
 from tests.conftest import make_cfg
 
 FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"
+
+
+def finished_records(path: Path, timeout_s: float = 60) -> list[Record]:
+    """The records of a finished run. wandb's service process may still be writing the file when
+    `finish()` returns (seen: only the 7-byte header, a moment later the whole log), so wait for
+    the record that closes the run."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = list(read_records(path))
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
 
 
 def read_records(path: Path) -> Iterator[Record]:
@@ -59,7 +72,7 @@ def test_offline_run_logs_config_losses_accuracies_and_no_key(tiny_overrides, tm
     results = train(cfg)
 
     (log_file,) = out.glob("wandb/offline-run-*/run-*.wandb")
-    records = list(read_records(log_file))
+    records = finished_records(log_file)
     run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
     assert run.run_group == "oxford_pets-coop-coop-tiny-unified-m16-end-2shot"
     assert run.display_name == "oxford_pets-coop-unified-2shot-seed3"
