@@ -83,6 +83,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "ctx": "class_specific" if state["class_specific"] else "unified",
         "n_ctx": state["n_ctx"],
         "ctx_init": state.get("ctx_init"),
+        "ctx_init_count": state.get("ctx_init_count", "tokens") if state.get("ctx_init") else None,
         "class_token_position": state["class_token_position"],
         **evaluation_fields(clip, datamodule, trainer, metrics),
     }

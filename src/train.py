@@ -85,9 +85,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "ctx": cfg.ctx.name,
         "n_ctx": module.prompt_learner.n_ctx if hasattr(module, "prompt_learner") else None,
         "ctx_init": cfg.ctx.init,
+        "ctx_init_count": cfg.ctx.init_count if cfg.ctx.init else None,  # words: the reference's count
         "class_token_position": cfg.ctx.class_token_position,
         **evaluation_fields(clip, datamodule, trainer, metrics),
         "num_train": len(datamodule.train_items),
+        "fewshot_sampler": datamodule.fewshot_origin["sampler"],
+        "fewshot_source": datamodule.fewshot_origin["source"],  # None: drawn by this run
         "train_time_s": round(train_time, 3),
         "epochs": trainer.max_epochs,
         "train_views": cfg.data.train_views,

@@ -14,15 +14,14 @@ from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
 from src.data.datasets.base import DatasetError, DatasetReader
 from src.data.feature_cache import FeatureCache, RandomView, SeededViews, extract_features, feature_key
-from src.data.fewshot import few_shot, load_fewshot, save_fewshot
+from src.data.fewshot import FewShotSampler, draw_fewshot, load_fewshot, save_fewshot
 from src.data.image_check import ImageCheck
+from src.data.reference_fewshot import read_reference_fewshot, reference_fewshot_file
 from src.data.samples import Sample, Splits
 from src.data.subsample import Subsample, subsample_classes
 from src.data.transforms import describe, eval_transform, train_transform
 
 log = logging.getLogger(__name__)
-
-VAL_SHOTS = 4  # validation keeps min(shots, 4) images per class, as the reference does
 
 
 class ImageList(Dataset):
@@ -50,8 +49,12 @@ class FewShotDataModule(pl.LightningDataModule):
     training batches too, each image drawn as one of K pre-computed augmented views. The method
     modules take either kind of batch.
 
-    The few-shot subsets are saved (`save_fewshot_to`) and can be given back (`fewshot_file`) to
-    rerun on exactly the same images. Unreadable images stop `setup` with their path, or with
+    The few-shot subsets are drawn over all classes by `fewshot_sampler` (`reference`: the original
+    code's draw; `sorted`: independent of list order), then `subsample` keeps the base or new
+    classes, as the reference does. With the `reference` sampler, the reference's own saved subsets
+    (`split_fewshot/shot_{K}-seed_{S}.pkl` in the dataset folder) are used when present. The
+    subsets are saved (`save_fewshot_to`) and can be given back (`fewshot_file`) to rerun on
+    exactly the same images. Unreadable images stop `setup` with their path, or with
     `skip_bad_images` are left out and counted.
     """
 
@@ -73,10 +76,13 @@ class FewShotDataModule(pl.LightningDataModule):
         skip_bad_images: bool = False,
         fewshot_file: str | Path | None = None,
         save_fewshot_to: str | Path | None = None,
+        fewshot_sampler: FewShotSampler = "reference",
     ) -> None:
         super().__init__()
         if shots < 1:
             raise ValueError(f"shots={shots}: the number of images per class must be at least 1")
+        if fewshot_sampler not in ("reference", "sorted"):
+            raise ValueError(f"data.fewshot_sampler={fewshot_sampler!r}: use reference or sorted")
         self.dataset = dataset
         self.shots = shots
         self.seed = seed
@@ -94,13 +100,21 @@ class FewShotDataModule(pl.LightningDataModule):
         self.skip_bad_images = skip_bad_images
         self.fewshot_file = fewshot_file
         self.save_fewshot_to = save_fewshot_to
+        self.fewshot_sampler = fewshot_sampler
+        # how the subsets were made: the sampler that drew them, the file they were read from
+        self.fewshot_origin: dict[str, str | None] = {"sampler": None, "source": None}
         self.train_items: list[Sample] | None = None
         self.val_items: list[Sample] = []
         self.test_items: list[Sample] = []
 
     @cached_property
+    def all_splits(self) -> Splits:
+        """The dataset's splits on all classes, in the reader's list order."""
+        return self.dataset.read()
+
+    @cached_property
     def splits(self) -> Splits:
-        return subsample_classes(self.dataset.read(), self.subsample)
+        return subsample_classes(self.all_splits, self.subsample)
 
     @property
     def classnames(self) -> list[str]:
@@ -113,17 +127,29 @@ class FewShotDataModule(pl.LightningDataModule):
             self._require_training_images()
 
     def _select(self) -> None:
-        """The few-shot train/val subsets (sampled, or the given `fewshot_file`) and the test split,
-        with every image checked; the subsets are saved to `save_fewshot_to`."""
-        splits = self.splits
+        """The few-shot train/val subsets (the given `fewshot_file`, the reference's pickle, or drawn)
+        over all classes, then subsampled, and the test split, with every image checked; the
+        subsets are saved to `save_fewshot_to`."""
+        splits, everything = self.splits, self.all_splits
         check = ImageCheck(skip_bad=self.skip_bad_images)
+        pickled = reference_fewshot_file(self.dataset.root, self.shots, self.seed)
         if self.fewshot_file:
-            train, val = load_fewshot(self.fewshot_file, self.dataset.root, splits)
-            log.info("few-shot subsets from %s", self.fewshot_file)
-            self.train_items, self.val_items = check.keep_good(train), check.keep_good(val)
+            train, val, sampler = load_fewshot(self.fewshot_file, self.dataset.root, everything)
+            self.fewshot_origin = {"sampler": sampler, "source": str(self.fewshot_file)}
+            train, val = check.keep_good(train), check.keep_good(val)
+        elif self.fewshot_sampler == "reference" and pickled.is_file():
+            train, val = read_reference_fewshot(pickled, self.dataset.root, everything)
+            if val is None:  # ImageNet: the reference has no val draw; ours, as if drawn here
+                val = self._draw(everything, check)[1]
+            self.fewshot_origin = {"sampler": "reference", "source": str(pickled)}
+            train, val = check.keep_good(train), check.keep_good(val)
         else:
-            self.train_items = self._sample(splits.train, self.shots, check)
-            self.val_items = self._sample(splits.val, min(self.shots, VAL_SHOTS), check)
+            train, val = self._draw(everything, check)
+            self.fewshot_origin = {"sampler": self.fewshot_sampler, "source": None}
+        if self.fewshot_origin["source"]:
+            log.info("few-shot subsets from %s", self.fewshot_origin["source"])
+        subsets = subsample_classes(Splits(train, val, [], everything.classnames), self.subsample)
+        self.train_items, self.val_items = subsets.train, subsets.val
         self.test_items = check.keep_good(splits.test)
         check.report()
         if not self.test_items:  # before any training: every run ends with the test
@@ -135,32 +161,43 @@ class FewShotDataModule(pl.LightningDataModule):
             path = save_fewshot(
                 self.save_fewshot_to,
                 self.dataset.root,
-                self.train_items,
-                self.val_items,
+                train,
+                val,
                 self.shots,
                 self.seed,
+                **self.fewshot_origin,
             )
             log.info("few-shot subsets saved to %s (rerun on them with data.fewshot_file=%s)", path, path)
         log.info(
-            "%s: %d train (%d-shot, seed %d), %d val, %d test images, %d classes",
+            "%s: %d train (%d-shot, seed %d, %s sampler), %d val, %d test images, %d classes",
             self.dataset.root,
             len(self.train_items),
             self.shots,
             self.seed,
+            self.fewshot_origin["sampler"] or "unknown",
             len(self.val_items),
             len(self.test_items),
             len(splits.classnames),
         )
 
-    def _sample(self, pool: list[Sample], shots: int, check: ImageCheck) -> list[Sample]:
-        """`few_shot` over the readable images: an unreadable image drawn (and skipped) is treated
-        as absent from the split, so its class still gets `shots` images when it has them."""
+    def _draw(self, splits: Splits, check: ImageCheck) -> tuple[list[Sample], list[Sample]]:
+        """The sampler's train and val subsets of the readable images: an unreadable image drawn
+        (and skipped) is treated as absent from the split, so its class still gets `shots` images
+        when it has them; both are drawn again, since the reference's val draw continues the
+        random stream of its train draw."""
         bad: set[str] = set()
         while True:
-            chosen = few_shot([item for item in pool if item.path not in bad], shots, self.seed)
+            train, val = draw_fewshot(
+                [item for item in splits.train if item.path not in bad],
+                [item for item in splits.val if item.path not in bad],
+                self.shots,
+                self.seed,
+                self.fewshot_sampler,
+            )
+            chosen = train + val
             good = check.keep_good(chosen)
             if len(good) == len(chosen):
-                return chosen
+                return train, val
             bad |= {item.path for item in chosen} - {item.path for item in good}
 
     def _require_training_images(self) -> None:

@@ -1,5 +1,14 @@
-"""k-shot subsets: a pure function of (split contents, shots, seed), saved with each run and
-reusable."""
+"""k-shot subsets of the train and val splits, drawn by one of two samplers, saved with each run and
+reusable.
+
+- `reference` (the default): the reference's draw, so the same seed and shots give the same images as
+  the original code on the same split file (the list order of the split matters);
+- `sorted`: a pure function of the split's contents (paths sorted first), the same on any machine
+  whatever order a reader or file system lists the images in.
+
+Either way the subsets are drawn over all classes, before `dataset.subsample` keeps the base or new
+ones, as the reference does.
+"""
 
 from __future__ import annotations
 
@@ -8,20 +17,62 @@ import os
 import random
 from collections import defaultdict
 from pathlib import Path
+from typing import Literal
 
 from src.data.datasets.base import DatasetError
 from src.data.samples import Sample, Splits
 from src.files import write_json
 
+FewShotSampler = Literal["reference", "sorted"]
+VAL_SHOTS = 4  # validation keeps min(shots, 4) images per class, as the reference does
+
+
+def draw_fewshot(
+    train: list[Sample], val: list[Sample], shots: int, seed: int, sampler: FewShotSampler
+) -> tuple[list[Sample], list[Sample]]:
+    """`shots` images per class from `train`, min(shots, 4) from `val`."""
+    val_shots = min(shots, VAL_SHOTS)
+    if sampler == "reference":
+        chosen_train, chosen_val = reference_few_shot([(train, shots), (val, val_shots)], seed)
+        return chosen_train, chosen_val
+    if sampler == "sorted":
+        return few_shot(train, shots, seed), few_shot(val, val_shots, seed)
+    raise ValueError(f"data.fewshot_sampler={sampler!r}: use reference (the original code's) or sorted")
+
+
+def reference_few_shot(pools: list[tuple[list[Sample], int]], seed: int) -> list[list[Sample]]:
+    """The reference's draw (Dassl's `DatasetBase.generate_fewshot_dataset`) from each of `pools`, a
+    list of (images, shots), in order.
+
+    Written out here because it must be this exact sequence of calls: one stream of Python's `random`
+    seeded with the run's seed (the reference seeds the global stream at start-up and draws nothing
+    before; `random.Random(seed)` gives the same numbers), continued from the train draw to the val
+    draw. Per pool, the classes in the order in which they first appear and each class's images in
+    list order; `random.sample(images, k)` for a class of at least k images, all of them for a
+    smaller one (Dassl's current `repeat=False`).
+    """
+    rng = random.Random(seed)
+    chosen = []
+    for items, shots in pools:
+        _check_shots(shots)
+        by_label: dict[int, list[Sample]] = defaultdict(list)  # insertion order: first appearance
+        for item in items:
+            by_label[item.label].append(item)
+        subset: list[Sample] = []
+        for group in by_label.values():
+            subset.extend(rng.sample(group, shots) if len(group) >= shots else group)
+        chosen.append(subset)
+    return chosen
+
 
 def few_shot(items: list[Sample], shots: int, seed: int) -> list[Sample]:
-    """`shots` images per class drawn at random (seeded); a class with fewer keeps them all.
+    """The `sorted` sampler: `shots` images per class drawn at random (seeded); a class with fewer
+    keeps them all.
 
     Items are sorted by path first, so the subset does not depend on the order in which a
     reader listed them, on the machine, or on the number of workers or GPUs.
     """
-    if shots < 1:
-        raise ValueError(f"shots={shots}: the number of images per class must be at least 1")
+    _check_shots(shots)
     by_label: dict[int, list[Sample]] = defaultdict(list)
     for item in items:
         by_label[item.label].append(item)
@@ -33,27 +84,56 @@ def few_shot(items: list[Sample], shots: int, seed: int) -> list[Sample]:
     return chosen
 
 
+def _check_shots(shots: int) -> None:
+    if shots < 1:
+        raise ValueError(f"shots={shots}: the number of images per class must be at least 1")
+
+
 def save_fewshot(
-    path: str | Path, root: Path, train: list[Sample], val: list[Sample], shots: int, seed: int
+    path: str | Path,
+    root: Path,
+    train: list[Sample],
+    val: list[Sample],
+    shots: int,
+    seed: int,
+    sampler: FewShotSampler | None,
+    source: str | None,
 ) -> Path:
     """The chosen images as JSON, paths relative to the dataset folder so the list works on any machine
-    that has the same data: give it back as `data.fewshot_file` to rerun on exactly this subset."""
+    that has the same data: give it back as `data.fewshot_file` to rerun on exactly this subset.
+
+    The lists are the draw over all classes with the split's labels (a base-class run's list also
+    holds the new classes, as the reference's saved subsets do); `sampler` says which sampler drew
+    them (None: unknown), `source` the file they were read from (None: drawn by this run).
+    """
 
     def rows(items: list[Sample]) -> list[list]:
         return [[_relative(item.path, root), item.label, item.classname] for item in items]
 
     return write_json(
-        path, {"root": str(root), "shots": shots, "seed": seed, "train": rows(train), "val": rows(val)}
+        path,
+        {
+            "root": str(root),
+            "shots": shots,
+            "seed": seed,
+            "sampler": sampler,
+            "source": source,
+            "train": rows(train),
+            "val": rows(val),
+        },
     )
 
 
-def load_fewshot(path: str | Path, root: Path, splits: Splits) -> tuple[list[Sample], list[Sample]]:
-    """A saved list (`save_fewshot`), checked against the split: every image must be in it, with
-    the same label."""
+def load_fewshot(
+    path: str | Path, root: Path, splits: Splits
+) -> tuple[list[Sample], list[Sample], FewShotSampler | None]:
+    """A saved list (`save_fewshot`), checked against the split (all classes): every image must be
+    in it, with the same label. Also returns the sampler that drew it."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
         rows = {key: [(str(rel), int(label)) for rel, label, _ in data[key]] for key in ("train", "val")}
+        sampler = data.get("sampler")
     except FileNotFoundError as err:
         raise DatasetError(f"data.fewshot_file={path} not found: give the fewshot.json of a run") from err
     except (json.JSONDecodeError, KeyError, ValueError, TypeError) as err:
@@ -72,7 +152,7 @@ def load_fewshot(path: str | Path, root: Path, splits: Splits) -> tuple[list[Sam
                     "the list was made for other data; give the matching list or drop data.fewshot_file"
                 )
             chosen[key].append(item)
-    return chosen["train"], chosen["val"]
+    return chosen["train"], chosen["val"], sampler
 
 
 def _relative(path: str, root: Path) -> str:

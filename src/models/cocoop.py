@@ -12,7 +12,7 @@ from torch import nn
 
 from src.models.clip import FrozenCLIP
 from src.models.coop import CoOp, coop_from_prompt
-from src.models.prompt_learner import Position
+from src.models.prompt_learner import InitCount, Position
 
 
 class CoCoOp(CoOp):
@@ -32,6 +32,7 @@ class CoCoOp(CoOp):
         ctx_init: str | None = None,
         class_specific: bool = False,
         class_token_position: Position = "end",
+        ctx_init_count: InitCount = "words",
         lr: float = 0.002,
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
@@ -50,6 +51,7 @@ class CoCoOp(CoOp):
             n_ctx=n_ctx,
             ctx_init=ctx_init,
             class_token_position=class_token_position,
+            ctx_init_count=ctx_init_count,
             lr=lr,
             momentum=momentum,
             weight_decay=weight_decay,

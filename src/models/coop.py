@@ -14,7 +14,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from src.models.accuracy_test import AccuracyTest
 from src.models.clip import FrozenCLIP
-from src.models.prompt_learner import Position, PromptLearner
+from src.models.prompt_learner import InitCount, Position, PromptLearner
 
 PROMPT_FORMAT = 1
 
@@ -30,6 +30,7 @@ class CoOp(AccuracyTest, pl.LightningModule):
         ctx_init: str | None = None,
         class_specific: bool = False,
         class_token_position: Position = "end",
+        ctx_init_count: InitCount = "words",
         lr: float = 0.002,
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
@@ -47,6 +48,7 @@ class CoOp(AccuracyTest, pl.LightningModule):
             ctx_init=ctx_init,
             class_specific=class_specific,
             class_token_position=class_token_position,
+            ctx_init_count=ctx_init_count,
         )
         # Lightning resume checkpoints hold the context only; CLIP comes from its own weights.
         self.strict_loading = False
@@ -139,6 +141,8 @@ class CoOp(AccuracyTest, pl.LightningModule):
             "class_specific": learner.class_specific,
             "class_token_position": learner.class_token_position,
             "ctx_init": self.hparams.ctx_init,
+            # with "words", the phrase's fixed rest is part of the prompt: rebuilt from ctx_init
+            "ctx_init_count": self.hparams.ctx_init_count,
         }
 
 
@@ -183,8 +187,11 @@ def coop_from_prompt(
         clip,
         classnames,
         n_ctx=state["n_ctx"],
+        ctx_init=state.get("ctx_init"),
         class_specific=state["class_specific"],
         class_token_position=state["class_token_position"],
+        # files from before ctx_init_count learned every token of the phrase
+        ctx_init_count=state.get("ctx_init_count", "tokens"),
     )
     if module.prompt_learner.ctx.shape != state["ctx"].shape:
         raise ValueError(

@@ -29,4 +29,11 @@ class FrozenClassifier(AccuracyTest, pl.LightningModule):
 
     def result_fields(self) -> dict:
         # No learned context and no training epochs: CoOp's fields of those do not apply.
-        return {"ctx": None, "n_ctx": None, "ctx_init": None, "class_token_position": None, "epochs": 0}
+        return {
+            "ctx": None,
+            "n_ctx": None,
+            "ctx_init": None,
+            "ctx_init_count": None,
+            "class_token_position": None,
+            "epochs": 0,
+        }

@@ -11,6 +11,9 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 Position = Literal["end", "middle", "front"]
+# How many vectors a context initialised from words has: one per word, the phrase's leading tokens
+# (the reference), or one per BPE token of the phrase.
+InitCount = Literal["words", "tokens"]
 
 
 class PromptLearner(nn.Module):
@@ -18,6 +21,13 @@ class PromptLearner(nn.Module):
 
     Prompt of class c: [SOS] [ctx_1 .. ctx_M] [class name tokens] [.] [EOS] (position "end"),
     with the class name in the middle of the context ("middle") or before it ("front").
+
+    Initialised from words (`ctx_init`), the context is the phrase's first tokens, one per word as
+    the reference counts (`ctx_init_count="words"`), the rest of the phrase staying fixed text
+    before the name ("itap of a": 3 words, 4 tokens, "it ap of" learned, "a" fixed); or all of
+    its tokens (`"tokens"`). As in the reference, "middle" and "front" move the first
+    name-length tokens after the context, which are then the fixed rest of the phrase and the
+    start of the name.
     """
 
     def __init__(
@@ -29,17 +39,20 @@ class PromptLearner(nn.Module):
         ctx_init: str | None = None,
         class_specific: bool = False,
         class_token_position: Position = "end",
+        ctx_init_count: InitCount = "words",
     ) -> None:
         super().__init__()
         if class_token_position not in ("end", "middle", "front"):
             raise ValueError(f"ctx.class_token_position={class_token_position!r}: use end, middle or front")
+        if ctx_init_count not in ("words", "tokens"):
+            raise ValueError(f"ctx.init_count={ctx_init_count!r}: use words (the reference) or tokens")
         names = [name.replace("_", " ") for name in classnames]
         n_cls = len(names)
         width = token_embedding.weight.shape[1]
         with torch.no_grad():
             if ctx_init:
                 words = ctx_init.replace("_", " ").strip()
-                n_ctx = _token_count(tokenize, words)
+                n_ctx = _init_length(tokenize, words, ctx_init_count)
                 ctx = token_embedding(tokenize([words]))[0, 1 : 1 + n_ctx].float()
                 if class_specific:
                     log.info("class-specific context: every class starts from %r", words)
@@ -102,6 +115,26 @@ class PromptLearner(nn.Module):
             else:
                 orders.append(list(range(length)))
         return torch.tensor(orders, dtype=torch.long)
+
+
+def _init_length(tokenize, words: str, count: InitCount) -> int:
+    """Context vectors from the phrase `words`: its word count, as the reference's
+    `len(ctx_init.split(" "))`, or its token count."""
+    n_tokens = _token_count(tokenize, words)
+    if count == "tokens":
+        return n_tokens
+    n_words = len(words.split(" "))
+    if n_words > n_tokens:  # e.g. double spaces: the reference would learn the EOS token's vector
+        raise ValueError(f"ctx.init={words!r} has {n_words} words but {n_tokens} tokens: use single spaces")
+    if n_words < n_tokens:
+        log.info(
+            "ctx.init=%r: %d words, %d tokens; the first %d tokens are learned",
+            words,
+            n_words,
+            n_tokens,
+            n_words,
+        )
+    return n_words
 
 
 def _token_count(tokenize, text: str) -> int:
