@@ -132,3 +132,19 @@ def test_prompt_file_round_trip_and_transfer(tiny_clip, tmp_path):
     csc = make_module(tiny_clip, class_specific=True)
     with pytest.raises(ValueError, match="class-specific context only applies"):
         coop_from_prompt(csc.prompt_state(), tiny_clip, classnames=["car", "plane"])
+
+
+def test_prompt_file_keeps_the_fixed_words_of_a_word_initialised_context(tiny_clip):
+    from src.models.coop import coop_from_prompt
+
+    torch.manual_seed(0)
+    module = make_module(tiny_clip, ctx_init="itap of a")  # "it ap of" learned, "a" fixed text
+    with torch.no_grad():
+        module.prompt_learner.ctx.add_(torch.randn_like(module.prompt_learner.ctx))  # as if trained
+        state = module.prompt_state()
+        assert state["n_ctx"] == 3 and state["ctx_init_count"] == "words"
+        torch.testing.assert_close(coop_from_prompt(state, tiny_clip).text_features(), module.text_features())
+        # a file from before ctx_init_count: every token of the phrase was learned
+        old = make_module(tiny_clip, ctx_init="itap of a", ctx_init_count="tokens").prompt_state()
+        del old["ctx_init_count"]
+        assert coop_from_prompt(old, tiny_clip).prompt_learner.n_ctx == 4

@@ -41,12 +41,22 @@ def logits_and_grad(clip: FrozenCLIP, encoder: TextEncoder, module: CoOp, images
 )
 def test_fast_paths_equal_reference(arch, class_specific, position, init, request):
     clip = request.getfixturevalue("tiny_clip" if arch == "tiny" else "vit_b32")
+    names = CLASSNAMES if arch == "tiny" else CLASSNAMES[:4]  # the 77-position reference is slow
+    assert_fast_paths_equal_reference(
+        clip, names, ctx_init=init, class_specific=class_specific, class_token_position=position
+    )
+
+
+@pytest.mark.parametrize("position", ["end", "middle", "front"])
+def test_fast_paths_equal_reference_with_fixed_words_after_the_context(tiny_clip, position):
+    """"itap of a": 3 words learned as the first 3 of its 4 tokens, "a" fixed text after them."""
+    assert_fast_paths_equal_reference(tiny_clip, CLASSNAMES, ctx_init="itap of a", class_token_position=position)
+
+
+def assert_fast_paths_equal_reference(clip: FrozenCLIP, names: list[str], **module_kwargs) -> None:
     original = clip.text
     torch.manual_seed(0)
-    names = CLASSNAMES if arch == "tiny" else CLASSNAMES[:4]  # the 77-position reference is slow
-    module = CoOp(
-        clip, names, n_ctx=8, ctx_init=init, class_specific=class_specific, class_token_position=position
-    )
+    module = CoOp(clip, names, n_ctx=8, **module_kwargs)
     width = original.tower.text_projection.shape[1]
     images = torch.randn(12, width)
     labels = torch.arange(12) % len(names)

@@ -115,3 +115,46 @@ def test_imagenet_names_are_encoded_exactly(tiny_clip):
         torch.testing.assert_close(
             encode(tiny_clip, learner, fast=True), encode(tiny_clip, learner, fast=False), rtol=0, atol=1e-5
         )
+
+
+@pytest.mark.parametrize("words, n_words, n_tokens", [("itap of a", 3, 4), ("a photo of a", 4, 4)])
+def test_word_init_learns_one_vector_per_word_or_per_token(tiny_clip, words, n_words, n_tokens):
+    assert learner_for(tiny_clip, ctx_init=words).n_ctx == n_words  # the reference's count
+    assert learner_for(tiny_clip, ctx_init=words, ctx_init_count="tokens").n_ctx == n_tokens
+    phrase = tiny_clip.token_embedding(tiny_clip.tokenize([words]))[0]
+    torch.testing.assert_close(learner_for(tiny_clip, ctx_init=words).ctx.data, phrase[1 : 1 + n_words])
+    with pytest.raises(ValueError, match="ctx.init_count='letters': use words"):
+        learner_for(tiny_clip, ctx_init=words, ctx_init_count="letters")
+
+
+def original_prompt_ids(clip: FrozenCLIP, words: str, name: str, position: str) -> torch.Tensor:
+    """The token ids of the prompt that the reference's PromptLearner (CoOp, trainers/coop.py) builds
+    from `words` before training, written out from its code: n_ctx = len(words.split(" ")); the
+    prompt "words name." tokenized; prefix = [SOS], ctx = the n_ctx tokens after it, suffix = the
+    rest; "middle" and "front" move suffix[:name_len], name_len = the name's token count."""
+    ids = clip.tokenize([f"{words} {name}."])[0]
+    n_ctx = len(words.split(" "))
+    name_len = int((clip.tokenize([name])[0] != 0).sum()) - 2
+    prefix, ctx, suffix = ids[:1], ids[1 : 1 + n_ctx], ids[1 + n_ctx :]
+    if position == "end":
+        return torch.cat([prefix, ctx, suffix])
+    if position == "middle":
+        half = n_ctx // 2
+        return torch.cat([prefix, ctx[:half], suffix[:name_len], ctx[half:], suffix[name_len:]])
+    return torch.cat([prefix, suffix[:name_len], ctx, suffix[name_len:]])
+
+
+@pytest.mark.parametrize("position", ["end", "middle", "front"])
+def test_word_init_with_more_tokens_than_words_is_the_references_prompt(tiny_clip, position):
+    """"itap of a": "it ap of" learned, "a" fixed text before the name, placed as the reference does."""
+    learner = learner_for(tiny_clip, ctx_init="itap of a", class_token_position=position)
+    names = [c.replace("_", " ") for c in CLASSNAMES]
+    ids = torch.stack([original_prompt_ids(tiny_clip, "itap of a", n, position) for n in names])
+    with torch.no_grad():
+        expected = tiny_clip.model.encode_text(ids)
+        got = encode(tiny_clip, learner, fast=True)  # equal to the plain path: test_exactness
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    if position == "end":  # the reference's initial prompt is the phrase itself
+        with torch.no_grad():
+            text = tiny_clip.model.encode_text(tiny_clip.tokenize([f"itap of a {n}." for n in names]))
+        torch.testing.assert_close(got, text, rtol=0, atol=1e-5)
