@@ -82,6 +82,7 @@ def test_recipe_preset_run_and_prompt_file(tiny_overrides, tmp_path, tiny_clip):
     results = train(cfg)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved == results and saved["method"] == "cocoop" and saved["n_ctx"] == 4 and saved["epochs"] == 1
+    assert saved["ctx_init_count"] == "words"
     state = load_prompt(tmp_path / "prompt.pt")
     assert state["method"] == "cocoop" and state["ctx"].shape == (4, 64)
     assert set(state["meta_net"]) == {"linear1.weight", "linear1.bias", "linear2.weight", "linear2.bias"}

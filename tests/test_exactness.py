@@ -50,7 +50,9 @@ def test_fast_paths_equal_reference(arch, class_specific, position, init, reques
 @pytest.mark.parametrize("position", ["end", "middle", "front"])
 def test_fast_paths_equal_reference_with_fixed_words_after_the_context(tiny_clip, position):
     """"itap of a": 3 words learned as the first 3 of its 4 tokens, "a" fixed text after them."""
-    assert_fast_paths_equal_reference(tiny_clip, CLASSNAMES, ctx_init="itap of a", class_token_position=position)
+    assert_fast_paths_equal_reference(
+        tiny_clip, CLASSNAMES, ctx_init="itap of a", class_token_position=position
+    )
 
 
 def assert_fast_paths_equal_reference(clip: FrozenCLIP, names: list[str], **module_kwargs) -> None:

@@ -21,6 +21,7 @@ RESULT_KEYS = {
     "seed",
     "ctx",
     "n_ctx",
+    "ctx_init_count",
     "class_token_position",
     "backbone",
     "pretrained",
@@ -28,6 +29,8 @@ RESULT_KEYS = {
     "test_macro_acc",
     "num_test",
     "train_time_s",
+    "fewshot_sampler",
+    "fewshot_source",
 }
 
 
@@ -57,6 +60,8 @@ def test_class_specific_run_writes_results_prompt_and_config(tiny_overrides, tmp
     assert saved == results
     assert RESULT_KEYS <= set(saved)
     assert saved["ctx"] == "class_specific" and saved["method"] == "coop" and saved["shots"] == 8
+    assert saved["ctx_init_count"] is None  # no ctx.init
+    assert saved["fewshot_sampler"] == "reference" and saved["fewshot_source"] is None  # drawn here
     assert saved["num_test"] == 16 and saved["num_train"] == 4 * 8
     assert 0 <= saved["test_acc"] <= 100 and saved["epochs"] == 2
     prompt = torch.load(tmp_path / "prompt.pt", weights_only=True)

@@ -70,6 +70,7 @@ def test_methods_run_from_the_command_line_config(tiny_overrides, tmp_path):
     assert saved == single and saved["method"] == "zeroshot" and saved["num_test"] == 16
     assert saved["templates"] == ["a photo of a {}, a type of pet."]
     assert saved["ctx"] is None and saved["n_ctx"] is None and 0 <= saved["test_acc"] <= 100
+    assert saved["ctx_init_count"] is None
     assert not (tmp_path / "single" / "prompt.pt").exists()  # nothing learned, nothing to save
 
 
