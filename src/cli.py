@@ -3,7 +3,8 @@
 Hydra prints composition errors over many lines (the options, the config search path) and other
 errors as tracebacks. `run` prints `error: <what>: <what to do>` on stderr and exits with status 2
 for: an unknown config option (with the valid ones), an error this project raises about a value,
-file or folder (each message names the option and the fix), and a file the system refuses. Anything
+file or folder (each message names the option and the fix), a job that sbatch refuses (with the
+hydra.launcher option that changes it), and a file the system refuses. Anything
 else is a bug and keeps its traceback; HYDRA_FULL_ERROR=1 shows the traceback of every error.
 """
 
@@ -17,6 +18,8 @@ from typing import Any
 
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf.errors import OmegaConfBaseException
+
+from src.cluster import sbatch_refusal
 
 EXIT_USAGE = 2
 
@@ -48,6 +51,9 @@ def user_error(err: BaseException, task: Callable | None = None) -> str | None:
     for cause in _chain(err):
         if _project_class(cause) or (isinstance(cause, PROJECT_ERRORS) and _raised_by_project(cause)):
             return _one_line(str(cause))
+        refused = sbatch_refusal(cause)
+        if refused is not None:
+            return refused
     if isinstance(err, MissingConfigException) and err.missing_cfg_file and err.options:
         group, _, choice = err.missing_cfg_file.rpartition("/")
         return f"{group}={choice}: unknown {group} option; choose one of: {', '.join(err.options)}"

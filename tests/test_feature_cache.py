@@ -159,6 +159,7 @@ def test_the_default_cache_is_per_user_wherever_a_run_starts(monkeypatch, tmp_pa
         cfg = make_cfg(["dataset=oxford_pets"], tmp_path / "run")
         assert cfg.paths.cache_dir == cfg.data.cache_dir == str(tmp_path / "home" / ".cache" / "coop")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert make_cfg(["dataset=oxford_pets"], tmp_path / "run").paths.cache_dir == str(tmp_path / "xdg" / "coop")
+    cfg = make_cfg(["dataset=oxford_pets"], tmp_path / "run")
+    assert cfg.paths.cache_dir == str(tmp_path / "xdg" / "coop")
     monkeypatch.setenv("COOP_CACHE", str(tmp_path / "shared"))
     assert make_cfg(["dataset=oxford_pets"], tmp_path / "run").data.cache_dir == str(tmp_path / "shared")
