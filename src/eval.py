@@ -27,6 +27,7 @@ from src.files import write_json
 from src.models.clip import FrozenCLIP
 from src.models.cocoop import cocoop_from_prompt
 from src.models.coop import CoOp, coop_from_prompt, load_prompt, run_folder
+from src.quiet import silence_known_warnings
 from src.results import evaluation_fields
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ def training_results(ckpt: str | Path) -> dict[str, Any]:
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Tests the prompt file `cfg.ckpt` on the test split of `cfg.dataset`; writes results.json."""
+    silence_known_warnings()
     out = Path(cfg.paths.output_dir)
     state = load_prompt(cfg.ckpt)
     pl.seed_everything(cfg.seed, workers=True)

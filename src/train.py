@@ -24,6 +24,7 @@ from pytorch_lightning.loggers import WandbLogger
 from src.cli import run
 from src.data.subsample import subsample_suffix
 from src.files import atomic_write, save_torch, write_json
+from src.quiet import silence_known_warnings
 from src.results import evaluation_fields
 from src.resume import AtomicCheckpointIO, prepare_run_dir
 
@@ -44,6 +45,7 @@ OmegaConf.register_new_resolver("isatty", lambda: sys.stdout.isatty(), replace=T
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fits the method on the k-shot train set, tests the last model, writes the run's files."""
+    silence_known_warnings()
     out = Path(cfg.paths.output_dir)
     last = prepare_run_dir(cfg, out)  # writable, and no run of another config in it
     done = out / "results.json"
@@ -61,6 +63,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         logger=[instantiate(c) for c in cfg.get("logger", {}).values()],
     )
     trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+    log.info("%s with %s on %s", cfg.method.name, describe_backbone(clip), describe_devices(trainer))
     if trainer.is_global_zero:
         text = OmegaConf.to_yaml(cfg, resolve=True)
         atomic_write(out / "config.yaml", lambda f: f.write(text.encode()))
@@ -106,6 +109,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             # The next run of a sweep in this process gets its own W&B run, not this one.
             logger.experiment.finish()
     return results
+
+
+def describe_backbone(clip: Any) -> str:
+    return f"{clip.name} ({clip.pretrained or 'random weights'})"
+
+
+def describe_devices(trainer: pl.Trainer) -> str:
+    """'cpu, precision 32-true', '4 cuda devices, precision bf16-mixed' (Lightning's own lines are
+    in the run's log file)."""
+    count = trainer.num_devices * trainer.num_nodes
+    kind = trainer.strategy.root_device.type
+    return f"{kind if count == 1 else f'{count} {kind} devices'}, precision {trainer.precision}"
 
 
 # Config groups whose options are numbers (conf/shots/8.yaml). Hydra parses `shots=8` as an integer
