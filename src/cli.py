@@ -40,15 +40,27 @@ def run(hydra_main: Callable[[], Any]) -> None:
         message = user_error(err, task=getattr(hydra_main, "__wrapped__", None))
         if message is None:
             raise
-        sys.stderr.write(f"error: {message}\n")
+        for line in message.splitlines():
+            sys.stderr.write(f"error: {line}\n")
         raise SystemExit(EXIT_USAGE) from None
     finally:
         del os.environ["HYDRA_FULL_ERROR"]
 
 
+class UserErrors(ValueError):
+    """Several mistakes found at once (src.precheck), each reported on a line of its own."""
+
+    def __init__(self, messages: list[str]) -> None:
+        super().__init__("\n".join(messages))
+        self.messages = messages
+
+
 def user_error(err: BaseException, task: Callable | None = None) -> str | None:
-    """The one-line message for an error the user can fix, None for anything else (a bug)."""
+    """The one-line message for an error the user can fix (a line each for UserErrors), None for
+    anything else (a bug)."""
     for cause in _chain(err):
+        if isinstance(cause, UserErrors):
+            return "\n".join(cause.messages)
         if _project_class(cause) or (isinstance(cause, PROJECT_ERRORS) and _raised_by_project(cause)):
             return _one_line(str(cause))
         refused = sbatch_refusal(cause)

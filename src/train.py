@@ -24,9 +24,10 @@ from pytorch_lightning.loggers import WandbLogger
 from src.cli import run
 from src.data.subsample import subsample_suffix
 from src.files import atomic_write, save_torch, write_json
+from src.precheck import check_training_run
 from src.quiet import silence_known_warnings
 from src.results import evaluation_fields
-from src.resume import AtomicCheckpointIO, prepare_run_dir
+from src.resume import AtomicCheckpointIO, check_run_dir, prepare_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -47,15 +48,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Fits the method on the k-shot train set, tests the last model, writes the run's files."""
     silence_known_warnings()
     out = Path(cfg.paths.output_dir)
-    last = prepare_run_dir(cfg, out)  # writable, and no run of another config in it
     done = out / "results.json"
     if cfg.get("skip_done", False) and done.exists():
         # A re-launched sweep runs only what is missing (results.json is written last, atomically).
+        check_run_dir(cfg, out)  # the results of this configuration
         log.info("%s exists: skipping this run (skip_done=false runs it again)", done)
         return json.loads(done.read_text())
+    datamodule = check_training_run(cfg, out)  # every mistake at once, before the slow weights
+    last = prepare_run_dir(cfg, out)  # the folder remembers this configuration
     pl.seed_everything(cfg.seed, workers=True)
     clip = instantiate(cfg.model)
-    datamodule = instantiate(cfg.data, dataset=instantiate(cfg.dataset.reader), image_size=clip.image_size)
+    datamodule.image_size = clip.image_size
     module = instantiate(cfg.method.module, clip=clip, classnames=datamodule.classnames)
     trainer: pl.Trainer = instantiate(
         cfg.trainer,

@@ -13,6 +13,14 @@ log = logging.getLogger(__name__)
 Position = Literal["end", "middle", "front"]
 
 
+def check_context(n_ctx: int, ctx_init: str | None, class_token_position: str) -> None:
+    """The context options' mistakes (src.train checks them before loading CLIP's weights)."""
+    if class_token_position not in ("end", "middle", "front"):
+        raise ValueError(f"ctx.class_token_position={class_token_position!r}: use end, middle or front")
+    if not ctx_init and n_ctx < 1:
+        raise ValueError(f"ctx.n_ctx={n_ctx}: the context needs at least 1 vector")
+
+
 class PromptLearner(nn.Module):
     """Context vectors (unified or class-specific) placed around each class name.
 
@@ -31,8 +39,7 @@ class PromptLearner(nn.Module):
         class_token_position: Position = "end",
     ) -> None:
         super().__init__()
-        if class_token_position not in ("end", "middle", "front"):
-            raise ValueError(f"ctx.class_token_position={class_token_position!r}: use end, middle or front")
+        check_context(n_ctx, ctx_init, class_token_position)
         names = [name.replace("_", " ") for name in classnames]
         n_cls = len(names)
         width = token_embedding.weight.shape[1]
@@ -46,8 +53,6 @@ class PromptLearner(nn.Module):
                     ctx = ctx.expand(n_cls, -1, -1).clone()
                 prompt_prefix = words
             else:
-                if n_ctx < 1:
-                    raise ValueError(f"ctx.n_ctx={n_ctx}: the context needs at least 1 vector")
                 shape = (n_cls, n_ctx, width) if class_specific else (n_ctx, width)
                 ctx = torch.empty(shape).normal_(std=0.02)
                 prompt_prefix = " ".join(["X"] * n_ctx)
