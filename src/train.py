@@ -24,6 +24,7 @@ from pytorch_lightning.loggers import WandbLogger
 from src.cli import run
 from src.data.subsample import subsample_suffix
 from src.files import atomic_write, save_torch, write_json
+from src.models.clip import FrozenCLIP
 from src.precheck import check_training_run
 from src.quiet import silence_known_warnings
 from src.results import evaluation_fields
@@ -114,7 +115,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return results
 
 
-def describe_backbone(clip: Any) -> str:
+def describe_backbone(clip: FrozenCLIP) -> str:
     return f"{clip.name} ({clip.pretrained or 'random weights'})"
 
 

@@ -49,6 +49,8 @@ def check_weights(name: str, pretrained: str | None, cache_dir: str | None = Non
             f"model.pretrained={pretrained} is neither a file nor a tag of model.name={name} (its tags: "
             f"{tags}); give a tag or a local weights file"
         )
+    if source.get("file"):  # a tag registered with a local file
+        return
     hub = source.get("hf_hub") if has_hf_hub() else ""
     if hub:
         repo_id, filename = os.path.split(hub)
@@ -59,12 +61,14 @@ def check_weights(name: str, pretrained: str | None, cache_dir: str | None = Non
         cache = cache_dir or hub_constants.HF_HUB_CACHE
         origin = f"{hub_constants.ENDPOINT}/{repo_id}"
         reason = _hub_offline() or _unreachable(hub_constants.ENDPOINT)
-    else:
+    elif source.get("url"):
         origin = source["url"]
         cache = cache_dir or os.path.expanduser("~/.cache/clip")  # open_clip's default for URLs
         if Path(cache, os.path.basename(origin)).is_file():
             return
         reason = _unreachable(origin)
+    else:  # nothing to download: open_clip says what it makes of the tag
+        return
     if reason is None:
         return
     file = f" (e.g. {os.path.basename(source['url'])} from {source['url']})" if source.get("url") else ""
