@@ -3,7 +3,8 @@
 Hydra prints composition errors over many lines (the options, the config search path) and other
 errors as tracebacks. `run` prints `error: <what>: <what to do>` on stderr and exits with status 2
 for: an unknown config option (with the valid ones), an error this project raises about a value,
-file or folder (each message names the option and the fix), and a file the system refuses. Anything
+file or folder (each message names the option and the fix), a job that sbatch refuses (with the
+hydra.launcher option that changes it), and a file the system refuses. Anything
 else is a bug and keeps its traceback; HYDRA_FULL_ERROR=1 shows the traceback of every error.
 """
 
@@ -17,6 +18,8 @@ from typing import Any
 
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf.errors import OmegaConfBaseException
+
+from src.cluster import sbatch_refusal
 
 EXIT_USAGE = 2
 
@@ -37,17 +40,32 @@ def run(hydra_main: Callable[[], Any]) -> None:
         message = user_error(err, task=getattr(hydra_main, "__wrapped__", None))
         if message is None:
             raise
-        sys.stderr.write(f"error: {message}\n")
+        for line in message.splitlines():
+            sys.stderr.write(f"error: {line}\n")
         raise SystemExit(EXIT_USAGE) from None
     finally:
         del os.environ["HYDRA_FULL_ERROR"]
 
 
+class UserErrors(ValueError):
+    """Several mistakes found at once (src.precheck), each reported on a line of its own."""
+
+    def __init__(self, messages: list[str]) -> None:
+        super().__init__("\n".join(messages))
+        self.messages = messages
+
+
 def user_error(err: BaseException, task: Callable | None = None) -> str | None:
-    """The one-line message for an error the user can fix, None for anything else (a bug)."""
+    """The one-line message for an error the user can fix (a line each for UserErrors), None for
+    anything else (a bug)."""
     for cause in _chain(err):
+        if isinstance(cause, UserErrors):
+            return "\n".join(cause.messages)
         if _project_class(cause) or (isinstance(cause, PROJECT_ERRORS) and _raised_by_project(cause)):
             return _one_line(str(cause))
+        refused = sbatch_refusal(cause)
+        if refused is not None:
+            return refused
     if isinstance(err, MissingConfigException) and err.missing_cfg_file and err.options:
         group, _, choice = err.missing_cfg_file.rpartition("/")
         return f"{group}={choice}: unknown {group} option; choose one of: {', '.join(err.options)}"

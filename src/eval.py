@@ -5,7 +5,8 @@ python -m src.eval ckpt=outputs/oxford_pets_base/.../prompt.pt dataset=oxford_pe
 
 The backbone is the one the prompt was learned on. A unified context is rebuilt on the dataset's
 class names (other classes: domain generalisation, cross-dataset, new classes); a class-specific
-one only exists for the classes it was trained on.
+one only exists for the classes it was trained on. `ckpt=` is a training run's folder, its prompt.pt
+or its checkpoints/last.ckpt (an unfinished run); results go to eval/<dataset>/ in that run folder.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from src.cli import run
 from src.files import write_json
 from src.models.clip import FrozenCLIP
 from src.models.cocoop import cocoop_from_prompt
-from src.models.coop import CoOp, coop_from_prompt, load_prompt
+from src.models.coop import CoOp, coop_from_prompt, load_prompt, run_folder
+from src.quiet import silence_known_warnings
 from src.results import evaluation_fields
 
 log = logging.getLogger(__name__)
@@ -34,19 +36,14 @@ log = logging.getLogger(__name__)
 PROMPT_LOADERS = {"coop": coop_from_prompt, "cocoop": cocoop_from_prompt}
 
 
-def read_prompt(path: str | Path) -> dict[str, Any]:
-    if not Path(path).is_file():
-        raise ValueError(f"ckpt={path}: no such file; give the prompt.pt written by a training run")
-    return load_prompt(path)
-
-
 def prompt_field(path: str, field: str) -> Any:
     """A field of a prompt file, for the config (model=from_ckpt reads the backbone from it)."""
-    return read_prompt(path)[field]
+    return load_prompt(path)[field]
 
 
 OmegaConf.register_new_resolver("prompt_field", prompt_field, use_cache=True, replace=True)
-OmegaConf.register_new_resolver("dirname", lambda path: str(Path(path).parent), replace=True)
+# Outputs "beside the prompt" go to the run folder, whether ckpt= names it, its prompt.pt or its last.ckpt.
+OmegaConf.register_new_resolver("run_dir", lambda path: str(run_folder(path)), replace=True)
 
 
 def module_from_prompt(state: dict[str, Any], clip: FrozenCLIP, classnames: list[str]) -> CoOp:
@@ -54,15 +51,16 @@ def module_from_prompt(state: dict[str, Any], clip: FrozenCLIP, classnames: list
 
 
 def training_results(ckpt: str | Path) -> dict[str, Any]:
-    """The results.json of the run that wrote the prompt file, if it sits beside it."""
-    path = Path(ckpt).parent / "results.json"
+    """The results.json of the run that wrote the prompt, if it has one (a finished run)."""
+    path = run_folder(ckpt) / "results.json"
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Tests the prompt file `cfg.ckpt` on the test split of `cfg.dataset`; writes results.json."""
+    silence_known_warnings()
     out = Path(cfg.paths.output_dir)
-    state = read_prompt(cfg.ckpt)
+    state = load_prompt(cfg.ckpt)
     pl.seed_everything(cfg.seed, workers=True)
     clip = instantiate(cfg.model)
     datamodule = instantiate(cfg.data, dataset=instantiate(cfg.dataset.reader), image_size=clip.image_size)

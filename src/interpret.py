@@ -2,6 +2,9 @@
 
 python -m src.interpret ckpt=outputs/textile/coop/coop-tiny_unified_m16_end/shots16/seed1/prompt.pt topk=5
 
+`ckpt=` is a training run's folder, its prompt.pt or its checkpoints/last.ckpt; nearest_words.json
+goes to that run folder (or `out=`).
+
 Distances are Euclidean, in the token-embedding table of the backbone the prompt was learned on, as
 in the paper's interpretation of the learned prompts. Learned vectors need not lie near any word:
 the distances say how much the words can be trusted. Unified contexts give one list per position,

@@ -2,6 +2,9 @@
 
 python -m src.predict ckpt=outputs/textile/.../seed1/prompt.pt input=photos/ topk=3
 
+`ckpt=` is a training run's folder, its prompt.pt or its checkpoints/last.ckpt; predictions.csv goes
+to that run folder (or `out=`).
+
 Each image goes through the paper's test transform at the backbone's input size; the probabilities
 are the softmax of the method's logits over the prompt's classes. The `topk` most probable classes
 of every image are printed and written as CSV (path, class_1, prob_1, ..., class_k, prob_k). Images

@@ -56,24 +56,30 @@ class RunDirError(ValueError):
 
 
 def prepare_run_dir(cfg: DictConfig, out: Path) -> Path | None:
-    """Checks the run folder before any work and returns the checkpoint to continue from, if any.
+    """Checks the run folder, makes it this configuration's, and returns the checkpoint to continue
+    from, if any.
 
     Raises RunDirError when `out` is not writable or holds a run of another configuration.
     """
+    check_run_dir(cfg, out)
+    stored_file = out / FINGERPRINT
+    if not stored_file.exists():
+        write_json(stored_file, {"config": fingerprint(cfg)})
+    last = out / "checkpoints" / "last.ckpt"
+    return last if last.exists() else None
+
+
+def check_run_dir(cfg: DictConfig, out: Path) -> None:
+    """Raises RunDirError when `out` is not writable or holds a run of another configuration."""
     _check_writable(out)
-    current = fingerprint(cfg)
     stored_file = out / FINGERPRINT
     if stored_file.exists():
-        changed = differences(json.loads(stored_file.read_text())["config"], current)
+        changed = differences(json.loads(stored_file.read_text())["config"], fingerprint(cfg))
         if changed:
             raise RunDirError(
                 f"{out} holds a run with another configuration ({changed}): delete that folder to "
                 "start again, or give this run its own folder with hydra.run.dir=<folder>"
             )
-    else:
-        write_json(stored_file, {"config": current})
-    last = out / "checkpoints" / "last.ckpt"
-    return last if last.exists() else None
 
 
 def fingerprint(cfg: DictConfig) -> dict[str, Any]:

@@ -24,8 +24,11 @@ from pytorch_lightning.loggers import WandbLogger
 from src.cli import run
 from src.data.subsample import subsample_suffix
 from src.files import atomic_write, save_torch, write_json
+from src.models.clip import FrozenCLIP
+from src.precheck import check_training_run
+from src.quiet import silence_known_warnings
 from src.results import evaluation_fields
-from src.resume import AtomicCheckpointIO, prepare_run_dir
+from src.resume import AtomicCheckpointIO, check_run_dir, prepare_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -44,16 +47,19 @@ OmegaConf.register_new_resolver("isatty", lambda: sys.stdout.isatty(), replace=T
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Fits the method on the k-shot train set, tests the last model, writes the run's files."""
+    silence_known_warnings()
     out = Path(cfg.paths.output_dir)
-    last = prepare_run_dir(cfg, out)  # writable, and no run of another config in it
     done = out / "results.json"
     if cfg.get("skip_done", False) and done.exists():
         # A re-launched sweep runs only what is missing (results.json is written last, atomically).
+        check_run_dir(cfg, out)  # the results of this configuration
         log.info("%s exists: skipping this run (skip_done=false runs it again)", done)
         return json.loads(done.read_text())
+    datamodule = check_training_run(cfg, out)  # every mistake at once, before the slow weights
+    last = prepare_run_dir(cfg, out)  # the folder remembers this configuration
     pl.seed_everything(cfg.seed, workers=True)
     clip = instantiate(cfg.model)
-    datamodule = instantiate(cfg.data, dataset=instantiate(cfg.dataset.reader), image_size=clip.image_size)
+    datamodule.image_size = clip.image_size
     module = instantiate(cfg.method.module, clip=clip, classnames=datamodule.classnames)
     trainer: pl.Trainer = instantiate(
         cfg.trainer,
@@ -61,6 +67,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         logger=[instantiate(c) for c in cfg.get("logger", {}).values()],
     )
     trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+    log.info("%s with %s on %s", cfg.method.name, describe_backbone(clip), describe_devices(trainer))
     if trainer.is_global_zero:
         text = OmegaConf.to_yaml(cfg, resolve=True)
         atomic_write(out / "config.yaml", lambda f: f.write(text.encode()))
@@ -109,6 +116,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             # The next run of a sweep in this process gets its own W&B run, not this one.
             logger.experiment.finish()
     return results
+
+
+def describe_backbone(clip: FrozenCLIP) -> str:
+    return f"{clip.name} ({clip.pretrained or 'random weights'})"
+
+
+def describe_devices(trainer: pl.Trainer) -> str:
+    """'cpu, precision 32-true', '4 cuda devices, precision bf16-mixed' (Lightning's own lines are
+    in the run's log file)."""
+    count = trainer.num_devices * trainer.num_nodes
+    kind = trainer.strategy.root_device.type
+    return f"{kind if count == 1 else f'{count} {kind} devices'}, precision {trainer.precision}"
 
 
 # Config groups whose options are numbers (conf/shots/8.yaml). Hydra parses `shots=8` as an integer

@@ -3,11 +3,13 @@ the option and the fix; bugs keep their traceback."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
 
+import open_clip
 import pytest
 import torch
 
@@ -80,6 +82,44 @@ def test_a_dataset_without_test_images(train_error, tiny_overrides, tmp_path):
     message = train_error([*args, f"hydra.run.dir={tmp_path / 'run'}"])
     assert message.endswith("oxford_pets: no test images; check the split's test list and its images")
     assert not (tmp_path / "run" / "checkpoints").exists()  # stopped before any training
+
+
+def test_every_cheap_mistake_is_reported_at_once_before_any_weights_load(cli, capsys, monkeypatch, tmp_path):
+    """A first command without network, data or a fitting run folder: all its mistakes in one go,
+    in seconds (the hub is not tried: HF_HUB_OFFLINE), and the folder is not claimed."""
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights loaded before the cheap checks passed")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(open_clip, "create_model", no_weights)
+    run, fresh = tmp_path / "run", tmp_path / "fresh"
+    run.mkdir()
+    (run / "fingerprint.json").write_text(json.dumps({"config": {"seed": 7}}))
+    args = [
+        "dataset=oxford_pets",
+        "ctx=class_specific",
+        "ctx.n_ctx=0",
+        f"paths.data_dir={tmp_path / 'data'}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        f"model.cache_dir={tmp_path / 'weights'}",
+    ]
+    with pytest.raises(SystemExit) as exit_info:
+        cli(main, quote_numeric_choices([*args, "shots=8", f"hydra.run.dir={run}"]))
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 4, errors
+    assert errors[0].startswith(f"error: {run} holds a run with another configuration (")
+    assert errors[1] == "error: ctx.n_ctx=0: the context needs at least 1 vector"
+    assert errors[2].startswith("error: model.pretrained=openai: the RN50-quickgelu weights are not in ")
+    assert "(HF_HUB_OFFLINE=1); give a local file with model.pretrained=<file>" in errors[2]
+    assert errors[3].startswith(f"error: dataset folder {tmp_path / 'data' / 'oxford_pets'} not found")
+    assert json.loads((run / "fingerprint.json").read_text()) == {"config": {"seed": 7}}
+
+    with pytest.raises(SystemExit):  # one mistake left: reported as it is; the new folder stays unclaimed
+        cli(main, [*args[:1], *args[3:], "model=tiny", f"hydra.run.dir={fresh}"])
+    (error,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert error.startswith("error: dataset folder ") and not (fresh / "fingerprint.json").exists()
 
 
 def test_a_dataset_without_training_images(tmp_path):

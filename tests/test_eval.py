@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 
 from src.eval import evaluate
 from src.files import save_torch
-from src.models.coop import CoOp
+from src.models.coop import CoOp, load_prompt
 from src.protocols import compose_config
 from src.train import train
 from tests.conftest import CONF_DIR, make_cfg
@@ -40,6 +40,17 @@ def test_evaluating_a_run_prompt_repeats_its_test_and_transfers(tiny_overrides, 
     assert same["trained_on"] == "oxford_pets" and same["ckpt"] == str(ckpt) and same["seed"] == 1
     assert json.loads((tmp_path / "same" / "results.json").read_text()) == same
 
+    # the run's folder and its last.ckpt hold the same prompt (an unfinished run has only last.ckpt)
+    last = run / "checkpoints" / "last.ckpt"
+    final = load_prompt(ckpt)
+    for given in (run, last):
+        state = load_prompt(given)
+        assert torch.equal(state.pop("ctx"), final["ctx"])
+        assert state == {k: v for k, v in final.items() if k != "ctx"}
+    args = [f"ckpt={last}", "dataset=oxford_pets", *eval_overrides]
+    from_last = evaluate(compose_config("eval", args, tmp_path / "last"))
+    assert from_last["test_acc"] == trained["test_acc"] and from_last["trained_on"] == "oxford_pets"
+
     # a unified context is rebuilt on another class list: here the last 2 of the 4 classes
     new_cfg = compose_config(
         "eval",
@@ -67,3 +78,10 @@ def test_eval_command_writes_beside_the_prompt(tiny_clip, tmp_path):
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("eval", overrides=overrides, return_hydra_config=True)
     assert cfg.hydra.run.dir == str(tmp_path / "eval" / "oxford_pets_new")
+    (tmp_path / "checkpoints").mkdir()
+    save_torch(tmp_path / "checkpoints" / "last.ckpt", {})  # only its path matters here
+    for ckpt in (tmp_path, tmp_path / "checkpoints" / "last.ckpt"):  # a run's folder or its last.ckpt
+        overrides[0] = f"ckpt={ckpt}"
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose("eval", overrides=overrides, return_hydra_config=True)
+        assert cfg.hydra.run.dir == str(tmp_path / "eval" / "oxford_pets_new")

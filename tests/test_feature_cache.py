@@ -146,3 +146,20 @@ def test_train_views_are_seeded_and_read_back_from_the_cache(tiny_overrides, tmp
     encoded.clear()
     second = run(overrides, tmp_path, "b", "trainer.max_epochs=1")
     assert encoded == [] and second["test_acc"] == first["test_acc"] and second["train_views"] == 3
+
+
+def test_the_default_cache_is_per_user_wherever_a_run_starts(monkeypatch, tmp_path):
+    """Two sweeps launched from two folders share one cache; $COOP_CACHE still chooses another."""
+    monkeypatch.delenv("COOP_CACHE", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        monkeypatch.chdir(tmp_path / folder)
+        cfg = make_cfg(["dataset=oxford_pets"], tmp_path / "run")
+        assert cfg.paths.cache_dir == cfg.data.cache_dir == str(tmp_path / "home" / ".cache" / "coop")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    cfg = make_cfg(["dataset=oxford_pets"], tmp_path / "run")
+    assert cfg.paths.cache_dir == str(tmp_path / "xdg" / "coop")
+    monkeypatch.setenv("COOP_CACHE", str(tmp_path / "shared"))
+    assert make_cfg(["dataset=oxford_pets"], tmp_path / "run").data.cache_dir == str(tmp_path / "shared")

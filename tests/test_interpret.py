@@ -80,3 +80,13 @@ def test_command_prints_the_table_and_writes_json(cli, capsys, tiny_clip, tmp_pa
     assert written["contexts"][0]["vectors"][0]["nearest"][0]["distance"] == 0.0
     shown = capsys.readouterr().out
     assert "photo (0.000)" in shown and ("dog" in shown) == class_specific
+
+
+def test_a_last_checkpoint_writes_into_its_run_folder(cli, tiny_clip, tmp_path):
+    module = CoOp(tiny_clip, ["cat", "dog"], n_ctx=2)
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)  # what Lightning's last.ckpt holds
+    last = save_torch(tmp_path / "run" / "checkpoints" / "last.ckpt", checkpoint)
+    cli(main, [f"ckpt={last}", "topk=2", "seed=0"])
+    written = json.loads((tmp_path / "run" / "nearest_words.json").read_text())
+    assert written == {**interpret(module.prompt_state(), tiny_clip, topk=2), "ckpt": str(last)}

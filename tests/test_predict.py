@@ -100,3 +100,17 @@ def test_bad_input_is_one_line(cli, capsys, module, tmp_path):
         (error,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
         assert expected in error
     assert not (tmp_path / "p.csv").exists()
+
+
+def test_a_run_folder_with_only_its_last_checkpoint(cli, module, photos, tmp_path):
+    """An unfinished run (checkpoints/last.ckpt, no prompt.pt yet) predicts like its prompt file, and
+    predictions.csv goes into the run folder, not the current one."""
+    run = tmp_path / "run"
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)  # what Lightning's last.ckpt holds
+    save_torch(run / "checkpoints" / "last.ckpt", checkpoint)
+    cli(main, [f"ckpt={run}", f"input={photos}", "topk=2", "seed=0"])
+    from_run = pd.read_csv(run / "predictions.csv")
+    save_torch(tmp_path / "prompt.pt", module.prompt_state())
+    cli(main, [f"ckpt={tmp_path / 'prompt.pt'}", f"input={photos}", "topk=2", "seed=0"])
+    pd.testing.assert_frame_equal(from_run, pd.read_csv(tmp_path / "predictions.csv"))

@@ -1,6 +1,7 @@
 """SLURM through `hydra/launcher=slurm`, on a real cluster: a sweep of two runs, one of which is
-requeued while it trains and resumes from its checkpoint. Needs a running cluster (`sudo make
-slurm-up` starts a one-node one on this machine); without one these tests are skipped, saying so."""
+requeued while it trains and resumes from its checkpoint, and a job the cluster refuses, reported
+in one line. Needs a running cluster (`sudo make slurm-up` starts a one-node one on this machine);
+without one these tests are skipped, saying so. What sbatch's refusals mean is tested without one."""
 
 from __future__ import annotations
 
@@ -14,6 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from submitit.core.utils import FailedJobError
+
+from src.cli import user_error
+from src.train import main, quote_numeric_choices
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -119,3 +124,65 @@ def test_sweep_on_slurm_with_a_requeued_run_that_resumes(slurm, data_dir, tmp_pa
     log_a = (run_a / "train.log").read_text()
     assert f"resuming from {run_a / 'checkpoints' / 'last.ckpt'}" in log_a
     assert "resuming from" not in (sweep / "run_b" / "train.log").read_text()
+
+
+def test_a_job_the_cluster_refuses_is_one_line_naming_the_option(slurm, cli, capsys, tmp_path):
+    """The local cluster has no GPUs: sbatch refuses --gpus-per-node=1 before anything runs."""
+    args = ["-m", "experiment=quickstart", f"hydra.sweep.dir={tmp_path}", "hydra/launcher=slurm"]
+    with pytest.raises(SystemExit) as exit_info:
+        cli(main, quote_numeric_choices([*args, "hydra.launcher.gpus_per_node=1"]))
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert errors == [
+        "error: sbatch refused the job (--gpus-per-node=1): Invalid generic resource (gres) specification; "
+        "change hydra.launcher.gpus_per_node (null on a cluster without GPUs)"
+    ]
+
+
+def refused(stderr: str, script: Path) -> FailedJobError:
+    """What submitit raises when sbatch refuses `script`."""
+    try:
+        sbatch = subprocess.CalledProcessError(1, ["sbatch", str(script)], output="", stderr=stderr)
+        raise FailedJobError(stderr) from sbatch
+    except FailedJobError as err:
+        return err
+
+
+@pytest.mark.parametrize(
+    ("stderr", "expected"),
+    [
+        (
+            "sbatch: error: invalid partition specified: gpu\n"
+            "sbatch: error: Batch job submission failed: Invalid partition name specified",
+            "sbatch refused the job (--partition=gpu): invalid partition specified: gpu; Batch job "
+            "submission failed: Invalid partition name specified; change hydra.launcher.partition (",
+        ),
+        (
+            "sbatch: error: Memory specification can not be satisfied",
+            "sbatch refused the job (--mem=32GB): Memory specification can not be satisfied; "
+            "change hydra.launcher.mem_gb (",
+        ),
+        (
+            "sbatch: error: Batch job submission failed: Requested time limit is invalid",
+            "sbatch refused the job (--time=720): Batch job submission failed: Requested time limit is "
+            "invalid; change hydra.launcher.timeout_min (",
+        ),
+        (
+            "sbatch: error: Batch job submission failed: Requested node configuration is not available",
+            "sbatch refused the job: Batch job submission failed: Requested node configuration is not "
+            "available; change hydra.launcher.gpus_per_node, cpus_per_task or mem_gb (",
+        ),
+        (
+            "sbatch: error: Batch job submission failed: something new",
+            "sbatch refused the job: Batch job submission failed: something new; change the "
+            "hydra.launcher.* option that asks for it (conf/hydra/launcher/slurm.yaml;",
+        ),
+    ],
+    ids=["partition", "memory", "time", "node", "unknown"],
+)
+def test_what_sbatch_refused_and_the_option_that_changes_it(stderr, expected, tmp_path):
+    script = tmp_path / "submission_file.sh"  # as submitit writes it
+    script.write_text("#!/bin/bash\n#SBATCH --mem=32GB\n#SBATCH --partition=gpu\n#SBATCH --time=720\n")
+    message = user_error(refused(stderr, script))
+    assert message.startswith(expected) and "\n" not in message
+    assert user_error(FailedJobError("a job that failed while running")) is None  # a bug: its traceback

@@ -11,16 +11,13 @@ import torch
 from torch import nn
 
 from src.models.text_encoder import TextEncoder
+from src.models.weights import WeightsUnavailableError, check_weights
 
 log = logging.getLogger(__name__)
 
 # Architectures shipped with the project (e.g. `coop-tiny`) are open_clip JSON configs; a user adds
 # one by dropping a JSON file here, no code needed.
 CONFIG_DIR = Path(str(files("src.models") / "configs"))
-
-
-class WeightsUnavailableError(RuntimeError):
-    """The pretrained CLIP weights could not be fetched or read."""
 
 
 def register_project_configs() -> None:
@@ -30,6 +27,15 @@ def register_project_configs() -> None:
 
 def _project_models() -> list[str]:
     return [p.stem for p in CONFIG_DIR.glob("*.json")]
+
+
+def check_architecture(name: str) -> None:
+    register_project_configs()
+    if name not in open_clip.list_models():
+        raise ValueError(
+            f"model.name={name!r} is not an open_clip architecture; pick one of "
+            f"open_clip.list_models() (e.g. RN50-quickgelu, ViT-B-32) or {_project_models()}"
+        )
 
 
 class FrozenCLIP(nn.Module):
@@ -48,14 +54,10 @@ class FrozenCLIP(nn.Module):
         cache_dir: str | None = None,
     ) -> None:
         super().__init__()
-        register_project_configs()
-        if name not in open_clip.list_models():
-            raise ValueError(
-                f"model.name={name!r} is not an open_clip architecture; pick one of "
-                f"open_clip.list_models() (e.g. RN50-quickgelu, ViT-B-32) or {_project_models()}"
-            )
+        check_architecture(name)
         self.name = name
         self.pretrained = pretrained or None
+        check_weights(name, self.pretrained, cache_dir)  # in seconds, where a download would wait
         try:
             self.model = open_clip.create_model(
                 name, pretrained=self.pretrained, cache_dir=cache_dir, device="cpu"

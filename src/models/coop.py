@@ -17,6 +17,9 @@ from src.models.clip import FrozenCLIP
 from src.models.prompt_learner import InitCount, Position, PromptLearner
 
 PROMPT_FORMAT = 1
+PROMPT_FILE = "prompt.pt"  # a finished run's prompt
+LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"  # Lightning's, holding the prompt as well
+CHECKPOINT_PROMPT = "prompt"  # the key of the prompt in a Lightning checkpoint
 
 
 class CoOp(AccuracyTest, pl.LightningModule):
@@ -127,6 +130,9 @@ class CoOp(AccuracyTest, pl.LightningModule):
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith("clip.")]:
             del state[key]
+        # What prompt.pt holds, so that src.eval, src.predict and src.interpret take an unfinished
+        # run's last.ckpt too. Its context is the state dict's tensor: torch.save writes it once.
+        checkpoint[CHECKPOINT_PROMPT] = {**self.prompt_state(), "ctx": state["prompt_learner.ctx"]}
 
     # -- the learned prompt, as a small portable file ---------------------------------------
     def prompt_state(self) -> dict[str, Any]:
@@ -147,19 +153,54 @@ class CoOp(AccuracyTest, pl.LightningModule):
 
 
 def load_prompt(path: str | Path) -> dict[str, Any]:
-    """A prompt file written by a run (prompt.pt), read without unpickling code."""
-    fix = "give the prompt.pt that a training run wrote"
+    """The prompt of a run (its folder, prompt.pt or checkpoints/last.ckpt), read without unpickling
+    code."""
+    fix = "give a training run's folder, its prompt.pt or its checkpoints/last.ckpt"
+    file = prompt_file(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(file, map_location="cpu", weights_only=True)
     except OSError:
         raise
     except Exception as err:  # torch raises many kinds for a file that is not plain tensors and data
         raise ValueError(
-            f"{path} is not a prompt file of this project ({type(err).__name__}): {fix}"
+            f"{file} is not a prompt file of this project ({type(err).__name__}): {fix}"
         ) from err
+    if isinstance(state, dict) and "state_dict" in state:  # a Lightning checkpoint
+        if CHECKPOINT_PROMPT not in state:
+            raise ValueError(
+                f"{file} is a checkpoint without a prompt (of a method without one, or of an older "
+                f"version of this project): {fix}"
+            )
+        state = state[CHECKPOINT_PROMPT]
     if not isinstance(state, dict) or state.get("format") != PROMPT_FORMAT:
-        raise ValueError(f"{path} is not a prompt file of this project (format {PROMPT_FORMAT}): {fix}")
+        raise ValueError(f"{file} is not a prompt file of this project (format {PROMPT_FORMAT}): {fix}")
     return state
+
+
+def prompt_file(path: str | Path) -> Path:
+    """The file a prompt is read from: `path` itself, or in a run folder its prompt.pt (written at
+    the end) or else its checkpoints/last.ckpt (the latest epoch of an unfinished run)."""
+    path = Path(path)
+    fix = f"give a training run's folder, its {PROMPT_FILE} or its {LAST_CHECKPOINT}"
+    if path.is_dir():
+        for file in (path / PROMPT_FILE, path / LAST_CHECKPOINT):
+            if file.is_file():
+                return file
+        raise ValueError(f"ckpt={path}: this folder has no {PROMPT_FILE} or {LAST_CHECKPOINT}; {fix}")
+    if not path.is_file():
+        raise ValueError(f"ckpt={path}: no such file or folder; {fix}")
+    return path
+
+
+def run_folder(path: str | Path) -> Path:
+    """The run folder of a prompt given as its folder, prompt.pt or checkpoints/last.ckpt: what is
+    written "beside the prompt" goes there."""
+    path = Path(path)
+    if path.is_dir():
+        return path
+    if path.parent.name == LAST_CHECKPOINT.parent.name and path.suffix == LAST_CHECKPOINT.suffix:
+        return path.parent.parent
+    return path.parent
 
 
 def coop_from_prompt(

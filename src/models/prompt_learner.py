@@ -16,6 +16,14 @@ Position = Literal["end", "middle", "front"]
 InitCount = Literal["words", "tokens"]
 
 
+def check_context(n_ctx: int, ctx_init: str | None, class_token_position: str) -> None:
+    """The context options' mistakes (src.train checks them before loading CLIP's weights)."""
+    if class_token_position not in ("end", "middle", "front"):
+        raise ValueError(f"ctx.class_token_position={class_token_position!r}: use end, middle or front")
+    if not ctx_init and n_ctx < 1:
+        raise ValueError(f"ctx.n_ctx={n_ctx}: the context needs at least 1 vector")
+
+
 class PromptLearner(nn.Module):
     """Context vectors (unified or class-specific) placed around each class name.
 
@@ -42,8 +50,7 @@ class PromptLearner(nn.Module):
         ctx_init_count: InitCount = "words",
     ) -> None:
         super().__init__()
-        if class_token_position not in ("end", "middle", "front"):
-            raise ValueError(f"ctx.class_token_position={class_token_position!r}: use end, middle or front")
+        check_context(n_ctx, ctx_init, class_token_position)
         if ctx_init_count not in ("words", "tokens"):
             raise ValueError(f"ctx.init_count={ctx_init_count!r}: use words (the reference) or tokens")
         names = [name.replace("_", " ") for name in classnames]
@@ -59,8 +66,6 @@ class PromptLearner(nn.Module):
                     ctx = ctx.expand(n_cls, -1, -1).clone()
                 prompt_prefix = words
             else:
-                if n_ctx < 1:
-                    raise ValueError(f"ctx.n_ctx={n_ctx}: the context needs at least 1 vector")
                 shape = (n_cls, n_ctx, width) if class_specific else (n_ctx, width)
                 ctx = torch.empty(shape).normal_(std=0.02)
                 prompt_prefix = " ".join(["X"] * n_ctx)

@@ -1,0 +1,44 @@
+"""Quiet logs: a run prints the project's lines; what libraries say about their internals goes to
+the run's log file, and the warnings this project causes on purpose are silenced where raised.
+
+The console filter is set up by Hydra (conf/hydra/job_logging/quiet.yaml); the warnings filters by
+the commands that run a Lightning Trainer (`silence_known_warnings`), in every process of a sweep.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+# The loggers of this project: its modules, the module run with `python -m`, the sweeper plugin.
+PROJECT_LOGGERS = ("src.", "hydra_plugins.")
+PROJECT_MAIN = "__main__"
+
+# (message pattern, why it says nothing to a user of this project). pyproject.toml filters the same
+# for tests that run a Trainer without these commands.
+KNOWN_WARNINGS = (
+    # CLIP is frozen on purpose: its modules stay in eval mode while the prompt trains.
+    r"Found .* module\(s\) in eval mode",
+    # raised inside Lightning about its own use of torch's pytree API
+    r".*isinstance\(treespec, LeafSpec\)",
+    # on a machine with SLURM, runs outside a job are on purpose; hydra/launcher=slurm uses srun
+    r"The `srun` command is available on your system but is not used",
+)
+
+
+class ProjectRecords(logging.Filter):
+    """Passes the project's records and libraries' errors; libraries' info and warnings (open_clip's
+    model-identifier parsing, Lightning's device lines and tips) stay in the log file, as the
+    project logs what a user needs (device, precision, data, results) itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return (
+            record.levelno >= logging.ERROR
+            or record.name == PROJECT_MAIN
+            or record.name.startswith(PROJECT_LOGGERS)
+        )
+
+
+def silence_known_warnings() -> None:
+    for message in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
