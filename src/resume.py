@@ -47,6 +47,8 @@ NOT_FINGERPRINTED = (
     "data.cache_features",  # the cached features are the ones a run computes
     "model.cache_dir",
     "model.text_chunk",  # memory only: chunks are recomputed exactly
+    "model.text_path",  # every path computes the same features (tests/test_exactness.py)
+    "model.text_fast",
     "skip_done",
 )
 
