@@ -100,9 +100,12 @@ class TextEncoder(nn.Module):
     def context_length(self) -> int:
         return self.tower.positional_embedding.shape[0]
 
-    def prompt_length(self, eos: torch.Tensor) -> int:
-        """How many leading positions of the prompts this encoder needs."""
-        return int(eos.max()) + 1 if self.fast else self.context_length
+    def prompt_length(self, eos: torch.Tensor | int) -> int:
+        """How many leading positions of the prompts this encoder needs, given their EOS positions
+        or the largest of them (an int, known on the host: no device sync)."""
+        if not self.fast:
+            return self.context_length
+        return (int(eos.max()) if isinstance(eos, torch.Tensor) else eos) + 1
 
     def forward(self, prompts: torch.Tensor, eos: torch.Tensor, shared_len: int = 1) -> torch.Tensor:
         """prompts: [n, L, width] embeddings; eos: [n] EOS positions; shared_len: how many leading
@@ -141,9 +144,10 @@ class TextEncoder(nn.Module):
         pos: torch.Tensor,
         prefix_kv: list | None,
     ) -> torch.Tensor:
-        """All classes in one pass (or in chunks of `chunk` classes), cut at the longest EOS."""
-        length = int(eos.max()) + 1
-        x = prompts[:, shared_len:length].to(self._dtype) + pos[shared_len:length]
+        """All classes in one pass (or in chunks of `chunk` classes) over the positions given, which
+        `prompt_length` cuts at the longest EOS (reading that here would sync with the device)."""
+        length = prompts.shape[1]
+        x = prompts[:, shared_len:].to(self._dtype) + pos[shared_len:length]
         last = eos - shared_len  # where each prompt's EOS sits among the positions run here
         step = self.chunk or len(x)
         feats = []
