@@ -16,6 +16,13 @@ from src.data.datasets.base import DatasetError, DatasetReader
 from src.data.feature_cache import FeatureCache, RandomView, SeededViews, extract_features, feature_key
 from src.data.fewshot import few_shot, load_fewshot, save_fewshot
 from src.data.image_check import ImageCheck
+from src.data.in_memory import (
+    CropBatch,
+    InMemoryTrainImages,
+    collate_crops,
+    finish_augmentation,
+    fits_in_memory,
+)
 from src.data.samples import Sample, Splits
 from src.data.subsample import Subsample, subsample_classes
 from src.data.transforms import describe, eval_transform, train_transform
@@ -73,6 +80,9 @@ class FewShotDataModule(pl.LightningDataModule):
         skip_bad_images: bool = False,
         fewshot_file: str | Path | None = None,
         save_fewshot_to: str | Path | None = None,
+        train_in_memory: bool = True,
+        train_augment: str = "auto",
+        in_memory_max_gb: float = 16.0,
     ) -> None:
         super().__init__()
         if shots < 1:
@@ -94,6 +104,11 @@ class FewShotDataModule(pl.LightningDataModule):
         self.skip_bad_images = skip_bad_images
         self.fewshot_file = fewshot_file
         self.save_fewshot_to = save_fewshot_to
+        if train_augment not in ("auto", "pil", "device"):
+            raise ValueError(f"data.train_augment={train_augment!r}: use auto, pil or device")
+        self.train_in_memory = train_in_memory
+        self.train_augment = train_augment
+        self.in_memory_max_gb = in_memory_max_gb
         self.train_items: list[Sample] | None = None
         self.val_items: list[Sample] = []
         self.test_items: list[Sample] = []
@@ -183,6 +198,10 @@ class FewShotDataModule(pl.LightningDataModule):
         if self.train_views:
             features, labels = self.image_features("train", views=self.train_views)
             data = RandomView(features.view(self.train_views, len(items), -1), labels[: len(items)])
+        elif self.train_in_memory and fits_in_memory(items, len(self.classnames), self.in_memory_max_gb):
+            on_cpu = self.trainer.strategy.root_device.type == "cpu"
+            augment = {"auto": "pil" if on_cpu else "device"}.get(self.train_augment, self.train_augment)
+            data = InMemoryTrainImages(items, self.image_size, augment)
         else:
             data = ImageList(items, train_transform(self.image_size))
         return self._loader(
@@ -192,6 +211,11 @@ class FewShotDataModule(pl.LightningDataModule):
             # the reference drops the last partial batch only when there is a full one
             drop_last=len(items) >= self.batch_size,
         )
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if isinstance(batch, CropBatch):  # the in-memory train images' augmentation ends here
+            return finish_augmentation(batch, self.image_size)
+        return batch
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val", self.val_items)
@@ -254,7 +278,9 @@ class FewShotDataModule(pl.LightningDataModule):
         drop_last: bool = False,
         sampler: Sampler | None = None,
     ) -> DataLoader:
-        features = isinstance(data, (TensorDataset, RandomView))  # in memory: no worker processes
+        # in memory: no worker processes
+        features = isinstance(data, (TensorDataset, RandomView, InMemoryTrainImages))
+        crops = isinstance(data, InMemoryTrainImages) and data.augment == "device"
         return DataLoader(
             data,
             batch_size=batch_size,
@@ -264,6 +290,7 @@ class FewShotDataModule(pl.LightningDataModule):
             num_workers=0 if features else self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers and not features,
+            collate_fn=collate_crops if crops else None,
         )
 
 
