@@ -13,8 +13,8 @@ Measures, in one process and on the same inputs:
     class-specific, for every text path (reference, grouped, batched); "default" is the path
     model.text_path=auto takes on this device;
   - data loading: JPEG decoding and train augmentation per image;
-  - with `--e2e`: whole `src.train` runs (the quick start, and a 1000-class run on generated
-    images), their training wall time against steps x the step time measured here
+  - with `--e2e`: whole `src.train` runs (the quick start, and a 1000-class 2-shot run on
+    generated images), their training wall time against steps x the step time measured here
     (`e2e_overhead_*`);
   - with `--grid`: the paper's few-shot grid in GPU hours, from step times measured at several
     class counts and each dataset's real sizes, reference mode against default.
@@ -373,7 +373,7 @@ class Bench:
                 "dataset=folder",
                 f"dataset.root={root}",
                 "dataset.name=generated",
-                "shots=1",
+                "shots=2",
                 f"trainer.max_epochs={args.e2e_large_epochs}",
                 *common,
             ]
@@ -493,7 +493,8 @@ def grid_hours(
 
 
 def generated_folder_dataset(root: Path, classes: int) -> Path:
-    """train/, val/ and test/ folders with one small JPEG per class, the classes named as ImageNet's."""
+    """train/ (2 small JPEGs per class), val/ and test/ (1 each) folders, the classes named as
+    ImageNet's."""
     import numpy as np
     from PIL import Image
 
@@ -502,12 +503,13 @@ def generated_folder_dataset(root: Path, classes: int) -> Path:
         name = name.replace("/", " ")
         names.append(name if name not in names else f"{name} {len(names)}")
     rng = np.random.default_rng(0)
-    for split in ("train", "val", "test"):
+    for split, per_class in (("train", 2), ("val", 1), ("test", 1)):
         for name in names:
             folder = root / split / name
             folder.mkdir(parents=True, exist_ok=True)
-            pixels = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(folder / "0.jpg", quality=90)
+            for index in range(per_class):
+                pixels = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{index}.jpg", quality=90)
     return root
 
 

@@ -8,10 +8,10 @@
 #   bash experiments/benchmarks/gpu_check.sh [OUT_DIR]      # default outputs/bench_gpu
 #
 # On a machine without the project's packages (a bare image with torch, torchvision, Lightning,
-# torchmetrics, timm, safetensors, rich and scikit-learn), put these wheels in .whl/ first; they
-# are installed to /tmp/site (nothing else is touched):
+# torchmetrics, timm, safetensors, rich and scikit-learn), put these wheels (43 MB, all pure
+# Python) in .whl/ first; they are installed to /tmp/site (nothing else is touched):
 #   python3 -m pip download --no-deps --only-binary=:all: -d .whl open_clip_torch==3.3.0 \
-#       ftfy==6.3.1 wcwidth==0.2.13 hydra-core==1.3.2 omegaconf==2.3.0 conformal-clip-data==0.1.4
+#       ftfy==6.3.1 wcwidth==0.9.4 hydra-core==1.3.8 omegaconf==2.3.1 conformal-clip-data==0.1.4
 #   python3 -m pip wheel --no-deps -w .whl antlr4-python3-runtime==4.9.3   # sdist only: built here
 set -euo pipefail
 cd "$(dirname "$0")/../.."
