@@ -381,6 +381,7 @@ class Bench:
 
     def _e2e_run(self, tag: str, overrides: list[str], out: Path) -> None:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+        env.pop("MALLOC_MMAP_THRESHOLD_", None)  # the runs allocate as a user's would
         command = [
             sys.executable,
             "-m",
