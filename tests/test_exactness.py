@@ -17,12 +17,13 @@ from src.models.text_encoder import TextEncoder
 # names of 1 to 5 tokens, so that prompts of several lengths are grouped
 CLASSNAMES = ["tench", "goldfish", "great white shark", "tiger_shark", "hammerhead", "electric ray", "Komodo"]
 # the CPU path (EOS cut, length groups, shared prefix), the GPU path (one pass cut at the longest
-# EOS, shared prefix through scaled_dot_product_attention), each also in chunks of 2 classes
+# EOS; for these few classes without, and then forced with, the shared prefix run apart and
+# attended through scaled_dot_product_attention), each also in chunks of 2 classes
 FAST_PATHS = [
     {"path": "grouped"},
     {"path": "grouped", "chunk": 2},
     {"path": "batched"},
-    {"path": "batched", "chunk": 2},
+    {"path": "batched", "chunk": 2, "prefix_min_tokens": 0},
 ]
 
 
@@ -105,3 +106,17 @@ def test_towers_without_causal_mask_fall_back_to_the_plain_computation():
     encoder = TextEncoder(model, path="batched")
     assert encoder.path == "reference" and not encoder.fast and not encoder.prefix_sharing
     assert encoder.prompt_length(torch.tensor([20])) == 77
+
+
+def test_batched_path_runs_the_prefix_apart_only_where_it_saves_enough_positions(tiny_clip, monkeypatch):
+    calls = []
+    original = TextEncoder._prefix_keys_values
+    monkeypatch.setattr(
+        TextEncoder, "_prefix_keys_values", lambda self, x: calls.append(tuple(x.shape)) or original(self, x)
+    )
+    width = tiny_clip.token_embedding.weight.shape[1]
+    prompts, eos = torch.randn(3, 12, width), torch.tensor([9, 10, 11])
+    TextEncoder(tiny_clip.model, path="batched")(prompts, eos, shared_len=5)  # saves 3 x 4 positions
+    assert calls == []
+    TextEncoder(tiny_clip.model, path="batched", prefix_min_tokens=12)(prompts, eos, shared_len=5)
+    assert calls == [(1, 5, width)]

@@ -12,9 +12,10 @@ are the same for every class when the context is shared. Three paths compute the
   one matmul over all classes (no copy of the prefix per class);
 - "batched" (fastest on a GPU, where the cost is kernel launches and small matrices): one pass over
   all classes cut at the longest EOS (positions after a prompt's own EOS cannot change its
-  feature), the shared prefix run once and its keys and values placed before every class's own in
-  `scaled_dot_product_attention` with a lower-right causal mask, which the flash and
-  memory-efficient kernels take without a materialised mask;
+  feature), attention through `scaled_dot_product_attention` (flash / memory-efficient kernels);
+  where that saves enough positions (many classes sharing a context), the shared prefix runs once
+  and its keys and values are placed before every class's own, with a lower-right causal mask,
+  which those kernels take without a materialised mask;
 - "auto" (default): "grouped" on CPU, "batched" on any other device, chosen at the first forward
   from the device the prompts are on, and logged.
 
@@ -46,7 +47,13 @@ TEXT_PATHS = ("auto", "grouped", "batched", "reference")
 class TextEncoder(nn.Module):
     """Encodes prompt embeddings [n_cls, length, width] into text features [n_cls, embed_dim]."""
 
-    def __init__(self, clip_model: nn.Module, path: TextPath = "auto", chunk: int | None = None) -> None:
+    def __init__(
+        self,
+        clip_model: nn.Module,
+        path: TextPath = "auto",
+        chunk: int | None = None,
+        prefix_min_tokens: int = 4096,
+    ) -> None:
         super().__init__()
         if path not in TEXT_PATHS:
             raise ValueError(f"model.text_path={path!r}: use one of {', '.join(TEXT_PATHS)}")
@@ -79,6 +86,9 @@ class TextEncoder(nn.Module):
             for blk in tower.transformer.resblocks
         )
         self.chunk = chunk if path != "reference" and chunk else None
+        # The batched path runs the shared prefix apart only when that saves at least this many
+        # token positions: on a GPU a small pass costs its kernel launches, not its arithmetic.
+        self.prefix_min_tokens = prefix_min_tokens
         self._logged_path: str | None = None
 
     def resolved_path(self, device: torch.device | str) -> str:
@@ -118,7 +128,8 @@ class TextEncoder(nn.Module):
             return self._plain(prompts, eos)
         pos = self.tower.positional_embedding.to(self._dtype)
         prefix_kv = None
-        if self.prefix_sharing:
+        saved = len(prompts) * (shared_len - 1)  # SOS alone is shared by any prompts
+        if self.prefix_sharing and (path == "grouped" or saved >= self.prefix_min_tokens):
             prefix_kv = self._prefix_keys_values(prompts[:1, :shared_len].to(self._dtype) + pos[:shared_len])
         else:
             shared_len = 0
@@ -161,10 +172,11 @@ class TextEncoder(nn.Module):
         return torch.cat(feats)
 
     def _suffix_batched(self, x: torch.Tensor, last: torch.Tensor, prefix_kv: list | None) -> torch.Tensor:
-        if prefix_kv is None:
+        blocks = self.tower.transformer.resblocks
+        if not self.prefix_sharing:  # blocks of another kind: open_clip's own computation
             x = self.tower.transformer(x, attn_mask=self.tower.attn_mask[: x.shape[1], : x.shape[1]])
         else:
-            for blk, kv in zip(self.tower.transformer.resblocks, prefix_kv, strict=True):
+            for blk, kv in zip(blocks, prefix_kv or [None] * len(blocks), strict=True):
                 x, _ = _block(blk, x, kv, batched=True)
         x = x[torch.arange(len(x), device=x.device), last]
         return self._project(self.tower.ln_final(x))
