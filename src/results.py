@@ -25,5 +25,5 @@ def evaluation_fields(
         "precision": str(trainer.precision),
         "image_size": clip.image_size,
         "transforms": describe(clip.image_size),
-        "text_fast": clip.text.fast,
+        "text_path": clip.text.resolved_path(trainer.strategy.root_device),
     }

@@ -26,6 +26,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from src.files import save_torch, write_json
@@ -47,6 +48,8 @@ NOT_FINGERPRINTED = (
     "data.cache_features",  # the cached features are the ones a run computes
     "model.cache_dir",
     "model.text_chunk",  # memory only: chunks are recomputed exactly
+    "model.text_path",  # every path computes the same features (tests/test_exactness.py)
+    "model.text_fast",
     "skip_done",
 )
 
@@ -164,3 +167,21 @@ class RandomState(pl.Callback):
         random.setstate((version, tuple(internal), gauss))
         if len(state.get("cuda", [])) == torch.cuda.device_count() > 0:  # the same GPUs as before
             torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class PeriodicCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint every `every_n_epochs` epochs, and after the last epoch too.
+
+    Writing a checkpoint every epoch costs more than the epoch itself in a small few-shot run (one
+    or two steps per epoch); a resumed run replays the epochs since the last checkpoint exactly
+    (the random generators' states are in it), so a longer interval loses time, never exactness.
+    """
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        every = self._every_n_epochs
+        if trainer.current_epoch + 1 >= (trainer.max_epochs or 0) and every >= 1:
+            self._every_n_epochs = 1
+        try:
+            super().on_train_epoch_end(trainer, pl_module)
+        finally:
+            self._every_n_epochs = every

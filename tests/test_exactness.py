@@ -16,8 +16,15 @@ from src.models.text_encoder import TextEncoder
 
 # names of 1 to 5 tokens, so that prompts of several lengths are grouped
 CLASSNAMES = ["tench", "goldfish", "great white shark", "tiger_shark", "hammerhead", "electric ray", "Komodo"]
-# the default fast path (EOS cut, length groups, shared prefix), and the same in chunks of 2 classes
-FAST_PATHS = [{}, {"chunk": 2}]
+# the CPU path (EOS cut, length groups, shared prefix), the GPU path (one pass cut at the longest
+# EOS; for these few classes without, and then forced with, the shared prefix run apart and
+# attended through scaled_dot_product_attention), each also in chunks of 2 classes
+FAST_PATHS = [
+    {"path": "grouped"},
+    {"path": "grouped", "chunk": 2},
+    {"path": "batched"},
+    {"path": "batched", "chunk": 2, "prefix_min_tokens": 0},
+]
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +70,9 @@ def assert_fast_paths_equal_reference(clip: FrozenCLIP, names: list[str], **modu
     images = torch.randn(12, width)
     labels = torch.arange(12) % len(names)
     try:
-        reference = logits_and_grad(clip, TextEncoder(clip.model, fast=False), module, images, labels)
+        reference = logits_and_grad(clip, TextEncoder(clip.model, path="reference"), module, images, labels)
         for options in FAST_PATHS:
-            encoder = TextEncoder(clip.model, fast=True, **options)
+            encoder = TextEncoder(clip.model, **options)
             assert encoder.prefix_sharing
             logits, grad = logits_and_grad(clip, encoder, module, images, labels)
             torch.testing.assert_close(logits, reference[0], rtol=0, atol=1e-5)
@@ -77,15 +84,51 @@ def assert_fast_paths_equal_reference(clip: FrozenCLIP, names: list[str], **modu
 
 
 def test_reference_mode_runs_all_77_positions(tiny_clip):
-    encoder = TextEncoder(tiny_clip.model, fast=False)
+    encoder = TextEncoder(tiny_clip.model, path="reference")
     eos = torch.tensor([20, 25])
     assert encoder.prompt_length(eos) == 77
-    assert TextEncoder(tiny_clip.model, fast=True).prompt_length(eos) == 26
+    for path in ("auto", "grouped", "batched"):
+        assert TextEncoder(tiny_clip.model, path=path).prompt_length(eos) == 26
+
+
+def test_auto_path_is_grouped_on_cpu_and_batched_on_gpus(tiny_clip, caplog):
+    encoder = TextEncoder(tiny_clip.model)
+    assert encoder.path == "auto"
+    assert encoder.resolved_path("cpu") == "grouped"
+    assert encoder.resolved_path("cuda") == encoder.resolved_path("meta") == "batched"
+    assert TextEncoder(tiny_clip.model, path="batched").resolved_path("cpu") == "batched"
+    prompts = torch.randn(2, 26, tiny_clip.token_embedding.weight.shape[1])
+    with caplog.at_level("INFO", logger="src.models.text_encoder"):
+        encoder(prompts, torch.tensor([20, 25]))
+        encoder(prompts, torch.tensor([20, 25]))
+    logged = [r.getMessage() for r in caplog.records]
+    assert logged == ["text encoder: grouped path on cpu (model.text_path=auto)"]
+
+
+def test_text_path_option_and_its_former_switch(tiny_clip):
+    assert FrozenCLIP("coop-tiny", None, text_fast=False).text.path == "reference"
+    assert FrozenCLIP("coop-tiny", None, text_path="batched").text.path == "batched"
+    with pytest.raises(ValueError, match="text_path='fast': use one of auto, grouped, batched, reference"):
+        TextEncoder(tiny_clip.model, path="fast")
 
 
 def test_towers_without_causal_mask_fall_back_to_the_plain_computation():
     model = open_clip.create_model("coop-tiny")
     model.attn_mask = None  # e.g. a bidirectional text tower
-    encoder = TextEncoder(model, fast=True)
-    assert not encoder.fast and not encoder.prefix_sharing
+    encoder = TextEncoder(model, path="batched")
+    assert encoder.path == "reference" and not encoder.fast and not encoder.prefix_sharing
     assert encoder.prompt_length(torch.tensor([20])) == 77
+
+
+def test_batched_path_runs_the_prefix_apart_only_where_it_saves_enough_positions(tiny_clip, monkeypatch):
+    calls = []
+    original = TextEncoder._prefix_keys_values
+    monkeypatch.setattr(
+        TextEncoder, "_prefix_keys_values", lambda self, x: calls.append(tuple(x.shape)) or original(self, x)
+    )
+    width = tiny_clip.token_embedding.weight.shape[1]
+    prompts, eos = torch.randn(3, 12, width), torch.tensor([9, 10, 11])
+    TextEncoder(tiny_clip.model, path="batched")(prompts, eos, shared_len=5)  # saves 3 x 4 positions
+    assert calls == []
+    TextEncoder(tiny_clip.model, path="batched", prefix_min_tokens=12)(prompts, eos, shared_len=5)
+    assert calls == [(1, 5, width)]

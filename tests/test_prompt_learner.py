@@ -21,13 +21,13 @@ def vit_b32() -> FrozenCLIP:
 
 def encode(clip: FrozenCLIP, learner: PromptLearner, fast: bool) -> torch.Tensor:
     """Text features in fast mode or in the reference's plain 77-position mode."""
-    saved = clip.text.fast, clip.text.prefix_sharing
-    clip.text.fast = clip.text.prefix_sharing = fast
+    saved = clip.text.path
+    clip.text.path = "grouped" if fast else "reference"
     try:
         prompts = learner(clip.text.prompt_length(learner.eos))
         return clip.text(prompts, learner.eos, learner.shared_len)
     finally:
-        clip.text.fast, clip.text.prefix_sharing = saved
+        clip.text.path = saved
 
 
 def learner_for(clip: FrozenCLIP, **kwargs) -> PromptLearner:

@@ -33,6 +33,8 @@ def overrides(data_dir: Path, cache_dir: Path) -> list[str]:
         "trainer=cpu",
         f"trainer.max_epochs={EPOCHS}",
         "trainer.check_val_every_n_epoch=7",
+        # a resumed run replays the epochs since its last checkpoint: the same draws again
+        "callbacks.model_checkpoint.every_n_epochs=3",
         "trainer.enable_progress_bar=false",
         "data.num_workers=0",
         f"paths.data_dir={data_dir}",

@@ -65,6 +65,7 @@ def test_offline_run_logs_config_losses_accuracies_and_no_key(tiny_overrides, tm
             "logger=wandb",
             "trainer.max_epochs=3",
             "trainer.check_val_every_n_epoch=1",
+            "trainer.log_every_n_steps=1",  # the loss and learning rate of every step
             *tiny_overrides,
         ],
         out,

@@ -1,17 +1,24 @@
 """CoOp's cost: the reference computation against this project's exact fast paths.
 
     make bench                       # ViT-B/32 (random weights), 224 px, batch 32, CPU fp32
-    python experiments/benchmarks/bench.py --device cuda --precision bf16 --backbone ViT-B-16
+    experiments/benchmarks/gpu_check.sh   # GPU: every figure and target of the GPU table
 
 Measures, in one process and on the same inputs:
   - the training step (forward + backward + SGD step) in (a) reference mode
-    (model.text_fast=false: 77-position prompts, image encoder every step), (b) the default mode,
-    (c) the default mode on cached image features;
+    (model.text_path=reference: 77-position prompts, image encoder every step), (b) the default
+    mode (model.text_path=auto: grouped on CPU, batched on a GPU), (c) the default mode on cached
+    image features; for the main backbone and for each `--extra-step BACKBONE:CLASSES`;
   - the text side alone (prompt learner + text encoder, forward + backward, cross-entropy
     against `batch` image features) for `--text-classes` ImageNet classes, unified and
-    class-specific, reference vs default;
-  - data loading: JPEG decoding and train augmentation per image.
-Prints a table, then one JSON line with the figures and ratios.
+    class-specific, for every text path (reference, grouped, batched); "default" is the path
+    model.text_path=auto takes on this device;
+  - data loading: JPEG decoding and train augmentation per image;
+  - with `--e2e`: whole `src.train` runs (the quick start, and a 1000-class 2-shot run on
+    generated images), their training wall time against steps x the step time measured here
+    (`e2e_overhead_*`);
+  - with `--grid`: the paper's few-shot grid in GPU hours, from step times measured at several
+    class counts and each dataset's real sizes, reference mode against default.
+Prints a table, then one JSON line with the figures, the ratios and the targets of the device.
 """
 
 from __future__ import annotations
@@ -20,27 +27,67 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
-# Large allocations must go back to the OS when freed, so that the resident-set size tracks
-# live memory and each measurement's peak is its own (glibc raises its mmap threshold otherwise).
-if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    os.execv(sys.executable, [sys.executable, *sys.argv])
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
 import open_clip  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
 
 from src.models.clip import FrozenCLIP  # noqa: E402
 from src.models.coop import CoOp  # noqa: E402
 from src.models.text_encoder import TextEncoder  # noqa: E402
+
+# The paper's few-shot grid (REFERENCE.md, conf/experiment/fewshot_grid.yaml): classes and test
+# images per dataset; shots 1, 2, 4, 8, 16 with 50, 100, 100, 200, 200 epochs (ImageNet: 50);
+# 3 seeds x 4 context variants (unified / class-specific x end / middle) per dataset and shots.
+GRID_DATASETS = {
+    "imagenet": (1000, 50000),
+    "caltech101": (100, 2465),
+    "oxford_pets": (37, 3669),
+    "stanford_cars": (196, 8041),
+    "oxford_flowers": (102, 2463),
+    "food101": (101, 30300),
+    "fgvc_aircraft": (100, 3333),
+    "sun397": (397, 19850),
+    "dtd": (47, 1692),
+    "eurosat": (10, 8100),
+    "ucf101": (101, 3783),
+}
+GRID_EPOCHS = {1: 50, 2: 100, 4: 100, 8: 200, 16: 200}
+GRID_SEEDS = 3
+GRID_VARIANTS = [(False, "end"), (False, "middle"), (True, "end"), (True, "middle")]
+GRID_CLASS_COUNTS = (10, 100, 400, 1000)  # step times measured here, interpolated in between
+
+# (figure, comparison, threshold) per device kind; {t} is --text-classes, {x} each extra step's tag
+CPU_TARGETS = [
+    ("step_speedup", ">=", 2.0),
+    ("cached_step_speedup", ">=", 8.0),
+    ("text{t}_unified_speedup", ">=", 10.0),
+    ("text{t}_csc_speedup", ">=", 3.0),
+    ("text{t}_csc_peak_mem_ratio", "<=", 0.33),
+]
+GPU_TARGETS = [
+    ("text{t}_unified_speedup", ">=", 5.0),
+    ("text{t}_csc_speedup", ">=", 3.0),
+    ("step_speedup", ">=", 3.0),
+    ("cached_step_speedup", ">=", 5.0),
+    ("step_{x}_speedup", ">=", 1.3),
+    ("cached_step_{x}_speedup", ">=", 3.0),
+    ("step_peak_mem_ratio", "<=", 0.25),
+    ("e2e_overhead_quickstart", "<=", 1.5),
+    ("e2e_overhead_1000", "<=", 1.2),
+    ("grid_speedup", ">=", 4.0),
+]
 
 
 class PeakMemory:
@@ -101,49 +148,109 @@ def measure(fn, device: torch.device, repeats: int, warmup: int = 1) -> tuple[fl
     return statistics.median(times), memory.peak
 
 
-def coop(clip: FrozenCLIP, classnames: list[str], fast: bool, class_specific: bool, device) -> CoOp:
-    clip.text = TextEncoder(clip.model, fast=fast)
-    torch.manual_seed(0)
-    return CoOp(clip, classnames, class_specific=class_specific).to(device)
-
-
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--backbone", default="ViT-B-32", help="open_clip architecture (random weights)")
     parser.add_argument("--classes", type=int, default=37, help="classes for the training step")
-    parser.add_argument("--text-classes", type=int, default=250, help="classes for the text-side figures")
+    parser.add_argument("--text-classes", type=int, default=None, help="classes for the text side (250)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per figure (median)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls before them")
+    parser.add_argument(
+        "--extra-step",
+        action="append",
+        default=[],
+        metavar="BACKBONE:CLASSES",
+        help="also the training step of this backbone and class count (e.g. RN50-quickgelu:37)",
+    )
     parser.add_argument(
         "--skip-reference-text", action="store_true", help="skip the slow reference text runs"
     )
-    args = parser.parse_args()
-
-    device = torch.device(args.device)
-    torch.manual_seed(0)
-    clip = FrozenCLIP(args.backbone, None).to(device)
-    autocast = (
-        torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[args.precision])
-        if args.precision != "fp32"
-        else nullcontext()
+    parser.add_argument("--e2e", action="store_true", help="whole src.train runs: e2e_overhead_*")
+    parser.add_argument("--e2e-model", default=None, help="model= of the e2e runs (vit_b16; CPU: tiny)")
+    parser.add_argument("--e2e-epochs", type=int, default=None, help="quick start epochs (its own: 200)")
+    parser.add_argument("--e2e-classes", type=int, default=1000, help="classes of the large e2e run")
+    parser.add_argument("--e2e-large-epochs", type=int, default=10, help="epochs of the large e2e run")
+    parser.add_argument("--grid", action="store_true", help="estimate the few-shot grid's GPU hours")
+    parser.add_argument("--grid-backbone", default="RN50-quickgelu", help="the grid's backbone")
+    parser.add_argument(
+        "--grid-class-counts",
+        default=",".join(map(str, GRID_CLASS_COUNTS)),
+        help="class counts whose step times are measured for the grid",
     )
-    size = clip.image_size
-    images = torch.randn(args.batch, 3, size, size, device=device)
-    names = open_clip.IMAGENET_CLASSNAMES[: args.classes]
-    labels = torch.arange(args.batch, device=device) % len(names)
-    rows: list[tuple[str, float, int]] = []
-    figures: dict[str, float] = {}
+    parser.add_argument("--out", type=Path, default=None, help="also write the JSON line to this file")
+    args = parser.parse_args(argv)
+    if args.text_classes is None:
+        args.text_classes = 250 if args.device == "cpu" else 1000
+    for spec in args.extra_step:
+        name, _, classes = spec.rpartition(":")
+        if not name or not classes.isdigit():
+            parser.error(f"--extra-step {spec!r}: give BACKBONE:CLASSES, e.g. RN50-quickgelu:37")
+    args.grid_class_counts = [int(c) for c in str(args.grid_class_counts).split(",")]
+    return args
 
-    def train_step(module: CoOp, features: torch.Tensor | None = None):
+
+class Bench:
+    """The measurements, sharing one CLIP per backbone on the device."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.device = torch.device(args.device)
+        self.clips: dict[str, FrozenCLIP] = {}
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision)
+        self.autocast = torch.autocast(self.device.type, dtype=dtype) if dtype else nullcontext()
+        self.rows: list[tuple[str, float, int]] = []
+        self.figures: dict[str, float | int | str | bool] = {}
+
+    def clip(self, backbone: str) -> FrozenCLIP:
+        if backbone not in self.clips:
+            torch.manual_seed(0)
+            self.clips[backbone] = FrozenCLIP(backbone, None).to(self.device)
+        return self.clips[backbone]
+
+    def images(self, clip: FrozenCLIP) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(0)
+        size = clip.image_size
+        return torch.randn(self.args.batch, 3, size, size, generator=generator).to(self.device)
+
+    def coop(self, clip: FrozenCLIP, names: list[str], path: str, class_specific: bool, **kw) -> CoOp:
+        clip.text = TextEncoder(clip.model, path=path)
+        torch.manual_seed(0)
+        return CoOp(clip, names, class_specific=class_specific, **kw).to(self.device)
+
+    def record(self, key: str, label: str, seconds: float, peak: int) -> None:
+        self.rows.append((label, seconds, peak))
+        self.figures[f"{key}_s"] = seconds
+        if peak:
+            self.figures[f"{key}_peak_mb"] = peak / 2**20
+
+    def step_time(
+        self,
+        backbone: str,
+        names: list[str],
+        path: str,
+        cached: bool,
+        class_specific: bool = False,
+        position: str = "end",
+    ) -> tuple[float, int]:
+        """Seconds and peak memory of one training step (on the fly or on cached image features)."""
+        clip = self.clip(backbone)
+        images = self.images(clip)
+        labels = torch.arange(self.args.batch, device=self.device) % len(names)
+        module = self.coop(clip, names, path, class_specific, class_token_position=position)
+        features = None
+        if cached:
+            with torch.no_grad(), self.autocast:
+                features = clip.encode_image(images)
         optimizer = torch.optim.SGD(module.prompt_learner.parameters(), lr=0.002, momentum=0.9)
 
         def step() -> None:
             optimizer.zero_grad(set_to_none=True)
-            with autocast:
+            with self.autocast:
                 if features is None:
                     logits = module(images)
                 else:
@@ -152,76 +259,276 @@ def main() -> None:
             loss.backward()
             optimizer.step()
 
-        return step
+        return measure(step, self.device, self.args.repeats, self.args.warmup)
 
-    with torch.no_grad(), autocast:
-        cached = clip.encode_image(images)
-    # (fast text encoder, cached image features) per mode; the modules share one CLIP, so each is
-    # built right before it is measured
-    modes = {"step_reference": (False, None), "step_default": (True, None), "step_cached": (True, cached)}
-    for key, (fast, features) in modes.items():
-        step = train_step(coop(clip, names, fast, False, device), features)
-        seconds, peak = measure(step, device, args.repeats)
-        rows.append((f"{key} ({args.classes} classes, batch {args.batch})", seconds, peak))
-        figures[f"{key}_s"] = seconds
-        figures[f"{key}_peak_mb"] = peak / 2**20
-
-    text_names = open_clip.IMAGENET_CLASSNAMES[: args.text_classes]
-    text_labels = torch.arange(args.batch, device=device) % len(text_names)
-    for kind, class_specific in (("unified", False), ("csc", True)):
-        for mode, fast in (("reference", False), ("default", True)):
-            if mode == "reference" and args.skip_reference_text:
-                continue
-            module = coop(clip, text_names, fast, class_specific, device)
-
-            def text_step(module: CoOp = module) -> None:
-                module.prompt_learner.ctx.grad = None
-                with autocast:
-                    loss = F.cross_entropy(module.logits(cached, module.text_features()).float(), text_labels)
-                loss.backward()
-
-            seconds, peak = measure(text_step, device, 1 if mode == "reference" else args.repeats)
-            rows.append((f"text {args.text_classes} {kind} {mode}", seconds, peak))
-            figures[f"text{args.text_classes}_{kind}_{mode}_s"] = seconds
-            figures[f"text{args.text_classes}_{kind}_{mode}_peak_mb"] = peak / 2**20
-            del module
-
-    decode, augment = data_loading_cost(size)
-    rows.append(("JPEG decode per image", decode, 0))
-    rows.append(("train augmentation per image", augment, 0))
-    figures.update({"decode_per_image_s": decode, "augment_per_image_s": augment})
-
-    figures["step_speedup"] = figures["step_reference_s"] / figures["step_default_s"]
-    figures["cached_step_speedup"] = figures["step_reference_s"] / figures["step_cached_s"]
-    t = args.text_classes
-    if not args.skip_reference_text:
-        for kind in ("unified", "csc"):
-            figures[f"text{t}_{kind}_speedup"] = (
-                figures[f"text{t}_{kind}_reference_s"] / figures[f"text{t}_{kind}_default_s"]
+    def steps(self, backbone: str, classes: int, tag: str = "") -> None:
+        names = open_clip.IMAGENET_CLASSNAMES[:classes]
+        suffix = f"_{tag}" if tag else ""
+        for mode, path, cached in (
+            ("step_reference", "reference", False),
+            ("step_default", "auto", False),
+            ("step_cached", "auto", True),
+        ):
+            seconds, peak = self.step_time(backbone, names, path, cached)
+            label = f"{mode} ({backbone}, {classes} classes, batch {self.args.batch})"
+            self.record(f"{mode}{suffix}", label, seconds, peak)
+        figures = self.figures
+        reference = figures[f"step_reference{suffix}_s"]
+        figures[f"step{suffix}_speedup"] = reference / figures[f"step_default{suffix}_s"]
+        figures[f"cached_step{suffix}_speedup"] = reference / figures[f"step_cached{suffix}_s"]
+        if f"step_reference{suffix}_peak_mb" in figures and f"step_default{suffix}_peak_mb" in figures:
+            figures[f"step{suffix}_peak_mem_ratio"] = (
+                figures[f"step_default{suffix}_peak_mb"] / figures[f"step_reference{suffix}_peak_mb"]
             )
-        figures[f"text{t}_csc_peak_mem_ratio"] = (
-            figures[f"text{t}_csc_default_peak_mb"] / figures[f"text{t}_csc_reference_peak_mb"]
-        )
-    figures.update(
-        backbone=args.backbone,
-        device=str(device),
-        precision=args.precision,
-        batch=args.batch,
-        classes=args.classes,
-        text_classes=t,
-        threads=torch.get_num_threads(),
-    )
 
-    table = Table(
-        title=f"CoOp step, {args.backbone} random weights, {size} px, {args.device} {args.precision}"
-    )
-    table.add_column("what")
-    table.add_column("seconds", justify="right")
-    table.add_column("peak MB", justify="right")
-    for name, seconds, peak in rows:
-        table.add_row(name, f"{seconds:.4f}", f"{peak / 2**20:.0f}" if peak else "")
-    Console(stderr=True).print(table)
-    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()}))
+    def text_side(self) -> None:
+        args, t = self.args, self.args.text_classes
+        clip = self.clip(args.backbone)
+        names = open_clip.IMAGENET_CLASSNAMES[:t]
+        labels = torch.arange(args.batch, device=self.device) % len(names)
+        with torch.no_grad(), self.autocast:
+            cached = clip.encode_image(self.images(clip))
+        default = TextEncoder(clip.model).resolved_path(self.device)
+        self.figures["text_default_path"] = default
+        for kind, class_specific in (("unified", False), ("csc", True)):
+            for path in ("reference", "grouped", "batched"):
+                if path == "reference" and args.skip_reference_text:
+                    continue
+                module = self.coop(clip, names, path, class_specific)
+
+                def text_step(module: CoOp = module) -> None:
+                    module.prompt_learner.ctx.grad = None
+                    with self.autocast:
+                        logits = module.logits(cached, module.text_features())
+                        loss = F.cross_entropy(logits.float(), labels)
+                    loss.backward()
+
+                # the reference takes 40 s on 2 CPU cores: one call there
+                slow = path == "reference" and self.device.type == "cpu"
+                seconds, peak = measure(text_step, self.device, 1 if slow else args.repeats, args.warmup)
+                self.record(f"text{t}_{kind}_{path}", f"text {t} {kind} {path}", seconds, peak)
+                if path == default:
+                    self.figures[f"text{t}_{kind}_default_s"] = seconds
+                    self.figures[f"text{t}_{kind}_default_peak_mb"] = peak / 2**20
+                del module
+        if not args.skip_reference_text:
+            figures = self.figures
+            for kind in ("unified", "csc"):
+                reference = figures[f"text{t}_{kind}_reference_s"]
+                figures[f"text{t}_{kind}_speedup"] = reference / figures[f"text{t}_{kind}_default_s"]
+                for path in ("grouped", "batched"):
+                    speedup = reference / figures[f"text{t}_{kind}_{path}_s"]
+                    figures[f"text{t}_{kind}_{path}_speedup"] = speedup
+            figures[f"text{t}_csc_peak_mem_ratio"] = (
+                figures[f"text{t}_csc_default_peak_mb"] / figures[f"text{t}_csc_reference_peak_mb"]
+            )
+
+    def exactness(self, classes: int = 50) -> None:
+        """Largest difference of the fp32 logits and context gradient (relative to its largest
+        entry) of each fast path from the reference, on this device (tests/test_exactness.py
+        checks 1e-5 on the CPU)."""
+        clip = self.clip(self.args.backbone)
+        names = open_clip.IMAGENET_CLASSNAMES[:classes]
+        with torch.no_grad():
+            features = clip.encode_image(self.images(clip)).float()
+        labels = torch.arange(self.args.batch, device=self.device) % classes
+        for kind, class_specific in (("unified", False), ("csc", True)):
+            results = {}
+            for path in ("reference", "grouped", "batched"):
+                module = self.coop(clip, names, path, class_specific)
+                logits = module.logits(features, module.text_features())
+                F.cross_entropy(logits, labels).backward()
+                results[path] = (logits.detach(), module.prompt_learner.ctx.grad)
+            logits, grad = results.pop("reference")
+            for path, (other_logits, other_grad) in results.items():
+                scale = max(1.0, grad.abs().max().item())
+                self.figures.update(
+                    {
+                        f"exact_{kind}_{path}_logits_max_abs": (other_logits - logits).abs().max().item(),
+                        f"exact_{kind}_{path}_grad_max_rel": (other_grad - grad).abs().max().item() / scale,
+                    }
+                )
+
+    def e2e(self) -> None:
+        """Whole src.train runs: their training wall time (`train_time_s`, the fit) against the
+        steps they made x the step time measured here for the same backbone and classes."""
+        args = self.args
+        on_cpu = self.device.type == "cpu"
+        model = args.e2e_model or ("tiny" if on_cpu else "vit_b16")
+        precision = {"bf16": "bf16-mixed", "fp16": "16-mixed"}.get(args.precision, "32-true")
+        common = [
+            f"model={model}",
+            "model.pretrained=null",
+            f"trainer={'cpu' if on_cpu else 'gpu'}",
+            f"trainer.precision={precision}",
+            "trainer.enable_progress_bar=false",
+        ]
+        quickstart = ["experiment=quickstart", *common]
+        if args.e2e_epochs:
+            quickstart.append(f"trainer.max_epochs={args.e2e_epochs}")
+        with tempfile.TemporaryDirectory() as tmp:
+            self._e2e_run("quickstart", quickstart, Path(tmp) / "quickstart")
+            root = generated_folder_dataset(Path(tmp) / "data", args.e2e_classes)
+            large = [
+                "dataset=folder",
+                f"dataset.root={root}",
+                "dataset.name=generated",
+                "shots=2",
+                f"trainer.max_epochs={args.e2e_large_epochs}",
+                *common,
+            ]
+            self._e2e_run(str(args.e2e_classes), large, Path(tmp) / "large")
+
+    def _e2e_run(self, tag: str, overrides: list[str], out: Path) -> None:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+        env.pop("MALLOC_MMAP_THRESHOLD_", None)  # the runs allocate as a user's would
+        command = [
+            sys.executable,
+            "-m",
+            "src.train",
+            *overrides,
+            f"hydra.run.dir={out}",
+            f"paths.cache_dir={out.parent / 'cache'}",
+        ]
+        start = time.perf_counter()
+        run = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+        wall = time.perf_counter() - start
+        if run.returncode != 0:
+            output = (run.stdout + run.stderr)[-4000:]
+            raise RuntimeError(f"e2e run {tag} failed ({' '.join(command)}):\n{output}")
+        results = json.loads((out / "results.json").read_text())
+        steps = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+        prompt = torch.load(out / "prompt.pt", weights_only=True)
+        step_s, _ = self.step_time(prompt["backbone"], prompt["classnames"], "auto", cached=False)
+        train_s = results["train_time_s"]
+        self.rows.append((f"e2e {tag}: fit of {steps} steps ({results['num_classes']} classes)", train_s, 0))
+        self.figures.update(
+            {
+                f"e2e_{tag}_train_s": train_s,
+                f"e2e_{tag}_process_s": wall,
+                f"e2e_{tag}_steps": steps,
+                f"e2e_{tag}_step_s": step_s,
+                f"e2e_overhead_{tag}": train_s / (steps * step_s),
+            }
+        )
+
+    def grid(self) -> None:
+        """GPU hours of the few-shot grid's CoOp runs, reference mode against default."""
+        args = self.args
+        counts = args.grid_class_counts
+        step_times: dict[tuple[str, bool, str], list[float]] = {}
+        for mode, path in (("reference", "reference"), ("default", "auto")):
+            for class_specific, position in GRID_VARIANTS:
+                key = (mode, class_specific, position)
+                step_times[key] = []
+                for classes in counts:
+                    names = open_clip.IMAGENET_CLASSNAMES[:classes]
+                    seconds, _ = self.step_time(
+                        args.grid_backbone, names, path, False, class_specific, position
+                    )
+                    step_times[key].append(seconds)
+        clip = self.clip(args.grid_backbone)
+        test_batch = torch.randn(100, 3, clip.image_size, clip.image_size, device=self.device)
+
+        def encode() -> None:
+            with torch.no_grad(), self.autocast:
+                clip.encode_image(test_batch)
+
+        encode_s, _ = measure(encode, self.device, args.repeats, args.warmup)
+        hours = grid_hours(step_times, counts, encode_s / 100, batch=args.batch)
+        self.figures.update(
+            {
+                "grid_backbone": args.grid_backbone,
+                "grid_gpu_hours_reference": hours["reference"],
+                "grid_gpu_hours_default": hours["default"],
+                "grid_speedup": hours["reference"] / hours["default"],
+                "grid_test_encode_per_image_s": encode_s / 100,
+            }
+        )
+        for (mode, class_specific, position), times in step_times.items():
+            ctx = "csc" if class_specific else "unified"
+            for classes, seconds in zip(counts, times, strict=True):
+                self.figures[f"grid_step_{mode}_{ctx}_{position}_{classes}_s"] = seconds
+
+
+def interpolate(counts: list[int], times: list[float], classes: int) -> float:
+    """Step time at `classes`, piecewise linear between measured class counts; below them the
+    smallest count's, above them the last segment's slope (never decreasing)."""
+    pairs = sorted(zip(counts, times, strict=True))
+    if classes <= pairs[0][0]:
+        return pairs[0][1]
+    for (c0, t0), (c1, t1) in zip(pairs, pairs[1:], strict=False):
+        if classes <= c1:
+            return t0 + (t1 - t0) * (classes - c0) / (c1 - c0)
+    (c0, t0), (c1, t1) = pairs[-2:] if len(pairs) > 1 else (pairs[0], pairs[0])
+    slope = max(0.0, (t1 - t0) / (c1 - c0)) if c1 != c0 else 0.0
+    return t1 + slope * (classes - c1)
+
+
+def grid_hours(
+    step_times: dict[tuple[str, bool, str], list[float]],
+    counts: list[int],
+    encode_per_image_s: float,
+    batch: int = 32,
+) -> dict[str, float]:
+    """GPU hours of the grid's CoOp runs per mode: steps x step time per run, plus the test set's
+    image encoding, once per run in reference mode (as the original code does), once per dataset in
+    the default mode (the feature cache). Every dataset has at least 16 train images per class, so a
+    k-shot train set is k x classes images; steps per epoch floor(n / batch), at least 1 (drop_last
+    only with a full batch)."""
+    hours = {}
+    for mode in ("reference", "default"):
+        total = 0.0
+        for dataset, (classes, test_images) in GRID_DATASETS.items():
+            test_s = test_images * encode_per_image_s
+            for shots, epochs in GRID_EPOCHS.items():
+                epochs = 50 if dataset == "imagenet" else epochs
+                steps = epochs * max(1, shots * classes // batch)
+                for variant in GRID_VARIANTS:
+                    step_s = interpolate(counts, step_times[(mode, *variant)], classes)
+                    total += GRID_SEEDS * (steps * step_s + (test_s if mode == "reference" else 0.0))
+            if mode == "default":
+                total += test_s
+        hours[mode] = total / 3600
+    return hours
+
+
+def generated_folder_dataset(root: Path, classes: int) -> Path:
+    """train/ (2 small JPEGs per class), val/ and test/ (1 each) folders, the classes named as
+    ImageNet's."""
+    import numpy as np
+    from PIL import Image
+
+    names = []
+    for name in open_clip.IMAGENET_CLASSNAMES[:classes]:
+        name = name.replace("/", " ")
+        names.append(name if name not in names else f"{name} {len(names)}")
+    rng = np.random.default_rng(0)
+    for split, per_class in (("train", 2), ("val", 1), ("test", 1)):
+        for name in names:
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for index in range(per_class):
+                pixels = rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{index}.jpg", quality=90)
+    return root
+
+
+def targets(figures: dict, device: torch.device, text_classes: int, extra_tags: list[str]) -> dict:
+    table = GPU_TARGETS if device.type == "cuda" else CPU_TARGETS
+    out = {}
+    for name, comparison, threshold in table:
+        for key in {name.format(t=text_classes, x=tag) for tag in extra_tags or [""]}:
+            if "{x}" in name and not extra_tags:
+                continue
+            value = figures.get(key)
+            if value is None:
+                met = None
+            else:
+                met = value >= threshold if comparison == ">=" else value <= threshold
+            shown = None if value is None else round(value, 3)
+            out[key] = {"value": shown, "target": f"{comparison} {threshold}", "met": met}
+    return out
 
 
 def data_loading_cost(size: int, n: int = 64) -> tuple[float, float]:
@@ -245,5 +552,71 @@ def data_loading_cost(size: int, n: int = 64) -> tuple[float, float]:
     return decode, (time.perf_counter() - start) / len(paths)
 
 
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    bench = Bench(args)
+    device = bench.device
+    extra_tags = []
+    bench.steps(args.backbone, args.classes)
+    for spec in args.extra_step:
+        backbone, _, classes = spec.rpartition(":")
+        tag = f"{backbone}_{classes}"
+        extra_tags.append(tag)
+        bench.steps(backbone, int(classes), tag)
+    bench.text_side()
+    bench.exactness()
+    decode, augment = data_loading_cost(bench.clip(args.backbone).image_size)
+    bench.rows.append(("JPEG decode per image", decode, 0))
+    bench.rows.append(("train augmentation per image", augment, 0))
+    bench.figures.update({"decode_per_image_s": decode, "augment_per_image_s": augment})
+    if args.grid:
+        bench.grid()
+    if args.e2e:
+        bench.e2e()
+    figures = bench.figures
+    figures.update(
+        backbone=args.backbone,
+        device=str(device),
+        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        precision=args.precision,
+        batch=args.batch,
+        classes=args.classes,
+        text_classes=args.text_classes,
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+    )
+    checked = targets(figures, device, args.text_classes, extra_tags)
+    line = {k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()}
+    line["targets"] = checked
+    line["all_targets_met"] = all(t["met"] for t in checked.values())
+
+    from rich.console import Console
+    from rich.table import Table
+
+    title = f"CoOp, {args.backbone} random weights, {args.device} {args.precision}"
+    table = Table(title=title)
+    table.add_column("what")
+    table.add_column("seconds", justify="right")
+    table.add_column("peak MB", justify="right")
+    for name, seconds, peak in bench.rows:
+        table.add_row(name, f"{seconds:.4f}", f"{peak / 2**20:.0f}" if peak else "")
+    console = Console(stderr=True)
+    console.print(table)
+    text = json.dumps(line)
+    print(text, flush=True)
+    if args.out:
+        args.out.write_text(text + "\n")
+    return line
+
+
+def _reexec_with_mmap_threshold() -> None:
+    # Large allocations must go back to the OS when freed, so that the resident-set size tracks
+    # live memory and each measurement's peak is its own (glibc raises its mmap threshold otherwise).
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None:
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+        os.execv(sys.executable, [sys.executable, *sys.argv])
+
+
 if __name__ == "__main__":
+    _reexec_with_mmap_threshold()
     main()

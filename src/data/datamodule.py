@@ -17,6 +17,13 @@ from src.data.feature_cache import FeatureCache, RandomView, SeededViews, extrac
 from src.data.fewshot import FewShotSampler, draw_fewshot, load_fewshot, save_fewshot
 from src.data.image_check import ImageCheck
 from src.data.reference_fewshot import read_reference_fewshot, reference_fewshot_file
+from src.data.in_memory import (
+    CropBatch,
+    InMemoryTrainImages,
+    collate_crops,
+    finish_augmentation,
+    fits_in_memory,
+)
 from src.data.samples import Sample, Splits
 from src.data.subsample import Subsample, subsample_classes
 from src.data.transforms import describe, eval_transform, train_transform
@@ -77,6 +84,9 @@ class FewShotDataModule(pl.LightningDataModule):
         fewshot_file: str | Path | None = None,
         save_fewshot_to: str | Path | None = None,
         fewshot_sampler: FewShotSampler = "reference",
+        train_in_memory: bool = True,
+        train_augment: str = "auto",
+        in_memory_max_gb: float = 16.0,
     ) -> None:
         super().__init__()
         if shots < 1:
@@ -103,6 +113,11 @@ class FewShotDataModule(pl.LightningDataModule):
         self.fewshot_sampler = fewshot_sampler
         # how the subsets were made: the sampler that drew them, the file they were read from
         self.fewshot_origin: dict[str, str | None] = {"sampler": None, "source": None}
+        if train_augment not in ("auto", "pil", "device"):
+            raise ValueError(f"data.train_augment={train_augment!r}: use auto, pil or device")
+        self.train_in_memory = train_in_memory
+        self.train_augment = train_augment
+        self.in_memory_max_gb = in_memory_max_gb
         self.train_items: list[Sample] | None = None
         self.val_items: list[Sample] = []
         self.test_items: list[Sample] = []
@@ -220,6 +235,10 @@ class FewShotDataModule(pl.LightningDataModule):
         if self.train_views:
             features, labels = self.image_features("train", views=self.train_views)
             data = RandomView(features.view(self.train_views, len(items), -1), labels[: len(items)])
+        elif self.train_in_memory and fits_in_memory(items, len(self.classnames), self.in_memory_max_gb):
+            on_cpu = self.trainer.strategy.root_device.type == "cpu"
+            augment = {"auto": "pil" if on_cpu else "device"}.get(self.train_augment, self.train_augment)
+            data = InMemoryTrainImages(items, self.image_size, augment)
         else:
             data = ImageList(items, train_transform(self.image_size))
         return self._loader(
@@ -229,6 +248,11 @@ class FewShotDataModule(pl.LightningDataModule):
             # the reference drops the last partial batch only when there is a full one
             drop_last=len(items) >= self.batch_size,
         )
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if isinstance(batch, CropBatch):  # the in-memory train images' augmentation ends here
+            return finish_augmentation(batch, self.image_size)
+        return batch
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val", self.val_items)
@@ -291,7 +315,9 @@ class FewShotDataModule(pl.LightningDataModule):
         drop_last: bool = False,
         sampler: Sampler | None = None,
     ) -> DataLoader:
-        features = isinstance(data, (TensorDataset, RandomView))  # in memory: no worker processes
+        # in memory: no worker processes
+        features = isinstance(data, (TensorDataset, RandomView, InMemoryTrainImages))
+        crops = isinstance(data, InMemoryTrainImages) and data.augment == "device"
         return DataLoader(
             data,
             batch_size=batch_size,
@@ -301,6 +327,7 @@ class FewShotDataModule(pl.LightningDataModule):
             num_workers=0 if features else self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers and not features,
+            collate_fn=collate_crops if crops else None,
         )
 
 

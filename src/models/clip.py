@@ -10,7 +10,7 @@ import open_clip
 import torch
 from torch import nn
 
-from src.models.text_encoder import TextEncoder
+from src.models.text_encoder import TextEncoder, TextPath
 from src.models.weights import WeightsUnavailableError, check_weights
 
 log = logging.getLogger(__name__)
@@ -42,15 +42,17 @@ class FrozenCLIP(nn.Module):
     """An open_clip model whose weights never train and which stays in eval mode.
 
     `pretrained` is an open_clip tag (e.g. "openai"), a local weights file, or None for random
-    weights (the tiny test architecture).
+    weights (the tiny test architecture). `text_path` picks the text encoder's computation
+    (src/models/text_encoder.py); `text_fast=false`, its former switch, still means "reference".
     """
 
     def __init__(
         self,
         name: str,
         pretrained: str | None = None,
-        text_fast: bool = True,
+        text_path: TextPath = "auto",
         text_chunk: int | None = None,
+        text_fast: bool | None = None,
         cache_dir: str | None = None,
     ) -> None:
         super().__init__()
@@ -71,7 +73,9 @@ class FrozenCLIP(nn.Module):
         self.model.requires_grad_(False)
         self.model.eval()
         self.tokenizer = open_clip.get_tokenizer(name)
-        self.text = TextEncoder(self.model, fast=text_fast, chunk=text_chunk)
+        if text_fast is False:
+            text_path = "reference"
+        self.text = TextEncoder(self.model, path=text_path, chunk=text_chunk)
         size = self.model.visual.image_size
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
 

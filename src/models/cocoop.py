@@ -81,7 +81,7 @@ class CoCoOp(CoOp):
         features = F.normalize(features, dim=-1)
         bias = self.meta_net(features)
         learner = self.prompt_learner
-        length = self.clip.text.prompt_length(learner.eos)
+        length = self.clip.text.prompt_length(learner.max_eos)
         prompts = learner(length)  # [n_cls, length, width], the unshifted context
         mask = self.ctx_mask[:, :length]
         per_pass = max(1, self.prompts_per_pass // learner.n_cls)

@@ -63,7 +63,7 @@ class CoOp(AccuracyTest, pl.LightningModule):
     # -- the method -------------------------------------------------------------------------
     def text_features(self) -> torch.Tensor:
         learner = self.prompt_learner
-        prompts = learner(self.clip.text.prompt_length(learner.eos))
+        prompts = learner(self.clip.text.prompt_length(learner.max_eos))
         return self.clip.text(prompts, learner.eos, learner.shared_len)
 
     def logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:

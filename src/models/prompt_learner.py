@@ -56,21 +56,24 @@ class PromptLearner(nn.Module):
         names = [name.replace("_", " ") for name in classnames]
         n_cls = len(names)
         width = token_embedding.weight.shape[1]
+        # Token ids come from the tokenizer on the CPU; everything built here follows the
+        # embedding table's device (the backbone may already sit on a GPU).
+        device = token_embedding.weight.device
         with torch.no_grad():
             if ctx_init:
                 words = ctx_init.replace("_", " ").strip()
                 n_ctx = _init_length(tokenize, words, ctx_init_count)
-                ctx = token_embedding(tokenize([words]))[0, 1 : 1 + n_ctx].float()
+                ctx = token_embedding(tokenize([words]).to(device))[0, 1 : 1 + n_ctx].float()
                 if class_specific:
                     log.info("class-specific context: every class starts from %r", words)
                     ctx = ctx.expand(n_cls, -1, -1).clone()
                 prompt_prefix = words
             else:
                 shape = (n_cls, n_ctx, width) if class_specific else (n_ctx, width)
-                ctx = torch.empty(shape).normal_(std=0.02)
+                ctx = torch.empty(shape).normal_(std=0.02).to(device)
                 prompt_prefix = " ".join(["X"] * n_ctx)
             tokens = tokenize([f"{prompt_prefix} {name}." for name in names])
-            embedding = token_embedding(tokens).float()
+            embedding = token_embedding(tokens.to(device)).float()
         self.ctx = nn.Parameter(ctx)  # fp32 always, also under mixed precision
         self.classnames = list(classnames)
         self.n_ctx = n_ctx
@@ -80,9 +83,10 @@ class PromptLearner(nn.Module):
         # Frozen parts of the prompts; rebuilt from the tokenizer, so never saved in checkpoints.
         self.register_buffer("token_prefix", embedding[:, :1], persistent=False)
         self.register_buffer("token_suffix", embedding[:, 1 + n_ctx :], persistent=False)
-        self.register_buffer("eos", tokens.argmax(dim=-1), persistent=False)
+        self.register_buffer("eos", tokens.argmax(dim=-1).to(device), persistent=False)
+        self.max_eos = int(tokens.argmax(dim=-1).max())  # read on the host: no device sync per step
         name_lens = [_token_count(tokenize, name) for name in names]
-        self.register_buffer("order", self._position_order(name_lens), persistent=False)
+        self.register_buffer("order", self._position_order(name_lens).to(device), persistent=False)
         half = n_ctx // 2
         before_name = {"end": n_ctx, "middle": half, "front": 0}[class_token_position]
         # Positions identical for every class: SOS, plus the context before the name if shared.

@@ -2,37 +2,61 @@
 
 The reference CoOp runs every class prompt through all 77 positions at every step. With a causal
 mask the feature at the EOS token depends on nothing after it, and positions before the class name
-are the same for every class when the context is shared. So, in fast mode (all exact):
+are the same for every class when the context is shared. Three paths compute the same features
+(`path`, config `model.text_path`):
 
-- prompts stop at their own EOS: classes are grouped by prompt length and each group runs only
-  the positions it needs;
-- the shared prefix (SOS + the context before the class name) runs once; each class's remaining
-  tokens attend to the prefix's cached keys and values;
-- optionally, classes are processed in chunks whose activations are recomputed in backward
-  (torch.utils.checkpoint), which bounds memory for 1000-class class-specific contexts.
+- "reference": open_clip's computation over all 77 positions, as the original code does;
+- "grouped" (fastest on CPU, where the cost is arithmetic): classes are grouped by prompt length
+  and each group runs only up to its own EOS; the shared prefix (SOS + the context before the class
+  name) runs once and each class's remaining tokens attend to its cached keys and values through
+  one matmul over all classes (no copy of the prefix per class);
+- "batched" (fastest on a GPU, where the cost is kernel launches and small matrices): one pass over
+  all classes cut at the longest EOS (positions after a prompt's own EOS cannot change its
+  feature), attention through `scaled_dot_product_attention` (flash / memory-efficient kernels);
+  where that saves enough positions (many classes sharing a context), the shared prefix runs once
+  and its keys and values are placed before every class's own, with a lower-right causal mask,
+  which those kernels take without a materialised mask;
+- "auto" (default): "grouped" on CPU, "batched" on any other device, chosen at the first forward
+  from the device the prompts are on, and logged.
+
+Optionally, classes are processed in chunks whose activations are recomputed in backward
+(torch.utils.checkpoint), which bounds memory for 1000-class class-specific contexts.
 
 Text towers that break these shortcuts (no causal mask, pooling another position, a class token)
-fall back to the plain computation over the full context length.
+fall back to the reference computation over the full context length.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock, text_global_pool
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 from torch.utils.checkpoint import checkpoint
 
 log = logging.getLogger(__name__)
+
+TextPath = Literal["auto", "grouped", "batched", "reference"]
+TEXT_PATHS = ("auto", "grouped", "batched", "reference")
 
 
 class TextEncoder(nn.Module):
     """Encodes prompt embeddings [n_cls, length, width] into text features [n_cls, embed_dim]."""
 
-    def __init__(self, clip_model: nn.Module, fast: bool = True, chunk: int | None = None) -> None:
+    def __init__(
+        self,
+        clip_model: nn.Module,
+        path: TextPath = "auto",
+        chunk: int | None = None,
+        prefix_min_tokens: int = 4096,
+    ) -> None:
         super().__init__()
+        if path not in TEXT_PATHS:
+            raise ValueError(f"model.text_path={path!r}: use one of {', '.join(TEXT_PATHS)}")
         tower = getattr(clip_model, "text", clip_model)
         if not hasattr(tower, "token_embedding"):
             raise ValueError(
@@ -47,20 +71,36 @@ class TextEncoder(nn.Module):
         self.eos_cut_exact = (
             causal and self.pool_type in ("argmax", "eos") and getattr(tower, "cls_emb", None) is None
         )
-        if fast and not self.eos_cut_exact:
+        if path != "reference" and not self.eos_cut_exact:
             log.warning(
                 "text tower has no causal mask or pools another position than EOS: "
-                "using the plain full-length text computation"
+                "using the reference full-length text computation"
             )
-        self.fast = fast and self.eos_cut_exact
-        self.prefix_sharing = self.fast and all(
+            path = "reference"
+        self.path = path
+        self.prefix_sharing = path != "reference" and all(
             type(blk) is ResidualAttentionBlock
             and not hasattr(blk, "ln_1_kv")
             and isinstance(blk.attn, nn.MultiheadAttention)
             and blk.attn.in_proj_weight is not None
             for blk in tower.transformer.resblocks
         )
-        self.chunk = chunk if self.fast and chunk else None
+        self.chunk = chunk if path != "reference" and chunk else None
+        # The batched path runs the shared prefix apart only when that saves at least this many
+        # token positions: on a GPU a small pass costs its kernel launches, not its arithmetic.
+        self.prefix_min_tokens = prefix_min_tokens
+        self._logged_path: str | None = None
+
+    def resolved_path(self, device: torch.device | str) -> str:
+        """The path that runs for prompts on `device` ("auto" resolved)."""
+        if self.path != "auto":
+            return self.path
+        return "grouped" if torch.device(device).type == "cpu" else "batched"
+
+    @property
+    def fast(self) -> bool:
+        """Whether prompts are cut at their EOS (every path but the reference)."""
+        return self.path != "reference"
 
     @property
     def token_embedding(self) -> nn.Embedding:
@@ -70,21 +110,31 @@ class TextEncoder(nn.Module):
     def context_length(self) -> int:
         return self.tower.positional_embedding.shape[0]
 
-    def prompt_length(self, eos: torch.Tensor) -> int:
-        """How many leading positions of the prompts this encoder needs."""
-        return int(eos.max()) + 1 if self.fast else self.context_length
+    def prompt_length(self, eos: torch.Tensor | int) -> int:
+        """How many leading positions of the prompts this encoder needs, given their EOS positions
+        or the largest of them (an int, known on the host: no device sync)."""
+        if not self.fast:
+            return self.context_length
+        return (int(eos.max()) if isinstance(eos, torch.Tensor) else eos) + 1
 
     def forward(self, prompts: torch.Tensor, eos: torch.Tensor, shared_len: int = 1) -> torch.Tensor:
         """prompts: [n, L, width] embeddings; eos: [n] EOS positions; shared_len: how many leading
         positions are identical for every prompt (their hidden states then are too)."""
-        if not self.fast:
+        path = self.resolved_path(prompts.device)
+        if path != self._logged_path:
+            log.info("text encoder: %s path on %s (model.text_path=%s)", path, prompts.device.type, self.path)
+            self._logged_path = path
+        if path == "reference":
             return self._plain(prompts, eos)
         pos = self.tower.positional_embedding.to(self._dtype)
         prefix_kv = None
-        if self.prefix_sharing:
+        saved = len(prompts) * (shared_len - 1)  # SOS alone is shared by any prompts
+        if self.prefix_sharing and (path == "grouped" or saved >= self.prefix_min_tokens):
             prefix_kv = self._prefix_keys_values(prompts[:1, :shared_len].to(self._dtype) + pos[:shared_len])
         else:
             shared_len = 0
+        if path == "batched":
+            return self._batched(prompts, eos, shared_len, pos, prefix_kv)
         order, feats = [], []
         for length in torch.unique(eos).tolist():
             group = torch.nonzero(eos == length).flatten()
@@ -96,6 +146,40 @@ class TextEncoder(nn.Module):
                     feats.append(self._suffix(x, prefix_kv))
                 order.append(idx)
         return torch.cat(feats)[torch.argsort(torch.cat(order))]
+
+    def _batched(
+        self,
+        prompts: torch.Tensor,
+        eos: torch.Tensor,
+        shared_len: int,
+        pos: torch.Tensor,
+        prefix_kv: list | None,
+    ) -> torch.Tensor:
+        """All classes in one pass (or in chunks of `chunk` classes) over the positions given, which
+        `prompt_length` cuts at the longest EOS (reading that here would sync with the device)."""
+        length = prompts.shape[1]
+        x = prompts[:, shared_len:].to(self._dtype) + pos[shared_len:length]
+        last = eos - shared_len  # where each prompt's EOS sits among the positions run here
+        step = self.chunk or len(x)
+        feats = []
+        for start in range(0, len(x), step):
+            part = slice(start, start + step)
+            args = (x[part], last[part], prefix_kv)
+            if self.chunk:
+                feats.append(checkpoint(self._suffix_batched, *args, use_reentrant=False))
+            else:
+                feats.append(self._suffix_batched(*args))
+        return torch.cat(feats)
+
+    def _suffix_batched(self, x: torch.Tensor, last: torch.Tensor, prefix_kv: list | None) -> torch.Tensor:
+        blocks = self.tower.transformer.resblocks
+        if not self.prefix_sharing:  # blocks of another kind: open_clip's own computation
+            x = self.tower.transformer(x, attn_mask=self.tower.attn_mask[: x.shape[1], : x.shape[1]])
+        else:
+            for blk, kv in zip(blocks, prefix_kv or [None] * len(blocks), strict=True):
+                x, _ = _block(blk, x, kv, batched=True)
+        x = x[torch.arange(len(x), device=x.device), last]
+        return self._project(self.tower.ln_final(x))
 
     @property
     def _dtype(self) -> torch.dtype:
@@ -139,16 +223,19 @@ class TextEncoder(nn.Module):
 
 
 def _block(
-    blk: ResidualAttentionBlock, x: torch.Tensor, prefix_kv: tuple | None
+    blk: ResidualAttentionBlock, x: torch.Tensor, prefix_kv: tuple | None, batched: bool = False
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """open_clip's ResidualAttentionBlock with a causal mask, where the queries of `x` may also
-    attend to the cached keys/values of a shared prefix placed before them."""
+    attend to the cached keys/values of a shared prefix placed before them (through one fused
+    attention call with `batched`, else through `_attend_with_prefix`'s shared matmul)."""
     n, length, width = x.shape
     heads = blk.attn.num_heads
     qkv = F.linear(blk.ln_1(x), blk.attn.in_proj_weight, blk.attn.in_proj_bias)
     q, k, v = (t.view(n, length, heads, width // heads).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
     if prefix_kv is None:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    elif batched:
+        out = _attend_after_prefix_fused(q, k, v, *prefix_kv)
     else:
         out = _attend_with_prefix(q, k, v, *prefix_kv)
     out = blk.attn.out_proj(out.transpose(1, 2).reshape(n, length, width))
@@ -176,3 +263,18 @@ def _attend_with_prefix(
     prefix_probs = probs[..., :shared].transpose(0, 1).reshape(heads, n * length, shared)
     prefix_out = (prefix_probs @ pv[0]).view(heads, n, length, dim).transpose(0, 1)
     return prefix_out + probs[..., shared:] @ v
+
+
+def _attend_after_prefix_fused(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor
+) -> torch.Tensor:
+    """The same attention as `_attend_with_prefix`, as one scaled_dot_product_attention call: the
+    prefix's keys and values [1, heads, shared, head_dim] are placed before each prompt's own, and
+    query i (position shared + i) sees keys 0 .. shared + i, a causal mask aligned to the lower
+    right, which the flash and memory-efficient kernels apply without a materialised mask. The
+    concatenation copies the prefix once per prompt (a few MB at 1000 classes), one kernel."""
+    n = q.shape[0]
+    keys = torch.cat([pk.expand(n, -1, -1, -1), k], dim=2)
+    values = torch.cat([pv.expand(n, -1, -1, -1), v], dim=2)
+    mask = causal_lower_right(q.shape[2], keys.shape[2])
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)

@@ -30,7 +30,8 @@ class ZeroShotCLIP(FrozenClassifier):
         names = [name.replace("_", " ") for name in self.classnames]
         total = 0
         for template in self.templates:
-            tokens = self.clip.tokenize([template.format(name) for name in names]).to(self.device)
+            tokens = self.clip.tokenize([template.format(name) for name in names])
+            tokens = tokens.to(self.clip.token_embedding.weight.device)  # the backbone's, wherever built
             total = total + F.normalize(self.clip.model.encode_text(tokens).float(), dim=-1)
         return F.normalize(total / len(self.templates), dim=-1)
 

@@ -1,0 +1,69 @@
+"""The benchmark script's arguments (those of the prepared GPU run too) and its grid arithmetic.
+The figures themselves are measured by `make bench` and experiments/benchmarks/gpu_check.sh."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench", ROOT / "experiments" / "benchmarks" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_gpu_scripts_arguments_parse(bench):
+    script = (ROOT / "experiments" / "benchmarks" / "gpu_check.sh").read_text()
+    (line,) = re.findall(r'^BENCH_ARGS="([^"]+)"', script, flags=re.M)
+    args = bench.parse_args(shlex.split(line))
+    assert (args.device, args.precision, args.backbone) == ("cuda", "bf16", "ViT-B-16-quickgelu")
+    assert args.classes == 1000
+    assert args.text_classes == 1000 and args.extra_step == ["RN50-quickgelu:37"]
+    assert args.e2e and args.grid and (args.repeats, args.warmup) == (10, 3)
+    cpu = bench.parse_args([])
+    assert cpu.text_classes == 250 and not cpu.e2e and cpu.grid_class_counts == [10, 100, 400, 1000]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--extra-step", "RN50"])
+
+
+def test_grid_hours_count_steps_epochs_seeds_variants_and_test_images(bench, monkeypatch):
+    monkeypatch.setattr(bench, "GRID_DATASETS", {"eurosat": (10, 8100)})
+    counts = [10, 100]
+    step_s = {"reference": 1.0, "default": 0.25}
+    times = {(mode, *v): [t, t] for mode, t in step_s.items() for v in bench.GRID_VARIANTS}
+    hours = bench.grid_hours(times, counts, encode_per_image_s=0.001)
+    # 10 classes, batch 32: 1 step per epoch for 1, 2, 4 shots (none dropped), 2 for 8, 5 for 16
+    steps = 50 * 1 + 100 * 1 + 100 * 1 + 200 * 2 + 200 * 5
+    runs = 3 * 4  # seeds x context variants, per shot count
+    assert hours["reference"] == pytest.approx((steps * runs * 1.0 + 5 * runs * 8.1) / 3600)
+    assert hours["default"] == pytest.approx((steps * runs * 0.25 + 8.1) / 3600)
+
+
+def test_step_times_are_interpolated_between_class_counts(bench):
+    counts, times = [10, 100, 1000], [1.0, 2.0, 11.0]
+    assert bench.interpolate(counts, times, 5) == 1.0
+    assert bench.interpolate(counts, times, 55) == pytest.approx(1.5)
+    assert bench.interpolate(counts, times, 1000) == pytest.approx(11.0)
+    assert bench.interpolate(counts, times, 1100) == pytest.approx(12.0)
+    assert bench.interpolate([10, 100], [2.0, 1.0], 1000) == 1.0  # noise never makes it shrink
+
+
+def test_targets_name_each_figure_with_its_threshold(bench):
+    import torch
+
+    figures = {"step_speedup": 3.5, "cached_step_speedup": 4.0, "step_RN50-quickgelu_37_speedup": 1.4}
+    checked = bench.targets(figures, torch.device("cuda"), 1000, ["RN50-quickgelu_37"])
+    assert checked["step_speedup"] == {"value": 3.5, "target": ">= 3.0", "met": True}
+    assert checked["cached_step_speedup"]["met"] is False
+    assert checked["step_RN50-quickgelu_37_speedup"]["met"] is True
+    assert checked["e2e_overhead_1000"] == {"value": None, "target": "<= 1.2", "met": None}
+    assert set(checked) >= {"text1000_unified_speedup", "text1000_csc_speedup", "grid_speedup"}
