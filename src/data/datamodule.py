@@ -16,6 +16,7 @@ from src.data.datasets.base import DatasetError, DatasetReader
 from src.data.feature_cache import FeatureCache, RandomView, SeededViews, extract_features, feature_key
 from src.data.fewshot import few_shot, load_fewshot, save_fewshot
 from src.data.image_check import ImageCheck
+from src.data.label_noise import flip_labels, record_in_fewshot_file
 from src.data.samples import Sample, Splits
 from src.data.subsample import Subsample, subsample_classes
 from src.data.transforms import describe, eval_transform, train_transform
@@ -73,6 +74,7 @@ class FewShotDataModule(pl.LightningDataModule):
         skip_bad_images: bool = False,
         fewshot_file: str | Path | None = None,
         save_fewshot_to: str | Path | None = None,
+        label_noise: float = 0.0,
     ) -> None:
         super().__init__()
         if shots < 1:
@@ -94,6 +96,8 @@ class FewShotDataModule(pl.LightningDataModule):
         self.skip_bad_images = skip_bad_images
         self.fewshot_file = fewshot_file
         self.save_fewshot_to = save_fewshot_to
+        self.label_noise = label_noise
+        self.flipped: list[tuple[Sample, int]] = []  # (clean item, noisy label) of the noisy labels
         self.train_items: list[Sample] | None = None
         self.val_items: list[Sample] = []
         self.test_items: list[Sample] = []
@@ -141,6 +145,8 @@ class FewShotDataModule(pl.LightningDataModule):
                 self.seed,
             )
             log.info("few-shot subsets saved to %s (rerun on them with data.fewshot_file=%s)", path, path)
+        if self.label_noise and self.train_items:
+            self._flip_labels()
         log.info(
             "%s: %d train (%d-shot, seed %d), %d val, %d test images, %d classes",
             self.dataset.root,
@@ -151,6 +157,17 @@ class FewShotDataModule(pl.LightningDataModule):
             len(self.test_items),
             len(splits.classnames),
         )
+
+    def _flip_labels(self) -> None:
+        """`label_noise` of the train labels flipped (src/data/label_noise.py), after sampling and
+        saving the clean list; the flips are added to the saved list."""
+        self.train_items, self.flipped = flip_labels(
+            self.train_items, self.label_noise, self.seed, self.classnames
+        )
+        if self.save_fewshot_to:
+            record_in_fewshot_file(self.save_fewshot_to, self.label_noise, self.flipped, self.dataset.root)
+        flipped, total = len(self.flipped), len(self.train_items)
+        log.info("label noise %g: %d of %d train labels flipped", self.label_noise, flipped, total)
 
     def _sample(self, pool: list[Sample], shots: int, check: ImageCheck) -> list[Sample]:
         """`few_shot` over the readable images: an unreadable image drawn (and skipped) is treated
