@@ -99,6 +99,8 @@ def tidy(runs: pd.DataFrame) -> pd.DataFrame:
     runs.loc[runs["method"].isin(TRAINING_FREE) & runs["dataset"].isin(DG_TARGETS), "source"] = "imagenet"
     runs["variant"] = runs.apply(variant_name, axis=1)
     runs["training_free"] = runs["method"].isin(TRAINING_FREE)
+    # no seeds to expect: training-free runs, and ensembles of prompts of several seeds (seed 0)
+    runs["seedless"] = runs["training_free"] | (runs["ensemble"].notna() & (runs["seed"] == 0))
     # Zero-shot runs at any shots and seed are one and the same run.
     runs.loc[runs["training_free"], ["shots", "seed"]] = 0
     runs["protocol"] = "fewshot"
@@ -121,13 +123,14 @@ def cells(runs: pd.DataFrame) -> pd.DataFrame:
             n=("test_acc", "size"),
             seeds=("seed", lambda s: tuple(sorted(s))),
             training_free=("training_free", "first"),
+            seedless=("seedless", "first"),
         )
         .reset_index()
     )
     expected = sorted(set(used.loc[~used["training_free"], "seed"]))
     table["missing_seeds"] = [
         () if free else tuple(s for s in expected if s not in seeds)
-        for free, seeds in zip(table["training_free"], table["seeds"], strict=True)
+        for free, seeds in zip(table["seedless"], table["seeds"], strict=True)
     ]
     table["duplicated"] = [tuple(key) in duplicated.index for key in table[CELL].itertuples(index=False)]
     return table
