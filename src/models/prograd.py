@@ -75,8 +75,9 @@ class ProGrad(CoOp):
         self.lambda_ = lambda_
         self.temperature = temperature
         words = template.split("{}")[0].strip(" ,")
-        if init_from_template and words:
-            self._init_context(words)
+        self.init_words = words if init_from_template and words else None
+        if self.init_words:
+            self._init_context(self.init_words)
         self._hand_made: torch.Tensor | None = None
         self._kl_grads: list[torch.Tensor] | None = None
 
@@ -156,7 +157,12 @@ class ProGrad(CoOp):
         self._kl_grads = None
 
     def result_fields(self) -> dict[str, Any]:
-        return {"prograd_lambda": self.lambda_, "temperature": self.temperature, "template": self.template}
+        return {
+            "prograd_lambda": self.lambda_,
+            "temperature": self.temperature,
+            "template": self.template,
+            "ctx_init": self.init_words,  # the last vectors' words (zeros before them)
+        }
 
     def prompt_state(self) -> dict[str, Any]:
         return {**super().prompt_state(), "method": "prograd"}

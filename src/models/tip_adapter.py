@@ -131,7 +131,9 @@ class TipAdapter(AccuracyTest, pl.LightningModule):
         if not self.finetune:
             self.search_hyperparameters()
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+        if not self.finetune:  # Tip-Adapter given epochs: nothing learns
+            return None
         images, labels = batch
         if images.ndim != 2:
             with torch.no_grad():
