@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 # at 0 shots, one run expected per dataset.
 TRAINING_FREE = ("zeroshot", "zeroshot_ensemble")
 # Methods with a learned context, whose variants (class-specific, position, M) are told apart.
-CONTEXT_METHODS = ("coop", "cocoop")
+CONTEXT_METHODS = ("coop", "cocoop", "kgcoop", "prograd")
 # The evaluation sets of the domain generalisation study; other transfer targets are cross-dataset.
 DG_TARGETS = ("imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r")
 # The key of results.json naming the dataset a transferred prompt was trained on.
@@ -71,27 +71,36 @@ def load_runs(root: Path) -> pd.DataFrame:
 
 
 def variant_name(row: pd.Series) -> str:
-    """`coop unified end M16` for a learned context, the method's name otherwise."""
-    if row["method"] not in CONTEXT_METHODS or pd.isna(row.get("ctx")):
-        return str(row["method"])
-    name = f"{row['method']} {row['ctx']} {row['class_token_position']} M{int(row['n_ctx'])}"
-    init = row.get("ctx_init")
-    return f"{name} init={init!r}" if isinstance(init, str) else name
+    """`coop unified end M16` for a learned context, the method's name otherwise; then what sets
+    a run apart from the method's plain runs: `noise=0.25` (noisy labels), `(features)` (how an
+    ensemble averages)."""
+    name = str(row["method"])
+    if row["method"] in CONTEXT_METHODS and not pd.isna(row.get("ctx")):
+        name = f"{name} {row['ctx']} {row['class_token_position']} M{int(row['n_ctx'])}"
+        init = row.get("ctx_init")
+        name = f"{name} init={init!r}" if isinstance(init, str) else name
+    if isinstance(row.get("ensemble"), str):
+        name = f"{name} ({row['ensemble']})"
+    return f"{name} noise={row['label_noise']:g}" if row["label_noise"] > 0 else name
 
 
 def tidy(runs: pd.DataFrame) -> pd.DataFrame:
     """Adds the columns that place each run in a table, and marks duplicated runs."""
     runs = runs.copy()
-    for column, default in (("subsample", "all"), (SOURCE_KEY, None), ("ctx_init", None)):
+    defaults = {"subsample": "all", SOURCE_KEY: None, "ctx_init": None, "label_noise": 0.0, "ensemble": None}
+    for column, default in defaults.items():
         if column not in runs:
             runs[column] = default
     runs["subsample"] = runs["subsample"].fillna("all")
+    runs["label_noise"] = runs["label_noise"].fillna(0.0)
     runs["source"] = runs[SOURCE_KEY].fillna(runs["dataset"])
     # The domain generalisation targets are test sets: a training-free method run on one is that
     # study's evaluation, with ImageNet as the source.
     runs.loc[runs["method"].isin(TRAINING_FREE) & runs["dataset"].isin(DG_TARGETS), "source"] = "imagenet"
     runs["variant"] = runs.apply(variant_name, axis=1)
     runs["training_free"] = runs["method"].isin(TRAINING_FREE)
+    # no seeds to expect: training-free runs, and ensembles of prompts of several seeds (seed 0)
+    runs["seedless"] = runs["training_free"] | (runs["ensemble"].notna() & (runs["seed"] == 0))
     # Zero-shot runs at any shots and seed are one and the same run.
     runs.loc[runs["training_free"], ["shots", "seed"]] = 0
     runs["protocol"] = "fewshot"
@@ -114,13 +123,14 @@ def cells(runs: pd.DataFrame) -> pd.DataFrame:
             n=("test_acc", "size"),
             seeds=("seed", lambda s: tuple(sorted(s))),
             training_free=("training_free", "first"),
+            seedless=("seedless", "first"),
         )
         .reset_index()
     )
     expected = sorted(set(used.loc[~used["training_free"], "seed"]))
     table["missing_seeds"] = [
         () if free else tuple(s for s in expected if s not in seeds)
-        for free, seeds in zip(table["training_free"], table["seeds"], strict=True)
+        for free, seeds in zip(table["seedless"], table["seeds"], strict=True)
     ]
     table["duplicated"] = [tuple(key) in duplicated.index for key in table[CELL].itertuples(index=False)]
     return table

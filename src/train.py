@@ -105,6 +105,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "train_time_s": round(train_time, 3),
         "epochs": trainer.max_epochs,
         "train_views": cfg.data.train_views,
+        "label_noise": datamodule.label_noise,
+        "noisy_labels": len(datamodule.flipped),
     }
     if hasattr(module, "result_fields"):  # what a method adds to (or has instead of) CoOp's fields
         results.update(module.result_fields())

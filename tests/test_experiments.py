@@ -29,6 +29,7 @@ RUNS = {
     "cross_dataset": 7,
     "base_to_new": 77,
     "quickstart": 1,
+    "noisy_labels": 275,
 }
 # What the one-step runs replace: the tiny model, the miniature data, a CPU trainer.
 TINY_KEYS = {"model", "dataset", "trainer"}

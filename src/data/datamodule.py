@@ -16,7 +16,6 @@ from src.data.datasets.base import DatasetError, DatasetReader
 from src.data.feature_cache import FeatureCache, RandomView, SeededViews, extract_features, feature_key
 from src.data.fewshot import FewShotSampler, draw_fewshot, load_fewshot, save_fewshot
 from src.data.image_check import ImageCheck
-from src.data.reference_fewshot import read_reference_fewshot, reference_fewshot_file
 from src.data.in_memory import (
     CropBatch,
     InMemoryTrainImages,
@@ -24,6 +23,8 @@ from src.data.in_memory import (
     finish_augmentation,
     fits_in_memory,
 )
+from src.data.label_noise import flip_labels, record_in_fewshot_file
+from src.data.reference_fewshot import read_reference_fewshot, reference_fewshot_file
 from src.data.samples import Sample, Splits
 from src.data.subsample import Subsample, subsample_classes
 from src.data.transforms import describe, eval_transform, train_transform
@@ -87,6 +88,7 @@ class FewShotDataModule(pl.LightningDataModule):
         train_in_memory: bool = True,
         train_augment: str = "auto",
         in_memory_max_gb: float = 16.0,
+        label_noise: float = 0.0,
     ) -> None:
         super().__init__()
         if shots < 1:
@@ -118,6 +120,8 @@ class FewShotDataModule(pl.LightningDataModule):
         self.train_in_memory = train_in_memory
         self.train_augment = train_augment
         self.in_memory_max_gb = in_memory_max_gb
+        self.label_noise = label_noise
+        self.flipped: list[tuple[Sample, int]] = []  # (clean item, noisy label) of the noisy labels
         self.train_items: list[Sample] | None = None
         self.val_items: list[Sample] = []
         self.test_items: list[Sample] = []
@@ -183,6 +187,8 @@ class FewShotDataModule(pl.LightningDataModule):
                 **self.fewshot_origin,
             )
             log.info("few-shot subsets saved to %s (rerun on them with data.fewshot_file=%s)", path, path)
+        if self.label_noise and self.train_items:
+            self._flip_labels()
         log.info(
             "%s: %d train (%d-shot, seed %d, %s sampler), %d val, %d test images, %d classes",
             self.dataset.root,
@@ -194,6 +200,17 @@ class FewShotDataModule(pl.LightningDataModule):
             len(self.test_items),
             len(splits.classnames),
         )
+
+    def _flip_labels(self) -> None:
+        """`label_noise` of the train labels flipped (src/data/label_noise.py), after sampling and
+        saving the clean list; the flips are added to the saved list."""
+        self.train_items, self.flipped = flip_labels(
+            self.train_items, self.label_noise, self.seed, self.classnames
+        )
+        if self.save_fewshot_to:
+            record_in_fewshot_file(self.save_fewshot_to, self.label_noise, self.flipped, self.dataset.root)
+        flipped, total = len(self.flipped), len(self.train_items)
+        log.info("label noise %g: %d of %d train labels flipped", self.label_noise, flipped, total)
 
     def _draw(self, splits: Splits, check: ImageCheck) -> tuple[list[Sample], list[Sample]]:
         """The sampler's train and val subsets of the readable images: an unreadable image drawn

@@ -25,15 +25,8 @@ class ZeroShotCLIP(FrozenClassifier):
         self.templates = list(templates)
         self._text_features: torch.Tensor | None = None
 
-    @torch.no_grad()
     def text_features(self) -> torch.Tensor:
-        names = [name.replace("_", " ") for name in self.classnames]
-        total = 0
-        for template in self.templates:
-            tokens = self.clip.tokenize([template.format(name) for name in names])
-            tokens = tokens.to(self.clip.token_embedding.weight.device)  # the backbone's, wherever built
-            total = total + F.normalize(self.clip.model.encode_text(tokens).float(), dim=-1)
-        return F.normalize(total / len(self.templates), dim=-1)
+        return template_text_features(self.clip, self.classnames, self.templates)
 
     def logits(self, image_features: torch.Tensor) -> torch.Tensor:
         if self._text_features is None:
@@ -45,3 +38,18 @@ class ZeroShotCLIP(FrozenClassifier):
 
     def result_fields(self) -> dict:
         return {**super().result_fields(), "templates": self.templates}
+
+
+@torch.no_grad()
+def template_text_features(
+    clip: FrozenCLIP, classnames: list[str], templates: list[str]
+) -> torch.Tensor:
+    """Normalised class text features [n_cls, d] of hand-made prompts: per class the mean of the
+    normalised features of its prompts, one per template, normalised again."""
+    names = [name.replace("_", " ") for name in classnames]
+    total = 0
+    for template in templates:
+        tokens = clip.tokenize([template.format(name) for name in names])
+        tokens = tokens.to(clip.token_embedding.weight.device)  # the backbone's, wherever built
+        total = total + F.normalize(clip.model.encode_text(tokens).float(), dim=-1)
+    return F.normalize(total / len(templates), dim=-1)
