@@ -26,12 +26,15 @@ from src.files import write_json
 from src.models.clip import FrozenCLIP
 from src.models.cocoop import cocoop_from_prompt
 from src.models.coop import CoOp, coop_from_prompt, load_prompt
+from src.models.maple import maple_from_prompt
 from src.results import evaluation_fields
 
 log = logging.getLogger(__name__)
 
 # How each method's prompt file is turned back into its module (prompt_state()["method"]).
-PROMPT_LOADERS = {"coop": coop_from_prompt, "cocoop": cocoop_from_prompt}
+PROMPT_LOADERS = {"coop": coop_from_prompt, "cocoop": cocoop_from_prompt, "maple": maple_from_prompt}
+# Methods whose prompts change the image features: they are tested on images, never cached features.
+IMAGE_PROMPTED = ("maple",)
 
 
 def read_prompt(path: str | Path) -> dict[str, Any]:
@@ -65,7 +68,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     state = read_prompt(cfg.ckpt)
     pl.seed_everything(cfg.seed, workers=True)
     clip = instantiate(cfg.model)
-    datamodule = instantiate(cfg.data, dataset=instantiate(cfg.dataset.reader), image_size=clip.image_size)
+    datamodule = instantiate(
+        cfg.data,
+        dataset=instantiate(cfg.dataset.reader),
+        image_size=clip.image_size,
+        cache_features=cfg.data.cache_features and state.get("method") not in IMAGE_PROMPTED,
+    )
     module = module_from_prompt(state, clip, datamodule.classnames)
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
     (metrics,) = trainer.test(module, datamodule=datamodule, verbose=False)

@@ -163,10 +163,11 @@ def coop_from_prompt(
     clip: FrozenCLIP,
     classnames: list[str] | None = None,
     module_cls: type[CoOp] | None = None,
+    **module_kwargs: Any,
 ) -> CoOp:
-    """Rebuilds CoOp (or `module_cls`, a subclass) from a prompt file, for its own class list or, for
-    a unified context, for another one (a class-specific context only exists for the classes it was
-    trained on)."""
+    """Rebuilds CoOp (or `module_cls`, a subclass, given `module_kwargs`) from a prompt file, for its
+    own class list or, for a unified context, for another one (a class-specific context only exists
+    for the classes it was trained on)."""
     if (clip.name, clip.pretrained) != (state["backbone"], state["pretrained"]):
         raise ValueError(
             f"the prompt was learned on {state['backbone']} ({state['pretrained']}), not "
@@ -185,6 +186,7 @@ def coop_from_prompt(
         n_ctx=state["n_ctx"],
         class_specific=state["class_specific"],
         class_token_position=state["class_token_position"],
+        **module_kwargs,
     )
     if module.prompt_learner.ctx.shape != state["ctx"].shape:
         raise ValueError(

@@ -29,7 +29,10 @@ class PromptLearner(nn.Module):
         ctx_init: str | None = None,
         class_specific: bool = False,
         class_token_position: Position = "end",
+        learned_init_tokens: int | None = None,
     ) -> None:
+        """`learned_init_tokens`: with `ctx_init`, only its first tokens are learned and the rest stay
+        fixed words of every prompt (MaPLe learns "a photo" of "a photo of a {class}.")."""
         super().__init__()
         if class_token_position not in ("end", "middle", "front"):
             raise ValueError(f"ctx.class_token_position={class_token_position!r}: use end, middle or front")
@@ -39,7 +42,13 @@ class PromptLearner(nn.Module):
         with torch.no_grad():
             if ctx_init:
                 words = ctx_init.replace("_", " ").strip()
-                n_ctx = _token_count(tokenize, words)
+                n_words = _token_count(tokenize, words)
+                n_ctx = min(learned_init_tokens or n_words, n_words)
+                if n_ctx < n_words and class_token_position != "end":
+                    raise ValueError(
+                        f"ctx.class_token_position={class_token_position}: a context followed by fixed "
+                        "words of ctx.init needs the class name at the end"
+                    )
                 ctx = token_embedding(tokenize([words]))[0, 1 : 1 + n_ctx].float()
                 if class_specific:
                     log.info("class-specific context: every class starts from %r", words)
