@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
 
@@ -73,7 +74,10 @@ class FewShotDataModule(pl.LightningDataModule):
         skip_bad_images: bool = False,
         fewshot_file: str | Path | None = None,
         save_fewshot_to: str | Path | None = None,
+        test_transform: Callable[[int], Callable] | None = None,
     ) -> None:
+        """`test_transform`: makes the test images' transform from the image size, instead of the
+        eval transform (test-time prompt tuning: augmented views of each image)."""
         super().__init__()
         if shots < 1:
             raise ValueError(f"shots={shots}: the number of images per class must be at least 1")
@@ -94,6 +98,7 @@ class FewShotDataModule(pl.LightningDataModule):
         self.skip_bad_images = skip_bad_images
         self.fewshot_file = fewshot_file
         self.save_fewshot_to = save_fewshot_to
+        self.test_transform = test_transform
         self.train_items: list[Sample] | None = None
         self.val_items: list[Sample] = []
         self.test_items: list[Sample] = []
@@ -200,7 +205,9 @@ class FewShotDataModule(pl.LightningDataModule):
         return self._eval_loader("test", self.test_items)
 
     def _eval_loader(self, split: str, items: list[Sample]) -> DataLoader:
-        if self.cache is None:
+        if split == "test" and self.test_transform is not None:
+            data = ImageList(items, self.test_transform(self.image_size))
+        elif self.cache is None:
             data = ImageList(items, eval_transform(self.image_size))
         else:
             data = TensorDataset(*self.image_features(split))
