@@ -36,6 +36,7 @@ class PromptLearner(nn.Module):
         super().__init__()
         if class_token_position not in ("end", "middle", "front"):
             raise ValueError(f"ctx.class_token_position={class_token_position!r}: use end, middle or front")
+        _check_tokenizer(tokenize)
         names = [name.replace("_", " ") for name in classnames]
         n_cls = len(names)
         width = token_embedding.weight.shape[1]
@@ -116,3 +117,14 @@ class PromptLearner(nn.Module):
 def _token_count(tokenize, text: str) -> int:
     """Number of BPE tokens of `text` (without SOS/EOS; padding is token id 0)."""
     return int((tokenize([text])[0] != 0).sum()) - 2
+
+
+def _check_tokenizer(tokenize) -> None:
+    """The prompt layout (start token, context, name, end token at the highest id) is that of
+    CLIP's BPE tokenizer; others (SigLIP's SentencePiece has no start token) would misplace it."""
+    ids = tokenize(["a", "a a"])
+    if not (ids[0, 0] == ids[1, 0] and int(ids[0].argmax()) == 2 and int(ids[1].argmax()) == 3):
+        raise ValueError(
+            "model: its tokenizer does not put a start token first and the end token (highest id) "
+            "last, as CLIP's does; learned prompts need an open_clip model with CLIP's tokenizer"
+        )
