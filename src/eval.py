@@ -30,6 +30,7 @@ from src.files import write_json
 from src.models.clip import FrozenCLIP
 from src.models.cocoop import cocoop_from_prompt
 from src.models.coop import CoOp, coop_from_prompt, load_prompt, run_folder
+from src.models.maple import maple_from_prompt
 from src.models.prompt_ensemble import PromptEnsemble
 from src.models.tip_adapter import tip_adapter_from_prompt
 from src.quiet import silence_known_warnings
@@ -45,7 +46,10 @@ PROMPT_LOADERS = {
     "prograd": coop_from_prompt,  # likewise the gradient projection
     "tip_adapter": tip_adapter_from_prompt,
     "tip_adapter_f": tip_adapter_from_prompt,
+    "maple": maple_from_prompt,
 }
+# Methods whose prompts change the image features: they are tested on images, never cached features.
+IMAGE_PROMPTED = ("maple",)
 
 
 def prompt_paths(ckpt: str | ListConfig | list) -> list[str]:
@@ -94,7 +98,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     state = states[0]
     pl.seed_everything(cfg.seed, workers=True)
     clip = instantiate(cfg.model)
-    datamodule = instantiate(cfg.data, dataset=instantiate(cfg.dataset.reader), image_size=clip.image_size)
+    datamodule = instantiate(
+        cfg.data,
+        dataset=instantiate(cfg.dataset.reader),
+        image_size=clip.image_size,
+        cache_features=cfg.data.cache_features and state.get("method") not in IMAGE_PROMPTED,
+    )
     members = [module_from_prompt(s, clip, datamodule.classnames) for s in states]
     ensemble = isinstance(cfg.ckpt, ListConfig)
     module = PromptEnsemble(members, len(datamodule.classnames), cfg.ensemble) if ensemble else members[0]

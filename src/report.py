@@ -35,9 +35,9 @@ log = logging.getLogger(__name__)
 
 # Methods whose result depends neither on the shots nor on the seed: plotted as a line, tabled
 # at 0 shots, one run expected per dataset.
-TRAINING_FREE = ("zeroshot", "zeroshot_ensemble")
+TRAINING_FREE = ("zeroshot", "zeroshot_ensemble", "tpt")
 # Methods with a learned context, whose variants (class-specific, position, M) are told apart.
-CONTEXT_METHODS = ("coop", "cocoop", "kgcoop", "prograd")
+CONTEXT_METHODS = ("coop", "cocoop", "kgcoop", "prograd", "maple")
 # The evaluation sets of the domain generalisation study; other transfer targets are cross-dataset.
 DG_TARGETS = ("imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r")
 # The key of results.json naming the dataset a transferred prompt was trained on.

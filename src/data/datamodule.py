@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
 
@@ -89,7 +90,10 @@ class FewShotDataModule(pl.LightningDataModule):
         train_augment: str = "auto",
         in_memory_max_gb: float = 16.0,
         label_noise: float = 0.0,
+        test_transform: Callable[[int], Callable] | None = None,
     ) -> None:
+        """`test_transform`: makes the test images' transform from the image size, instead of the
+        eval transform (test-time prompt tuning: augmented views of each image)."""
         super().__init__()
         if shots < 1:
             raise ValueError(f"shots={shots}: the number of images per class must be at least 1")
@@ -122,6 +126,7 @@ class FewShotDataModule(pl.LightningDataModule):
         self.in_memory_max_gb = in_memory_max_gb
         self.label_noise = label_noise
         self.flipped: list[tuple[Sample, int]] = []  # (clean item, noisy label) of the noisy labels
+        self.test_transform = test_transform
         self.train_items: list[Sample] | None = None
         self.val_items: list[Sample] = []
         self.test_items: list[Sample] = []
@@ -278,7 +283,9 @@ class FewShotDataModule(pl.LightningDataModule):
         return self._eval_loader("test", self.test_items)
 
     def _eval_loader(self, split: str, items: list[Sample]) -> DataLoader:
-        if self.cache is None:
+        if split == "test" and self.test_transform is not None:
+            data = ImageList(items, self.test_transform(self.image_size))
+        elif self.cache is None:
             data = ImageList(items, eval_transform(self.image_size))
         else:
             data = TensorDataset(*self.image_features(split))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torchvision import transforms as T
 
@@ -47,3 +48,25 @@ def describe(size: int) -> dict[str, str]:
         "train": f"RandomResizedCrop({size}, scale=(0.08, 1.0), bicubic) + HFlip + CLIP norm",
         "test": f"Resize({size}, bicubic) + CenterCrop({size}) + CLIP norm",
     }
+
+
+class AugmentedViews:
+    """Test-time prompt tuning's views of one image (Shu et al., 2022): the eval transform's view,
+    then `views` random ones, each a RandomResizedCrop (default scale and interpolation, as the
+    reference) and a flip, followed by AugMix (severity 1, the AugMix paper's operations) when
+    `augmix` (the reference uses it on every dataset but ImageNet and its variants). The image
+    becomes a tensor [1 + views, 3, size, size]."""
+
+    def __init__(self, size: int, views: int = 63, augmix: bool = True) -> None:
+        if views < 1:
+            raise ValueError(f"data.test_transform.views={views}: test-time tuning needs at least 1 view")
+        self.views = views
+        self.original = eval_transform(size)
+        augment = [T.Lambda(_rgb), T.RandomResizedCrop(size), T.RandomHorizontalFlip()]
+        if augmix:
+            augment.append(T.AugMix(severity=1, all_ops=False))
+        normalise = [T.ToTensor(), T.Normalize(OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)]
+        self.augment = T.Compose(augment + normalise)
+
+    def __call__(self, image):
+        return torch.stack([self.original(image)] + [self.augment(image) for _ in range(self.views)])

@@ -208,10 +208,11 @@ def coop_from_prompt(
     clip: FrozenCLIP,
     classnames: list[str] | None = None,
     module_cls: type[CoOp] | None = None,
+    **module_kwargs: Any,
 ) -> CoOp:
-    """Rebuilds CoOp (or `module_cls`, a subclass) from a prompt file, for its own class list or, for
-    a unified context, for another one (a class-specific context only exists for the classes it was
-    trained on)."""
+    """Rebuilds CoOp (or `module_cls`, a subclass, given `module_kwargs`) from a prompt file, for its
+    own class list or, for a unified context, for another one (a class-specific context only exists
+    for the classes it was trained on)."""
     if (clip.name, clip.pretrained) != (state["backbone"], state["pretrained"]):
         raise ValueError(
             f"the prompt was learned on {state['backbone']} ({state['pretrained']}), not "
@@ -233,6 +234,7 @@ def coop_from_prompt(
         class_token_position=state["class_token_position"],
         # files from before ctx_init_count learned every token of the phrase
         ctx_init_count=state.get("ctx_init_count", "tokens"),
+        **module_kwargs,
     )
     if module.prompt_learner.ctx.shape != state["ctx"].shape:
         raise ValueError(

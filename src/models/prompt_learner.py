@@ -48,11 +48,15 @@ class PromptLearner(nn.Module):
         class_specific: bool = False,
         class_token_position: Position = "end",
         ctx_init_count: InitCount = "words",
+        learned_init_tokens: int | None = None,
     ) -> None:
+        """`learned_init_tokens`: with `ctx_init`, only its first tokens are learned and the rest stay
+        fixed words of every prompt (MaPLe learns "a photo" of "a photo of a {class}.")."""
         super().__init__()
         check_context(n_ctx, ctx_init, class_token_position)
         if ctx_init_count not in ("words", "tokens"):
             raise ValueError(f"ctx.init_count={ctx_init_count!r}: use words (the reference) or tokens")
+        _check_tokenizer(tokenize)
         names = [name.replace("_", " ") for name in classnames]
         n_cls = len(names)
         width = token_embedding.weight.shape[1]
@@ -63,6 +67,8 @@ class PromptLearner(nn.Module):
             if ctx_init:
                 words = ctx_init.replace("_", " ").strip()
                 n_ctx = _init_length(tokenize, words, ctx_init_count)
+                if learned_init_tokens:  # MaPLe: only the leading tokens learn, the rest stays text
+                    n_ctx = min(learned_init_tokens, n_ctx)
                 ctx = token_embedding(tokenize([words]).to(device))[0, 1 : 1 + n_ctx].float()
                 if class_specific:
                     log.info("class-specific context: every class starts from %r", words)
@@ -149,3 +155,14 @@ def _init_length(tokenize, words: str, count: InitCount) -> int:
 def _token_count(tokenize, text: str) -> int:
     """Number of BPE tokens of `text` (without SOS/EOS; padding is token id 0)."""
     return int((tokenize([text])[0] != 0).sum()) - 2
+
+
+def _check_tokenizer(tokenize) -> None:
+    """The prompt layout (start token, context, name, end token at the highest id) is that of
+    CLIP's BPE tokenizer; others (SigLIP's SentencePiece has no start token) would misplace it."""
+    ids = tokenize(["a", "a a"])
+    if not (ids[0, 0] == ids[1, 0] and int(ids[0].argmax()) == 2 and int(ids[1].argmax()) == 3):
+        raise ValueError(
+            "model: its tokenizer does not put a start token first and the end token (highest id) "
+            "last, as CLIP's does; learned prompts need an open_clip model with CLIP's tokenizer"
+        )

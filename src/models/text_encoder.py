@@ -191,6 +191,11 @@ class TextEncoder(nn.Module):
         x = prompts.to(self._dtype) + self.tower.positional_embedding[:length].to(self._dtype)
         mask = self.tower.attn_mask
         x = self.tower.transformer(x, attn_mask=None if mask is None else mask[:length, :length])
+        return self.pool(x, eos)
+
+    def pool(self, x: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
+        """The text features of the last block's hidden states [n, L, width], as encode_text
+        pools and projects them."""
         x = self.tower.ln_final(x)
         if self.pool_type in ("argmax", "eos"):
             x = x[torch.arange(x.shape[0], device=x.device), eos]

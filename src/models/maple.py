@@ -1,0 +1,138 @@
+"""MaPLe (Khattak et al., "MaPLe: Multi-modal Prompt Learning", CVPR 2023): prompts in the first J
+blocks of both encoders, the image ones coupled to the text ones."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from src.models import deep_prompts
+from src.models.clip import FrozenCLIP
+from src.models.coop import CoOp, coop_from_prompt
+from src.models.prompt_learner import Position, PromptLearner
+
+
+class MaPLe(CoOp):
+    """CoOp's context (layer 0 of the text encoder) plus, for blocks 1 .. J-1, learned deep prompts
+    that replace the context positions' hidden states; the image encoder gets, for each of the J
+    blocks, as many extra tokens made from that block's text prompts by a coupling function
+    Linear(text width, image width). Unified context, class name at the end, ViT only.
+
+    As the reference: with ctx_init, the first n_ctx tokens are learned and the rest stay words of
+    the prompt ("a photo" + "of a {class}."); deep prompts start normal(std 0.02); the deep
+    coupling functions start as copies of one Linear.
+    """
+
+    def __init__(
+        self,
+        clip: FrozenCLIP,
+        classnames: list[str],
+        n_ctx: int = 2,
+        ctx_init: str | None = "a photo of a",
+        class_specific: bool = False,
+        class_token_position: Position = "end",
+        prompt_depth: int = 9,
+        lr: float = 0.0035,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        warmup_epochs: int = 1,
+        warmup_lr: float = 1e-5,
+    ) -> None:
+        visual = clip.model.visual
+        deep_prompts.check_prompt_ready_vit(visual, clip.name)
+        if class_specific or class_token_position != "end":
+            raise ValueError(
+                "method=maple has one context shared by all classes, before the class name: use "
+                "ctx=unified ctx.class_token_position=end"
+            )
+        layers = min(len(clip.text.tower.transformer.resblocks), len(visual.transformer.resblocks))
+        if not 1 <= prompt_depth <= layers:
+            raise ValueError(
+                f"method.module.prompt_depth={prompt_depth}: use 1 .. {layers} (the blocks of {clip.name})"
+            )
+        super().__init__(
+            clip,
+            classnames,
+            n_ctx=n_ctx,
+            ctx_init=ctx_init,
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            warmup_epochs=warmup_epochs,
+            warmup_lr=warmup_lr,
+        )
+        # CoOp learns all the words of ctx_init; MaPLe only the first n_ctx.
+        self.prompt_learner = PromptLearner(
+            classnames,
+            clip.token_embedding,
+            clip.tokenize,
+            n_ctx=n_ctx,
+            ctx_init=ctx_init,
+            learned_init_tokens=n_ctx,
+        )
+        n_ctx = self.prompt_learner.n_ctx
+        text_width = clip.token_embedding.weight.shape[1]
+        image_width = visual.transformer.width
+        self.deep_text = nn.Parameter(torch.empty(prompt_depth - 1, n_ctx, text_width).normal_(std=0.02))
+        deep_coupling = nn.Linear(text_width, image_width)
+        self.couplings = nn.ModuleList(
+            [nn.Linear(text_width, image_width)]
+            + [copy.deepcopy(deep_coupling) for _ in range(prompt_depth - 1)]
+        )
+
+    def text_prompts(self) -> list[torch.Tensor]:
+        """The text prompts of blocks 0 .. J-1, each [n_ctx, text width]."""
+        return [self.prompt_learner.ctx, *self.deep_text]
+
+    def text_features(self) -> torch.Tensor:
+        learner = self.prompt_learner
+        prompts = learner(self.clip.text.prompt_length(learner.eos))
+        return deep_prompts.encode_text(self.clip.text, prompts, learner.eos, list(self.deep_text))
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        coupled = [coupling(p) for coupling, p in zip(self.couplings, self.text_prompts(), strict=True)]
+        return deep_prompts.encode_image(self.clip.model.visual, images, coupled)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits of a batch of images [b, 3, h, w]."""
+        if images.ndim != 4:
+            raise ValueError(
+                "method=maple prompts the image encoder, so it takes images, not cached image "
+                "features: use data.cache_features=false data.train_views=0"
+            )
+        text = self._eval_text_features
+        if text is None:
+            text = self.text_features()
+        return self.logits(self.image_features(images), text)
+
+    def result_fields(self) -> dict[str, Any]:
+        return {"prompt_depth": len(self.couplings)}
+
+    def prompt_state(self) -> dict[str, Any]:
+        couplings = {k: v.detach().cpu().clone() for k, v in self.couplings.state_dict().items()}
+        return {
+            **super().prompt_state(),
+            "method": "maple",
+            "prompt_depth": len(self.couplings),
+            "deep_text": self.deep_text.detach().cpu().clone(),
+            "couplings": couplings,
+        }
+
+
+def maple_from_prompt(state: dict[str, Any], clip: FrozenCLIP, classnames: list[str] | None = None) -> MaPLe:
+    """Rebuilds MaPLe from its prompt file, for its own or another class list."""
+    module = coop_from_prompt(
+        state,
+        clip,
+        classnames,
+        module_cls=MaPLe,
+        ctx_init=state["ctx_init"],
+        prompt_depth=state["prompt_depth"],
+    )
+    with torch.no_grad():
+        module.deep_text.copy_(state["deep_text"])
+    module.couplings.load_state_dict(state["couplings"])
+    return module
