@@ -26,7 +26,7 @@ def test_non_causal_last_token_tower_falls_back_and_matches_open_clip(caplog):
     torch.manual_seed(0)
     with caplog.at_level(logging.WARNING):
         clip = FrozenCLIP("coop-tiny-siglike", None)
-    assert "plain full-length text computation" in caplog.text
+    assert "reference full-length text computation" in caplog.text
     assert not clip.text.fast and clip.text.pool_type == "last" and clip.text.tower.attn_mask is None
     coop = CoOp(clip, CLASSNAMES, ctx_init="a photo of a")
     tokens = clip.tokenize([f"a photo of a {name}." for name in CLASSNAMES])

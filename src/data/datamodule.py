@@ -258,7 +258,8 @@ class FewShotDataModule(pl.LightningDataModule):
             features, labels = self.image_features("train", views=self.train_views)
             data = RandomView(features.view(self.train_views, len(items), -1), labels[: len(items)])
         elif self.train_in_memory and fits_in_memory(items, len(self.classnames), self.in_memory_max_gb):
-            on_cpu = self.trainer.strategy.root_device.type == "cpu"
+            # without a trainer (a loader built by hand) batches stay on the CPU
+            on_cpu = self.trainer is None or self.trainer.strategy.root_device.type == "cpu"
             augment = {"auto": "pil" if on_cpu else "device"}.get(self.train_augment, self.train_augment)
             data = InMemoryTrainImages(items, self.image_size, augment)
         else:

@@ -12,7 +12,7 @@ from torch import nn
 from src.models import deep_prompts
 from src.models.clip import FrozenCLIP
 from src.models.coop import CoOp, coop_from_prompt
-from src.models.prompt_learner import Position, PromptLearner
+from src.models.prompt_learner import InitCount, Position, PromptLearner
 
 
 class MaPLe(CoOp):
@@ -34,6 +34,7 @@ class MaPLe(CoOp):
         ctx_init: str | None = "a photo of a",
         class_specific: bool = False,
         class_token_position: Position = "end",
+        ctx_init_count: InitCount = "words",
         prompt_depth: int = 9,
         lr: float = 0.0035,
         momentum: float = 0.9,
@@ -71,6 +72,7 @@ class MaPLe(CoOp):
             clip.tokenize,
             n_ctx=n_ctx,
             ctx_init=ctx_init,
+            ctx_init_count=ctx_init_count,
             learned_init_tokens=n_ctx,
         )
         n_ctx = self.prompt_learner.n_ctx
@@ -129,7 +131,6 @@ def maple_from_prompt(state: dict[str, Any], clip: FrozenCLIP, classnames: list[
         clip,
         classnames,
         module_cls=MaPLe,
-        ctx_init=state["ctx_init"],
         prompt_depth=state["prompt_depth"],
     )
     with torch.no_grad():
