@@ -44,7 +44,9 @@ def test_a_quick_start_prints_a_few_lines_of_its_own(tmp_path):
     messages = [line["message"] for line in lines]
     assert messages[0] == "coop with coop-tiny (random weights) on cpu, precision 32-true"
     assert f"few-shot subsets saved to {run / 'fewshot.json'}" in messages[1]
-    assert messages[2].endswith("simulated: 48 train (16-shot, seed 1, reference sampler), 12 val, 600 test images, 3 classes")
+    assert messages[2].endswith(
+        "simulated: 48 train (16-shot, seed 1, reference sampler), 12 val, 600 test images, 3 classes"
+    )
     assert re.fullmatch(rf"test accuracy \d+\.\d\d% \(600 images\); results in {run}", messages[-1])
 
     output = done.stdout + done.stderr
