@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from src.models.clip import FrozenCLIP
 from src.models.coop import CoOp
 from src.models.prompt_learner import Position
-from src.models.zeroshot import template_text_features
+from src.models.zeroshot import HandMadeGuided
 
 
-class KgCoOp(CoOp):
+class KgCoOp(HandMadeGuided, CoOp):
     """Loss = cross-entropy + `weight` * (1 - mean over classes of cos(w_i, w_i^clip)), w_i the
     learned and w_i^clip the hand-made prompt's (`template`) text feature of class i.
 
@@ -57,15 +57,6 @@ class KgCoOp(CoOp):
         )
         self.template = template
         self.weight = weight
-        self._hand_made: torch.Tensor | None = None
-
-    def hand_made_features(self) -> torch.Tensor:
-        """The hand-made prompt's normalised class text features, on this module's device."""
-        if self._hand_made is None or self._hand_made.device != self.device:
-            self._hand_made = template_text_features(
-                self.clip, self.prompt_learner.classnames, [self.template]
-            )
-        return self._hand_made
 
     def knowledge_distance(self, text_features: torch.Tensor) -> torch.Tensor:
         """1 - mean cosine between learned and hand-made class text features."""

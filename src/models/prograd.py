@@ -12,7 +12,7 @@ from torch.optim import Optimizer
 from src.models.clip import FrozenCLIP
 from src.models.coop import CoOp
 from src.models.prompt_learner import Position
-from src.models.zeroshot import template_text_features
+from src.models.zeroshot import HandMadeGuided
 
 
 def project_conflicting(grad: torch.Tensor, kl_grad: torch.Tensor, lambda_: float = 1.0) -> torch.Tensor:
@@ -28,7 +28,7 @@ def project_conflicting(grad: torch.Tensor, kl_grad: torch.Tensor, lambda_: floa
     return (g - lambda_ * torch.dot(g, unit) * unit).view_as(grad).to(grad.dtype)
 
 
-class ProGrad(CoOp):
+class ProGrad(HandMadeGuided, CoOp):
     """Trains on the cross-entropy; before each optimiser step, the gradient of each learnable
     tensor is projected (`project_conflicting`) against the gradient of the distillation loss
     KL(zero-shot || CoOp) at temperature T (times T^2), the zero-shot prediction coming from the
@@ -78,7 +78,6 @@ class ProGrad(CoOp):
         self.init_words = words if init_from_template and words else None
         if self.init_words:
             self._init_context(self.init_words)
-        self._hand_made: torch.Tensor | None = None
         self._kl_grads: list[torch.Tensor] | None = None
 
     def _init_context(self, words: str) -> None:
@@ -94,14 +93,6 @@ class ProGrad(CoOp):
             ctx = self.prompt_learner.ctx
             ctx.zero_()
             ctx[..., ctx.shape[-2] - n_words :, :] = embedding
-
-    def hand_made_features(self) -> torch.Tensor:
-        """The hand-made prompt's normalised class text features, on this module's device."""
-        if self._hand_made is None or self._hand_made.device != self.device:
-            self._hand_made = template_text_features(
-                self.clip, self.prompt_learner.classnames, [self.template]
-            )
-        return self._hand_made
 
     def kl_loss(self, logits: torch.Tensor, zero_shot_logits: torch.Tensor) -> torch.Tensor:
         """KL(zero-shot || CoOp) at temperature T, times T^2 (the reference's loss minus the

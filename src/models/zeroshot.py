@@ -9,6 +9,20 @@ from src.models.clip import FrozenCLIP
 from src.models.frozen_classifier import FrozenClassifier
 
 
+class HandMadeGuided:
+    """For CoOp variants guided by the hand-made prompt (KgCoOp, ProGrad): its normalised class
+    text features, computed once on the module's device (CLIP is frozen, so they never change)."""
+
+    template: str
+    _hand_made: torch.Tensor | None = None
+
+    def hand_made_features(self) -> torch.Tensor:
+        if self._hand_made is None or self._hand_made.device != self.device:
+            names = self.prompt_learner.classnames
+            self._hand_made = template_text_features(self.clip, names, [self.template])
+        return self._hand_made
+
+
 class ZeroShotCLIP(FrozenClassifier):
     """Each class's text feature is the mean of the normalised features of its prompts, one per
     template ("a photo of a {}."), normalised again: the reference's prompt ensembling, which for
