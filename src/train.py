@@ -1,7 +1,7 @@
 """Train a prompt on few labelled images and test it.
 
 python -m src.train dataset=oxford_pets ctx=class_specific shots=8
-python -m src.train experiment=quickstart          # offline, tiny model, textile photos
+python -m src.train experiment=quickstart          # offline: zero-shot, then CoOp, on digits
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from pytorch_lightning.loggers import WandbLogger
 from src.cli import run
 from src.data.subsample import subsample_suffix
 from src.files import atomic_write, save_torch, write_json
+from src.models.clip import FrozenCLIP, shipped_weights
+from src.models.zeroshot import ZeroShotCLIP
 from src.results import evaluation_fields
 from src.resume import AtomicCheckpointIO, prepare_run_dir
 
@@ -38,6 +40,7 @@ def default_precision() -> str:
 
 OmegaConf.register_new_resolver("default_precision", default_precision, replace=True)
 OmegaConf.register_new_resolver("subsample_suffix", subsample_suffix, replace=True)
+OmegaConf.register_new_resolver("shipped_weights", shipped_weights, replace=True)
 # Progress bars only where someone watches them: not in SLURM logs, CI or redirected output.
 OmegaConf.register_new_resolver("isatty", lambda: sys.stdout.isatty(), replace=True)
 
@@ -68,6 +71,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     for logger in trainer.loggers:
         logger.log_hyperparams(resolved)
 
+    baseline = zeroshot_baseline(cfg, clip, datamodule) if cfg.get("baseline") == "zeroshot" else None
     if last is not None:
         log.info("resuming from %s", last)
     start = time.perf_counter()
@@ -94,6 +98,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     }
     if hasattr(module, "result_fields"):  # what a method adds to (or has instead of) CoOp's fields
         results.update(module.result_fields())
+    if baseline is not None:
+        results.update(zeroshot_acc=baseline, gain=results["test_acc"] - baseline)
+        log.info(
+            "zero-shot CLIP (%r) %.2f%%, %s %.2f%%: %+.2f points",
+            cfg.dataset.template, baseline, cfg.method.name, results["test_acc"], results["gain"],
+        )
     if trainer.is_global_zero:
         if hasattr(module, "prompt_state"):
             save_torch(out / "prompt.pt", module.prompt_state())
@@ -106,6 +116,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             # The next run of a sweep in this process gets its own W&B run, not this one.
             logger.experiment.finish()
     return results
+
+
+def zeroshot_baseline(cfg: DictConfig, clip: FrozenCLIP, datamodule: pl.LightningDataModule) -> float:
+    """Test accuracy (percent) of zero-shot CLIP with the dataset's hand-made template, on the test
+    set the method is tested on: the baseline a learned prompt has to beat (`baseline=zeroshot`)."""
+    module = ZeroShotCLIP(clip, datamodule.classnames, [cfg.dataset.template])
+    trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    (metrics,) = trainer.test(module, datamodule=datamodule, verbose=False)
+    log.info("zero-shot CLIP with %r: test accuracy %.2f%%", cfg.dataset.template, 100 * metrics["test/acc"])
+    return 100 * metrics["test/acc"]
 
 
 # Config groups whose options are numbers (conf/shots/8.yaml). Hydra parses `shots=8` as an integer

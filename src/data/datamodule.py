@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
+from torchvision.transforms import Compose
 
 from src.data.datasets.base import DatasetError, DatasetReader
 from src.data.feature_cache import FeatureCache, RandomView, SeededViews, extract_features, feature_key
@@ -18,7 +19,7 @@ from src.data.fewshot import few_shot, load_fewshot, save_fewshot
 from src.data.image_check import ImageCheck
 from src.data.samples import Sample, Splits
 from src.data.subsample import Subsample, subsample_classes
-from src.data.transforms import describe, eval_transform, train_transform
+from src.data.transforms import PAPER_CROP_SCALE, describe, eval_transform, train_transform
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,8 @@ class FewShotDataModule(pl.LightningDataModule):
         cache_features: bool = True,
         cache_dir: str | Path | None = None,
         train_views: int = 0,
+        crop_scale: tuple[float, float] = PAPER_CROP_SCALE,
+        hflip: bool = True,
         skip_bad_images: bool = False,
         fewshot_file: str | Path | None = None,
         save_fewshot_to: str | Path | None = None,
@@ -91,6 +94,8 @@ class FewShotDataModule(pl.LightningDataModule):
         if train_views < 0:
             raise ValueError(f"data.train_views={train_views}: use 0 (augment on the fly) or K >= 1 views")
         self.train_views = train_views
+        self.crop_scale = tuple(crop_scale)
+        self.hflip = hflip
         self.skip_bad_images = skip_bad_images
         self.fewshot_file = fewshot_file
         self.save_fewshot_to = save_fewshot_to
@@ -184,7 +189,7 @@ class FewShotDataModule(pl.LightningDataModule):
             features, labels = self.image_features("train", views=self.train_views)
             data = RandomView(features.view(self.train_views, len(items), -1), labels[: len(items)])
         else:
-            data = ImageList(items, train_transform(self.image_size))
+            data = ImageList(items, self.train_transform())
         return self._loader(
             data,
             self.batch_size,
@@ -192,6 +197,12 @@ class FewShotDataModule(pl.LightningDataModule):
             # the reference drops the last partial batch only when there is a full one
             drop_last=len(items) >= self.batch_size,
         )
+
+    def train_transform(self) -> Compose:
+        return train_transform(self.image_size, self.crop_scale, self.hflip)
+
+    def describe(self) -> dict[str, str]:
+        return describe(self.image_size, self.crop_scale, self.hflip)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val", self.val_items)
@@ -218,11 +229,11 @@ class FewShotDataModule(pl.LightningDataModule):
         trainer = self.trainer
         clip = trainer.lightning_module.clip
         if views:
-            data = SeededViews(items, train_transform(self.image_size), views, self.seed)
-            transform = f"{describe(self.image_size)['train']}; {views} views, seed {self.seed}"
+            data = SeededViews(items, self.train_transform(), views, self.seed)
+            transform = f"{self.describe()['train']}; {views} views, seed {self.seed}"
         else:
             data = ImageList(items, eval_transform(self.image_size))
-            transform = describe(self.image_size)["test"]
+            transform = self.describe()["test"]
 
         def compute() -> torch.Tensor:
             return extract_features(
