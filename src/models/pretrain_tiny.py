@@ -62,8 +62,8 @@ CAPTIONS = [
 ]
 
 
-def caption(label: int, rng: random.Random) -> str:
-    digit = CLASSNAMES[label] if rng.random() < WORD_FRACTION else str(label)
+def caption(label: int, rng: random.Random, word_fraction: float = WORD_FRACTION) -> str:
+    digit = CLASSNAMES[label] if rng.random() < word_fraction else str(label)
     return rng.choice(CAPTIONS).format(digit)
 
 
@@ -79,7 +79,13 @@ def augmentation(size: int) -> T.Compose:
 
 
 def pretrain(
-    root: Path, out: Path = WEIGHTS, epochs: int = 50, batch_size: int = 64, lr: float = 2e-3, seed: int = 0
+    root: Path,
+    out: Path = WEIGHTS,
+    epochs: int = 50,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    word_fraction: float = WORD_FRACTION,
+    seed: int = 0,
 ) -> dict[str, float]:
     """Trains the model on (image, caption) pairs of the pre-training half; writes its weights in
     fp16 (a safetensors state dict, loaded by `model.pretrained=<file>` as any open_clip checkpoint)."""
@@ -111,7 +117,7 @@ def pretrain(
         for step in range(steps_per_epoch):
             batch = order[step * batch_size : (step + 1) * batch_size]
             x = torch.stack([augment(images[i]) for i in batch])
-            text = tokenizer([caption(items[i].label, rng) for i in batch])
+            text = tokenizer([caption(items[i].label, rng, word_fraction) for i in batch])
             image_features, text_features, logit_scale = model(x, text)
             loss = loss_fn(image_features, text_features, logit_scale)
             optimizer.zero_grad()
@@ -131,9 +137,10 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=cache / "digits", help="the digit PNGs (written if missing)")
     parser.add_argument("--out", type=Path, default=WEIGHTS)
     parser.add_argument("--epochs", type=int, default=50)
+    parser.add_argument("--word-fraction", type=float, default=WORD_FRACTION)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    summary = pretrain(args.data, args.out, epochs=args.epochs)
+    summary = pretrain(args.data, args.out, epochs=args.epochs, word_fraction=args.word_fraction)
     log.info("wrote %s (final loss %.3f, %.0f s)", args.out, summary["loss"], summary["time_s"])
 
 
