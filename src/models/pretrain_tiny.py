@@ -134,7 +134,7 @@ def pretrain(
 def main() -> None:
     cache = Path(os.environ.get("COOP_CACHE", "outputs/.cache"))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=cache / "digits", help="the digit PNGs (written if missing)")
+    parser.add_argument("--data", type=Path, default=cache / "digits", help="digit PNGs (made if missing)")
     parser.add_argument("--out", type=Path, default=WEIGHTS)
     parser.add_argument("--epochs", type=int, default=50)
     parser.add_argument("--word-fraction", type=float, default=WORD_FRACTION)
