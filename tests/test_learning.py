@@ -26,7 +26,7 @@ WEIGHTS = shipped_weights("coop-tiny-digits.safetensors")
 EPOCHS = 10
 ZEROSHOT_MIN = 85  # measured: 95.6 % (chance: 10 %)
 LEARNED_GAIN_MIN = 10  # measured, seed 1: random context 72.6 %, after 10 epochs 95.6 %
-BASE_MIN = NEW_MIN = 85  # measured, 30 epochs: base 97.8 %, new 96.7 % (chance: 20 %)
+BASE_MIN = NEW_MIN = 85  # measured with 30 epochs: base 97.8 %, new 96.7 % (chance: 20 %)
 
 
 @pytest.fixture(scope="module")
