@@ -1,7 +1,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install test lint quickstart bench clean prepare report slurm-up
+.PHONY: install test lint quickstart quickstart-grid tiny-clip bench clean prepare report slurm-up
 
 install: $(VENV)/.installed
 
@@ -22,6 +22,15 @@ bench:
 
 quickstart:
 	$(PY) -m src.train experiment=quickstart
+
+# Figure 3 in miniature (shots x seeds x contexts on digits), then its report and curves
+quickstart-grid:
+	$(PY) -m src.train -m experiment=quickstart_grid
+	$(PY) -m src.report outputs/quickstart_grid
+
+# Pre-trains the tiny CLIP of model=tiny_pretrained again (src/models/weights/, a few minutes)
+tiny-clip:
+	$(PY) -m src.models.pretrain_tiny
 
 # make prepare NAME=dtd DATA=/path/to/data: what is present in $(DATA)/<dataset folder>, what is missing
 prepare:

@@ -7,7 +7,6 @@ from typing import Any
 import pytorch_lightning as pl
 
 from src.data.datamodule import FewShotDataModule
-from src.data.transforms import describe
 from src.models.clip import FrozenCLIP
 
 
@@ -24,6 +23,6 @@ def evaluation_fields(
         "num_classes": len(datamodule.classnames),
         "precision": str(trainer.precision),
         "image_size": clip.image_size,
-        "transforms": describe(clip.image_size),
+        "transforms": datamodule.describe(),
         "text_path": clip.text.resolved_path(trainer.strategy.root_device),
     }

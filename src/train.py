@@ -1,7 +1,7 @@
 """Train a prompt on few labelled images and test it.
 
 python -m src.train dataset=oxford_pets ctx=class_specific shots=8
-python -m src.train experiment=quickstart          # offline, tiny model, textile photos
+python -m src.train experiment=quickstart          # offline: zero-shot, then CoOp, on digits
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from pytorch_lightning.loggers import WandbLogger
 from src.cli import run
 from src.data.subsample import subsample_suffix
 from src.files import atomic_write, save_torch, write_json
-from src.models.clip import FrozenCLIP
+from src.models.clip import FrozenCLIP, shipped_weights
+from src.models.zeroshot import ZeroShotCLIP
 from src.precheck import check_training_run
 from src.quiet import silence_known_warnings
 from src.results import evaluation_fields
@@ -42,6 +43,7 @@ def default_precision() -> str:
 
 OmegaConf.register_new_resolver("default_precision", default_precision, replace=True)
 OmegaConf.register_new_resolver("subsample_suffix", subsample_suffix, replace=True)
+OmegaConf.register_new_resolver("shipped_weights", shipped_weights, replace=True)
 # Progress bars only where someone watches them: not in SLURM logs, CI or redirected output.
 OmegaConf.register_new_resolver("isatty", lambda: sys.stdout.isatty(), replace=True)
 # A few-shot epoch is often shorter than the log interval; the loss is then logged every n steps
@@ -79,6 +81,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     for logger in trainer.loggers:
         logger.log_hyperparams(resolved)
 
+    baseline = zeroshot_baseline(cfg, clip, datamodule) if cfg.get("baseline") == "zeroshot" else None
     if last is not None:
         log.info("resuming from %s", last)
     start = time.perf_counter()
@@ -110,6 +113,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     }
     if hasattr(module, "result_fields"):  # what a method adds to (or has instead of) CoOp's fields
         results.update(module.result_fields())
+    if baseline is not None:
+        results.update(zeroshot_acc=baseline, gain=results["test_acc"] - baseline)
+        log.info(
+            "zero-shot CLIP (%r) %.2f%%, %s %.2f%%: %+.2f points",
+            cfg.dataset.template, baseline, cfg.method.name, results["test_acc"], results["gain"],
+        )
     if trainer.is_global_zero:
         if hasattr(module, "prompt_state"):
             save_torch(out / "prompt.pt", module.prompt_state())
@@ -134,6 +143,16 @@ def describe_devices(trainer: pl.Trainer) -> str:
     count = trainer.num_devices * trainer.num_nodes
     kind = trainer.strategy.root_device.type
     return f"{kind if count == 1 else f'{count} {kind} devices'}, precision {trainer.precision}"
+
+
+def zeroshot_baseline(cfg: DictConfig, clip: FrozenCLIP, datamodule: pl.LightningDataModule) -> float:
+    """Test accuracy (percent) of zero-shot CLIP with the dataset's hand-made template, on the test
+    set the method is tested on: the baseline a learned prompt has to beat (`baseline=zeroshot`)."""
+    module = ZeroShotCLIP(clip, datamodule.classnames, [cfg.dataset.template])
+    trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    (metrics,) = trainer.test(module, datamodule=datamodule, verbose=False)
+    log.info("zero-shot CLIP with %r: test accuracy %.2f%%", cfg.dataset.template, 100 * metrics["test/acc"])
+    return 100 * metrics["test/acc"]
 
 
 # Config groups whose options are numbers (conf/shots/8.yaml). Hydra parses `shots=8` as an integer

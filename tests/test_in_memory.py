@@ -19,6 +19,8 @@ from src.train import train
 from tests.conftest import make_cfg
 
 SIZE = 64
+# the paper's augmentation, and the digits' (large crops, no flip: conf/dataset/digits.yaml)
+AUGMENTATIONS = pytest.mark.parametrize("crop_scale, hflip", [((0.08, 1.0), True), ((0.5, 1.0), False)])
 
 
 @pytest.fixture(scope="module")
@@ -27,10 +29,12 @@ def photos() -> list[Sample]:
     return [Sample(str(path), i % 2, "fabric") for i, path in enumerate(paths)]
 
 
-def from_files(items: list[Sample], seed: int) -> torch.Tensor:
+def from_files(
+    items: list[Sample], seed: int, crop_scale: tuple[float, float] = (0.08, 1.0), hflip: bool = True
+) -> torch.Tensor:
     """The train transform on each file, as the loader without memory applies it."""
     torch.manual_seed(seed)
-    transform = train_transform(SIZE)
+    transform = train_transform(SIZE, crop_scale, hflip)
     out = []
     for item in items:
         with Image.open(item.path) as image:
@@ -38,25 +42,30 @@ def from_files(items: list[Sample], seed: int) -> torch.Tensor:
     return torch.stack(out)
 
 
-def test_in_memory_images_augment_bit_for_bit_as_the_files(photos):
-    data = InMemoryTrainImages(photos, SIZE, "pil")
+@AUGMENTATIONS
+def test_in_memory_images_augment_bit_for_bit_as_the_files(photos, crop_scale, hflip):
+    data = InMemoryTrainImages(photos, SIZE, "pil", crop_scale, hflip)
     for seed in (0, 1):
         torch.manual_seed(seed)
         images = torch.stack([data[i][0] for i in range(len(data))])
-        assert torch.equal(images, from_files(photos, seed))
+        assert torch.equal(images, from_files(photos, seed, crop_scale, hflip))
     assert [data[i][1] for i in range(len(data))] == [0, 1, 0, 1, 0, 1]
 
 
-def test_augmentation_on_the_device_draws_the_same_crops_and_flips(photos):
-    data = InMemoryTrainImages(photos, SIZE, "device")
-    differences = []
+@AUGMENTATIONS
+def test_augmentation_on_the_device_draws_the_same_crops_and_flips(photos, crop_scale, hflip):
+    data = InMemoryTrainImages(photos, SIZE, "device", crop_scale, hflip)
+    differences, flips = [], []
     for seed in range(4):
         torch.manual_seed(seed)
         batch = collate_crops([data[i] for i in range(len(data))])
         images, labels = finish_augmentation(batch, SIZE)
         assert images.shape == (len(photos), 3, SIZE, SIZE) and labels.tolist() == [0, 1, 0, 1, 0, 1]
         std = torch.tensor(OPENAI_DATASET_STD)[:, None, None]
-        differences.append(((images - from_files(photos, seed)) * std * 255).abs())  # in 8-bit levels
+        expected = from_files(photos, seed, crop_scale, hflip)
+        differences.append(((images - expected) * std * 255).abs())  # in 8-bit levels
+        flips.append(batch.flips)
+    assert torch.cat(flips).any() == hflip  # 24 draws: some flipped with hflip, none without
     levels = torch.stack(differences)
     # same boxes and flips: a wrong box or flip would differ by tens of levels everywhere
     assert levels.mean() < 0.5 and levels.quantile(0.99) <= 2.0 and levels.max() <= 12

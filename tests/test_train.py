@@ -82,7 +82,7 @@ def test_quickstart_trains_offline_on_textile(tmp_path):
             sys.executable,
             "-m",
             "src.train",
-            "experiment=quickstart",
+            "experiment=quickstart_textile",
             "trainer.max_epochs=3",
             "data.num_workers=0",
             f"hydra.run.dir={tmp_path}",

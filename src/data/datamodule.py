@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
+from torchvision.transforms import Compose
 
 from src.data.datasets.base import DatasetError, DatasetReader
 from src.data.feature_cache import FeatureCache, RandomView, SeededViews, extract_features, feature_key
@@ -28,7 +29,7 @@ from src.data.label_noise import flip_labels, record_in_fewshot_file
 from src.data.reference_fewshot import read_reference_fewshot, reference_fewshot_file
 from src.data.samples import Sample, Splits
 from src.data.subsample import Subsample, subsample_classes
-from src.data.transforms import describe, eval_transform, train_transform
+from src.data.transforms import PAPER_CROP_SCALE, describe, eval_transform, train_transform
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,8 @@ class FewShotDataModule(pl.LightningDataModule):
         cache_features: bool = True,
         cache_dir: str | Path | None = None,
         train_views: int = 0,
+        crop_scale: tuple[float, float] = PAPER_CROP_SCALE,
+        hflip: bool = True,
         skip_bad_images: bool = False,
         fewshot_file: str | Path | None = None,
         save_fewshot_to: str | Path | None = None,
@@ -113,6 +116,8 @@ class FewShotDataModule(pl.LightningDataModule):
         if train_views < 0:
             raise ValueError(f"data.train_views={train_views}: use 0 (augment on the fly) or K >= 1 views")
         self.train_views = train_views
+        self.crop_scale = tuple(crop_scale)
+        self.hflip = hflip
         self.skip_bad_images = skip_bad_images
         self.fewshot_file = fewshot_file
         self.save_fewshot_to = save_fewshot_to
@@ -261,9 +266,9 @@ class FewShotDataModule(pl.LightningDataModule):
             # without a trainer (a loader built by hand) batches stay on the CPU
             on_cpu = self.trainer is None or self.trainer.strategy.root_device.type == "cpu"
             augment = {"auto": "pil" if on_cpu else "device"}.get(self.train_augment, self.train_augment)
-            data = InMemoryTrainImages(items, self.image_size, augment)
+            data = InMemoryTrainImages(items, self.image_size, augment, self.crop_scale, self.hflip)
         else:
-            data = ImageList(items, train_transform(self.image_size))
+            data = ImageList(items, self.train_transform())
         return self._loader(
             data,
             self.batch_size,
@@ -271,6 +276,12 @@ class FewShotDataModule(pl.LightningDataModule):
             # the reference drops the last partial batch only when there is a full one
             drop_last=len(items) >= self.batch_size,
         )
+
+    def train_transform(self) -> Compose:
+        return train_transform(self.image_size, self.crop_scale, self.hflip)
+
+    def describe(self) -> dict[str, str]:
+        return describe(self.image_size, self.crop_scale, self.hflip)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         if isinstance(batch, CropBatch):  # the in-memory train images' augmentation ends here
@@ -304,11 +315,11 @@ class FewShotDataModule(pl.LightningDataModule):
         trainer = self.trainer
         clip = trainer.lightning_module.clip
         if views:
-            data = SeededViews(items, train_transform(self.image_size), views, self.seed)
-            transform = f"{describe(self.image_size)['train']}; {views} views, seed {self.seed}"
+            data = SeededViews(items, self.train_transform(), views, self.seed)
+            transform = f"{self.describe()['train']}; {views} views, seed {self.seed}"
         else:
             data = ImageList(items, eval_transform(self.image_size))
-            transform = describe(self.image_size)["test"]
+            transform = self.describe()["test"]
 
         def compute() -> torch.Tensor:
             return extract_features(

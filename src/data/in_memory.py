@@ -4,9 +4,9 @@ A few-shot train set (at most 16 images per class) is small, and a small train s
 epochs: reading and decoding every image again each epoch, in loader workers that start again
 each epoch, then costs more than the training steps. Here the images are decoded once (in
 threads: PIL releases the GIL while decoding) and the loader runs in the main process, so an epoch
-starts at once. The augmentation is the paper's (`train_transform`), drawn per image from torch's
-global generator exactly as `train_transform` draws it, so a resumed run draws the same
-(src/resume.py). Two ways to apply it:
+starts at once. The augmentation is `train_transform`'s (the paper's, or the dataset's own crop
+scale and flip), drawn per image from torch's global generator exactly as `train_transform` draws
+it, so a resumed run draws the same (src/resume.py). Two ways to apply it:
 
 - "pil" (the CPU's): `train_transform` itself on the decoded image, in the loader: bit for bit
   the tensors of reading the file every epoch;
@@ -33,14 +33,13 @@ from torchvision import transforms as T
 
 from src.data.datasets.base import DatasetError
 from src.data.samples import Sample
-from src.data.transforms import train_transform
+from src.data.transforms import PAPER_CROP_SCALE, train_transform
 
 log = logging.getLogger(__name__)
 
 Augment = Literal["pil", "device"]
 FEW_SHOT_MAX = 16  # train sets of at most 16 images per class are few-shot sets
-SCALE = (0.08, 1.0)  # train_transform's RandomResizedCrop
-RATIO = (3 / 4, 4 / 3)
+RATIO = (3 / 4, 4 / 3)  # train_transform's RandomResizedCrop
 
 
 class CropBatch(NamedTuple):
@@ -82,15 +81,25 @@ def _decode(item: Sample) -> Image.Image:
 
 class InMemoryTrainImages(Dataset):
     """The train images, decoded once; item i is (augmented image, label) with `augment="pil"`,
-    (uint8 crop, flip, label) with `augment="device"` (batched by `collate_crops`)."""
+    (uint8 crop, flip, label) with `augment="device"` (batched by `collate_crops`). `crop_scale`
+    and `hflip` are the dataset's, as in `train_transform`."""
 
-    def __init__(self, items: list[Sample], image_size: int, augment: Augment = "pil") -> None:
+    def __init__(
+        self,
+        items: list[Sample],
+        image_size: int,
+        augment: Augment = "pil",
+        crop_scale: tuple[float, float] = PAPER_CROP_SCALE,
+        hflip: bool = True,
+    ) -> None:
         if augment not in ("pil", "device"):
             raise ValueError(f"data.train_augment={augment!r}: use auto, pil or device")
         self.labels = [item.label for item in items]
         self.image_size = image_size
         self.augment = augment
-        self.transform = train_transform(image_size)
+        self.crop_scale = tuple(crop_scale)
+        self.hflip = hflip
+        self.transform = train_transform(image_size, self.crop_scale, hflip)
         with ThreadPoolExecutor(max_workers=8) as pool:
             images = list(pool.map(_decode, items))
         if augment == "device":
@@ -105,9 +114,9 @@ class InMemoryTrainImages(Dataset):
         image, label = self.images[index], self.labels[index]
         if self.augment == "pil":
             return self.transform(image), label
-        # train_transform's draws, in its order: the crop box, then the flip
-        top, left, height, width = T.RandomResizedCrop.get_params(image, SCALE, RATIO)
-        flip = bool(torch.rand(1) < 0.5)
+        # train_transform's draws, in its order: the crop box, then the flip (none without hflip)
+        top, left, height, width = T.RandomResizedCrop.get_params(image, self.crop_scale, RATIO)
+        flip = self.hflip and bool(torch.rand(1) < 0.5)
         return image[:, top : top + height, left : left + width].contiguous(), flip, label
 
 

@@ -13,16 +13,23 @@ def _rgb(image):
     return image.convert("RGB")
 
 
-def train_transform(size: int) -> T.Compose:
+PAPER_CROP_SCALE = (0.08, 1.0)
+
+
+def train_transform(
+    size: int, crop_scale: tuple[float, float] = PAPER_CROP_SCALE, hflip: bool = True
+) -> T.Compose:
     """RandomResizedCrop(scale 0.08-1, bicubic) + horizontal flip + CLIP normalisation.
 
-    open_clip's own train transform has no flip, so this one is composed here.
+    open_clip's own train transform has no flip, so this one is composed here. A dataset whose
+    images lose their content in small or mirrored crops (digits) sets its own `crop_scale`, `hflip`.
     """
+    flip = [T.RandomHorizontalFlip()] if hflip else []
     return T.Compose(
         [
             T.Lambda(_rgb),
-            T.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=BICUBIC),
-            T.RandomHorizontalFlip(),
+            T.RandomResizedCrop(size, scale=tuple(crop_scale), interpolation=BICUBIC),
+            *flip,
             T.ToTensor(),
             T.Normalize(OPENAI_DATASET_MEAN, OPENAI_DATASET_STD),
         ]
@@ -42,10 +49,15 @@ def eval_transform(size: int) -> T.Compose:
     )
 
 
-def describe(size: int) -> dict[str, str]:
+def describe(
+    size: int, crop_scale: tuple[float, float] = PAPER_CROP_SCALE, hflip: bool = True
+) -> dict[str, str]:
     """What each transform does, recorded with every run's results."""
+    low, high = crop_scale
     return {
-        "train": f"RandomResizedCrop({size}, scale=(0.08, 1.0), bicubic) + HFlip + CLIP norm",
+        "train": f"RandomResizedCrop({size}, scale=({low}, {high}), bicubic)"
+        + (" + HFlip" if hflip else "")
+        + " + CLIP norm",
         "test": f"Resize({size}, bicubic) + CenterCrop({size}) + CLIP norm",
     }
 

@@ -18,11 +18,18 @@ log = logging.getLogger(__name__)
 # Architectures shipped with the project (e.g. `coop-tiny`) are open_clip JSON configs; a user adds
 # one by dropping a JSON file here, no code needed.
 CONFIG_DIR = Path(str(files("src.models") / "configs"))
+# Weights made by the project itself (`make tiny-clip`), shipped with the package.
+WEIGHTS_DIR = Path(str(files("src.models") / "weights"))
 
 
 def register_project_configs() -> None:
     if not any(name in open_clip.list_models() for name in _project_models()):
         open_clip.add_model_config(CONFIG_DIR)
+
+
+def shipped_weights(filename: str) -> str:
+    """The path of a weights file in src/models/weights/ (`model.pretrained=${shipped_weights:<file>}`)."""
+    return str(WEIGHTS_DIR / filename)
 
 
 def _project_models() -> list[str]:
