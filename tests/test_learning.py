@@ -13,8 +13,9 @@ from hydra.utils import instantiate
 from safetensors.torch import load_file
 from torchvision import transforms as T
 
-from src.data.datasets.digits import Digits, read_digits
+from src.data.datasets.digits import CLASSNAMES, Digits, read_digits
 from src.models.clip import register_project_configs, shipped_weights
+from src.precheck import check_training_run
 from src.protocols import main as protocols
 from src.train import train
 from tests.conftest import make_cfg
@@ -64,6 +65,20 @@ def test_digits_train_on_large_unmirrored_crops(cache_dir, tmp_path):
     datamodule.setup("fit")
     in_memory = datamodule.train_dataloader().dataset  # the default train path, on CPU and GPU alike
     assert (in_memory.crop_scale, in_memory.hflip) == ((0.5, 1.0), False)
+
+
+def test_the_quick_start_passes_the_checks_made_before_any_weights_load(monkeypatch, tmp_path):
+    """Offline, on a fresh cache folder: the weights are a shipped file, the data folder is made."""
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights loaded by the checks")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(open_clip, "create_model", no_weights)
+    cfg = make_cfg(["experiment=quickstart", f"paths.cache_dir={tmp_path / 'cache'}"], tmp_path / "run")
+    assert cfg.model.pretrained == WEIGHTS and Path(WEIGHTS).is_file()
+    datamodule = check_training_run(cfg, tmp_path / "run")
+    assert datamodule.classnames == CLASSNAMES and (tmp_path / "cache" / "digits" / "9").is_dir()
 
 
 def test_shipped_weights_load_as_an_open_clip_checkpoint():

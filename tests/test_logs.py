@@ -1,6 +1,6 @@
 """Quiet logs: a quick start prints the project's lines only (what runs on which device and
-precision, the data, the few-shot file, the result and where it is); what libraries say goes to
-the run's log file, and the warnings the project causes on purpose are gone."""
+precision, the data, the few-shot file, the zero-shot baseline, the result and where it is); what
+libraries say goes to the run's log file, and the warnings the project causes on purpose are gone."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from src.models.clip import shipped_weights
 from src.quiet import ProjectRecords
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,12 +43,16 @@ def test_a_quick_start_prints_a_few_lines_of_its_own(tmp_path):
     }
     assert len(lines) <= 12
     messages = [line["message"] for line in lines]
-    assert messages[0] == "coop with coop-tiny (random weights) on cpu, precision 32-true"
+    weights = shipped_weights("coop-tiny-digits.safetensors")
+    assert messages[0] == f"coop with coop-tiny-narrow ({weights}) on cpu, precision 32-true"
     assert f"few-shot subsets saved to {run / 'fewshot.json'}" in messages[1]
     assert messages[2].endswith(
-        "simulated: 48 train (16-shot, seed 1, reference sampler), 12 val, 600 test images, 3 classes"
+        "digits: 160 train (16-shot, seed 1, reference sampler), 40 val, 361 test images, 10 classes"
     )
-    assert re.fullmatch(rf"test accuracy \d+\.\d\d% \(600 images\); results in {run}", messages[-1])
+    template = re.escape("'a photo of the number {}.'")
+    gain = rf"zero-shot CLIP \({template}\) \d+\.\d\d%, coop \d+\.\d\d%: [+-]\d+\.\d\d points"
+    assert re.fullmatch(gain, messages[-2])
+    assert re.fullmatch(rf"test accuracy \d+\.\d\d% \(361 images\); results in {run}", messages[-1])
 
     output = done.stdout + done.stderr
     for noise in ("eval mode", "LeafSpec", "srun", "Parsing model identifier", "litlogger", "GPU available"):
