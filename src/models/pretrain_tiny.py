@@ -4,10 +4,10 @@ python -m src.models.pretrain_tiny            # or: make tiny-clip (a few minute
 
 open_clip does the work: the model comes from a JSON config (`create_model`), the loss is its
 `ClipLoss`, the captions go through its tokenizer. The images are the pre-training half of the
-`digits` dataset (src/data/datasets/digits.py), never the half that prompts are learned and tested
-on. Each caption is one of many phrasings; the digit is written as a numeral ("7") in most of them
-and as the word ("seven", the class names of the dataset) in a few, so that zero-shot prompts
-with the words work, but not as well as a prompt learned from labelled images can.
+`digits` dataset (src/data/datasets/digits.py) in its `scan` look, black ink on white paper: never
+the half that prompts are learned and tested on, and never the `notepad` look (blue ink on yellow
+paper) that the dataset shows them in. Each caption is one of many phrasings; the digit is written
+as a numeral ("7") in most of them and as the word ("seven", the class names of the dataset) in a few.
 Deterministic: seeded, deterministic algorithms, one thread.
 """
 
@@ -28,7 +28,7 @@ from PIL import Image
 from safetensors.torch import save
 from torchvision import transforms as T
 
-from src.data.datasets.digits import CLASSNAMES, read_digits
+from src.data.datasets.digits import CLASSNAMES, PRETRAINING_LOOK, read_digits
 from src.files import atomic_write
 from src.models.clip import WEIGHTS_DIR, register_project_configs
 
@@ -96,7 +96,7 @@ def pretrain(
     register_project_configs()
     model = open_clip.create_model(ARCHITECTURE, device="cpu")
     tokenizer = open_clip.get_tokenizer(ARCHITECTURE)
-    _, items = read_digits(root)
+    _, items = read_digits(root, PRETRAINING_LOOK)
     images = []
     for item in items:
         with Image.open(item.path) as image:

@@ -1,9 +1,12 @@
 """The UCI handwritten digits shipped by scikit-learn (1,797 real 8x8 scans, 10 classes).
 
-The scans are written once as 32 px PNG files (dark ink on white) so that every method reads them
-like any other image folder. Half of each class pre-trains the project's tiny CLIP
-(`python -m src.models.pretrain_tiny`); only the other half, never seen in pre-training, is split
-into train / val / test (40/20/40 per class) for prompt learning and testing.
+The scans are written once as 32 px PNG files so that every method reads them like any other image
+folder. Half of each class pre-trains the project's tiny CLIP (`python -m src.models.pretrain_tiny`)
+in the `scan` look (black ink on white paper); only the other half, never seen in pre-training, is
+split into train / val / test (40/20/40 per class) for prompt learning and testing. That half is
+shown in the dataset's look: by default `notepad` (blue ink on yellow paper), a look the tiny CLIP
+never saw, so that the hand-made prompt is as far from the images as CLIP's prompts are on, say,
+satellite photos (EuroSAT) -- and a prompt learned from a few labelled images has something to gain.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 from sklearn.datasets import load_digits
 
 from src.data.datasets.base import DatasetReader, list_images, split_off, split_per_class
@@ -23,41 +26,52 @@ from src.data.samples import Sample, Splits
 CLASSNAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 IMAGE_SIZE = 32  # the input size of the tiny CLIP: the transforms then leave the images as they are
 PRETRAIN_FRACTION = 0.5
+# (ink, paper) colours of each look the scans can be rendered in.
+LOOKS = {
+    "scan": ((0, 0, 0), (255, 255, 255)),
+    "notepad": ((20, 40, 160), (250, 230, 120)),
+}
+PRETRAINING_LOOK = "scan"
 
 
-def render(scan: np.ndarray, size: int = IMAGE_SIZE) -> Image.Image:
-    """An 8x8 scan valued 0..16 (ink) as a `size` px RGB image, dark ink on white paper."""
+def render(scan: np.ndarray, look: str = PRETRAINING_LOOK, size: int = IMAGE_SIZE) -> Image.Image:
+    """An 8x8 scan valued 0..16 (ink) as a `size` px RGB image in one of the LOOKS."""
+    ink, paper = LOOKS[look]
     grey = (255 - scan * (255 / 16)).round().clip(0, 255).astype(np.uint8)
-    return Image.fromarray(grey, mode="L").resize((size, size), Image.Resampling.BICUBIC).convert("RGB")
+    grey = Image.fromarray(grey, mode="L").resize((size, size), Image.Resampling.BICUBIC)
+    return ImageOps.colorize(grey, black=ink, white=paper)
 
 
-def write_digits(root: Path) -> None:
-    """Writes root/<digit>/<index>.png for every scan, all at once: a folder that exists is complete."""
-    if root.is_dir():
+def write_digits(folder: Path, look: str) -> None:
+    """Writes folder/<digit>/<index>.png for every scan, all at once: a folder that exists is complete."""
+    if folder.is_dir():
         return
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}."))
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
     try:
         digits = load_digits()
         for index, (scan, label) in enumerate(zip(digits.images, digits.target, strict=True)):
-            folder = tmp / str(label)
-            folder.mkdir(exist_ok=True)
-            render(scan).save(folder / f"{index:04d}.png")
-        os.rename(tmp, root)
+            (tmp / str(label)).mkdir(exist_ok=True)
+            render(scan, look).save(tmp / str(label) / f"{index:04d}.png")
+        os.rename(tmp, folder)
     except OSError:
-        if not root.is_dir():  # another run writing the same folder at the same time won the race
+        if not folder.is_dir():  # another run writing the same folder at the same time won the race
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def read_digits(root: Path) -> tuple[list[Sample], list[Sample]]:
-    """(held out, pre-training): each class split in half, deterministically."""
-    write_digits(root)
+def read_digits(root: Path, look: str = PRETRAINING_LOOK) -> tuple[list[Sample], list[Sample]]:
+    """(held out, pre-training), rendered in `look` under root/<look>/: each class split in half,
+    deterministically (the same scans whatever the look)."""
+    if look not in LOOKS:
+        raise ValueError(f"dataset.reader.look={look!r} is not a look of the digits: choose one of {sorted(LOOKS)}")
+    folder = Path(root) / look
+    write_digits(folder, look)
     items = [
         Sample(str(path), label, name)
         for label, name in enumerate(CLASSNAMES)
-        for path in list_images(root / str(label))
+        for path in list_images(folder / str(label))
     ]
     return split_off(items, fraction=PRETRAIN_FRACTION)
 
@@ -67,11 +81,11 @@ class Digits(DatasetReader):
     folder = "digits"
     in_prepare_guide = False  # made from scikit-learn's copy, nothing to download
 
-    def read(self) -> Splits:
-        write_digits(self.root)  # the folder is made here, not laid out by the user
-        return super().read()
+    def __init__(self, root: str | Path, look: str = "notepad") -> None:
+        super().__init__(root)
+        self.look = look
 
-    def _read(self) -> Splits:
-        held_out, _ = read_digits(self.root)
+    def read(self) -> Splits:
+        held_out, _ = read_digits(self.root, self.look)
         train, val, test = split_per_class(held_out, p_train=0.4, p_val=0.2)
         return Splits(train, val, test, CLASSNAMES)
