@@ -28,7 +28,7 @@ quickstart-grid:
 	$(PY) -m src.train -m experiment=quickstart_grid
 	$(PY) -m src.report outputs/quickstart_grid
 
-# Pre-trains the tiny CLIP of model=tiny_pretrained again (src/models/weights/, a few minutes)
+# Pre-trains the tiny CLIP of model=tiny_pretrained again (src/models/shipped/, a few minutes)
 tiny-clip:
 	$(PY) -m src.models.pretrain_tiny
 

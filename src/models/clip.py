@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 # one by dropping a JSON file here, no code needed.
 CONFIG_DIR = Path(str(files("src.models") / "configs"))
 # Weights made by the project itself (`make tiny-clip`), shipped with the package.
-WEIGHTS_DIR = Path(str(files("src.models") / "weights"))
+SHIPPED_DIR = Path(str(files("src.models") / "shipped"))
 
 
 def register_project_configs() -> None:
@@ -28,8 +28,8 @@ def register_project_configs() -> None:
 
 
 def shipped_weights(filename: str) -> str:
-    """The path of a weights file in src/models/weights/ (`model.pretrained=${shipped_weights:<file>}`)."""
-    return str(WEIGHTS_DIR / filename)
+    """The path of a weights file in src/models/shipped/ (`model.pretrained=${shipped_weights:<file>}`)."""
+    return str(SHIPPED_DIR / filename)
 
 
 def _project_models() -> list[str]:

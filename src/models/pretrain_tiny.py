@@ -30,12 +30,12 @@ from torchvision import transforms as T
 
 from src.data.datasets.digits import CLASSNAMES, PRETRAINING_LOOK, read_digits
 from src.files import atomic_write
-from src.models.clip import WEIGHTS_DIR, register_project_configs
+from src.models.clip import SHIPPED_DIR, register_project_configs
 
 log = logging.getLogger(__name__)
 
 ARCHITECTURE = "coop-tiny-narrow"  # a 32-wide text tower: the 49,408-word embedding table stays small
-WEIGHTS = WEIGHTS_DIR / "coop-tiny-digits.safetensors"
+WEIGHTS = SHIPPED_DIR / "coop-tiny-digits.safetensors"
 WORD_FRACTION = 0.15  # of the captions that write the digit as a word, not a numeral
 
 # {}: the digit, as a numeral or a word.

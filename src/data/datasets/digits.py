@@ -65,7 +65,9 @@ def read_digits(root: Path, look: str = PRETRAINING_LOOK) -> tuple[list[Sample],
     """(held out, pre-training), rendered in `look` under root/<look>/: each class split in half,
     deterministically (the same scans whatever the look)."""
     if look not in LOOKS:
-        raise ValueError(f"dataset.reader.look={look!r} is not a look of the digits: choose one of {sorted(LOOKS)}")
+        raise ValueError(
+            f"dataset.reader.look={look!r} is not a look of the digits: choose one of {sorted(LOOKS)}"
+        )
     folder = Path(root) / look
     write_digits(folder, look)
     items = [
