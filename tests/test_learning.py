@@ -135,6 +135,21 @@ def test_more_shots_learn_a_better_prompt(digits_overrides, tmp_path):
     assert mean[16] >= mean[1] + SHOTS_GAIN_MIN
 
 
+@pytest.mark.parametrize(
+    ("overrides", "num_classes", "minimum"),  # measured: 50.3, 85.6, 82.8 and 85.6 %
+    [
+        (["method=cocoop", "shots=2", "trainer.max_epochs=1", "dataset.subsample=base"], 5, 35),
+        (["method=zeroshot_ensemble", "dataset.subsample=new"], 5, 50),
+        (["method=linear_probe", "shots=2"], 10, 50),
+        (["method=coop", "shots=2", "trainer.max_epochs=5", "dataset.subsample=new"], 5, 50),
+    ],
+    ids=["cocoop-base", "zeroshot_ensemble-new", "linear_probe", "coop-new"],
+)
+def test_every_method_learns_on_digits(digits_overrides, tmp_path, overrides, num_classes, minimum):
+    results = run([*digits_overrides, *overrides], tmp_path)
+    assert results["num_classes"] == num_classes and results["test_acc"] > minimum  # chance: 20 or 10 %
+
+
 def test_base_to_new_reports_both_accuracies_and_their_harmonic_mean(digits_overrides, cache_dir, tmp_path):
     overrides = [o for o in digits_overrides if not o.startswith("dataset=")]
     args = ["datasets=digits", "seeds=1", f"out={tmp_path}", f"trainer.max_epochs={BASE_TO_NEW_EPOCHS}"]
