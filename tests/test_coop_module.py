@@ -77,6 +77,8 @@ def test_warmup_then_cosine_per_epoch():
     for e in range(1, 10):
         assert lrs[e] == pytest.approx(0.001 * (1 + math.cos(math.pi * (e - 1) / 10)))
     assert lrs[1] == pytest.approx(0.002)
+    with pytest.raises(ValueError, match=r"method.module.lr=0: the learning rate must be positive"):
+        warmup_cosine(lr=0, warmup_lr=1e-5, warmup_epochs=1, max_epochs=10)
 
 
 def test_scheduler_steps_once_per_epoch(tiny_clip, tmp_path):

@@ -249,6 +249,8 @@ def coop_from_prompt(
 def warmup_cosine(lr: float, warmup_lr: float, warmup_epochs: int, max_epochs: int):
     """LR factor per epoch: constant `warmup_lr` for the warm-up epochs, then the cosine of the
     reference, lr * 0.5 * (1 + cos(pi * (e - warmup) / max_epochs)), stepped once per epoch."""
+    if lr <= 0:
+        raise ValueError(f"method.module.lr={lr}: the learning rate must be positive")
 
     def factor(epoch: int) -> float:
         if epoch < warmup_epochs:
