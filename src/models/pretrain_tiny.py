@@ -18,6 +18,8 @@ import logging
 import os
 import random
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import open_clip
@@ -89,9 +91,28 @@ def pretrain(
 ) -> dict[str, float]:
     """Trains the model on (image, caption) pairs of the pre-training half; writes its weights in
     fp16 (a safetensors state dict, loaded by `model.pretrained=<file>` as any open_clip checkpoint)."""
-    torch.manual_seed(seed)
+    with deterministic():
+        return _pretrain(root, out, epochs, batch_size, lr, word_fraction, seed)
+
+
+@contextmanager
+def deterministic() -> Iterator[None]:
+    """Deterministic algorithms on one thread (results do not depend on the machine's thread count),
+    then torch's settings as they were."""
+    threads, algorithms = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
-    torch.set_num_threads(1)  # results do not depend on the machine's thread count
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(algorithms)
+        torch.set_num_threads(threads)
+
+
+def _pretrain(
+    root: Path, out: Path, epochs: int, batch_size: int, lr: float, word_fraction: float, seed: int
+) -> dict[str, float]:
+    torch.manual_seed(seed)
     rng = random.Random(seed)
     register_project_configs()
     model = open_clip.create_model(ARCHITECTURE, device="cpu")
