@@ -43,10 +43,9 @@ class CoOp(AccuracyTest, pl.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["clip"])
         self.clip = clip
-        self.prompt_learner = PromptLearner(
+        self.prompt_learner = self.make_prompt_learner(
             classnames,
-            clip.token_embedding,
-            clip.tokenize,
+            clip,
             n_ctx=n_ctx,
             ctx_init=ctx_init,
             class_specific=class_specific,
@@ -61,6 +60,9 @@ class CoOp(AccuracyTest, pl.LightningModule):
         self._eval_text_features: torch.Tensor | None = None
 
     # -- the method -------------------------------------------------------------------------
+    def make_prompt_learner(self, classnames: list[str], clip: FrozenCLIP, **options: Any) -> PromptLearner:
+        return PromptLearner(classnames, clip.token_embedding, clip.tokenize, **options)
+
     def text_features(self) -> torch.Tensor:
         learner = self.prompt_learner
         prompts = learner(self.clip.text.prompt_length(learner.max_eos))

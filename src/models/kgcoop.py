@@ -38,10 +38,7 @@ class KgCoOp(HandMadeGuided, CoOp):
         warmup_epochs: int = 1,
         warmup_lr: float = 1e-5,
     ) -> None:
-        if "{}" not in template:
-            raise ValueError(
-                f"method.module.template={template!r}: give a template with {{}} for the class name"
-            )
+        self.check_template(template)
         super().__init__(
             clip,
             classnames,

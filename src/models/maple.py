@@ -59,21 +59,12 @@ class MaPLe(CoOp):
             classnames,
             n_ctx=n_ctx,
             ctx_init=ctx_init,
+            ctx_init_count=ctx_init_count,
             lr=lr,
             momentum=momentum,
             weight_decay=weight_decay,
             warmup_epochs=warmup_epochs,
             warmup_lr=warmup_lr,
-        )
-        # CoOp learns all the words of ctx_init; MaPLe only the first n_ctx.
-        self.prompt_learner = PromptLearner(
-            classnames,
-            clip.token_embedding,
-            clip.tokenize,
-            n_ctx=n_ctx,
-            ctx_init=ctx_init,
-            ctx_init_count=ctx_init_count,
-            learned_init_tokens=n_ctx,
         )
         n_ctx = self.prompt_learner.n_ctx
         text_width = clip.token_embedding.weight.shape[1]
@@ -84,6 +75,10 @@ class MaPLe(CoOp):
             [nn.Linear(text_width, image_width)]
             + [copy.deepcopy(deep_coupling) for _ in range(prompt_depth - 1)]
         )
+
+    def make_prompt_learner(self, classnames: list[str], clip: FrozenCLIP, **options: Any) -> PromptLearner:
+        # CoOp learns all the words of ctx_init; MaPLe only the first n_ctx.
+        return super().make_prompt_learner(classnames, clip, **options, learned_init_tokens=options["n_ctx"])
 
     def text_prompts(self) -> list[torch.Tensor]:
         """The text prompts of blocks 0 .. J-1, each [n_ctx, text width]."""

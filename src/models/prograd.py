@@ -55,10 +55,7 @@ class ProGrad(HandMadeGuided, CoOp):
         warmup_epochs: int = 1,
         warmup_lr: float = 1e-5,
     ) -> None:
-        if "{}" not in template:
-            raise ValueError(
-                f"method.module.template={template!r}: give a template with {{}} for the class name"
-            )
+        self.check_template(template)
         super().__init__(
             clip,
             classnames,

@@ -16,6 +16,13 @@ class HandMadeGuided:
     template: str
     _hand_made: torch.Tensor | None = None
 
+    @staticmethod
+    def check_template(template: str) -> None:
+        if "{}" not in template:
+            raise ValueError(
+                f"method.module.template={template!r}: give a template with {{}} for the class name"
+            )
+
     def hand_made_features(self) -> torch.Tensor:
         if self._hand_made is None or self._hand_made.device != self.device:
             names = self.prompt_learner.classnames
