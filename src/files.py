@@ -1,9 +1,11 @@
-"""Writing files so that a crash never leaves a truncated one: write a temp file, then rename."""
+"""Writing files (and folders) so that a crash never leaves a truncated one: write a temp one, then
+rename."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +30,26 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_folder(folder: str | Path, fill: Callable[[Path], None]) -> Path:
+    """`folder`, made once: `fill(tmp)` writes a temporary folder beside it, which is then renamed
+    onto it, so a folder that exists is complete. A folder that exists is left as it is, and
+    another process making the same folder at the same time is harmless (one rename wins)."""
+    folder = Path(folder)
+    if folder.is_dir():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    try:
+        fill(tmp)
+        os.rename(tmp, folder)
+    except OSError:
+        if not folder.is_dir():  # not the other process's win
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
 
 
 def _umask() -> int:

@@ -23,6 +23,9 @@ KNOWN_WARNINGS = (
     r".*isinstance\(treespec, LeafSpec\)",
     # on a machine with SLURM, runs outside a job are on purpose; hydra/launcher=slurm uses srun
     r"The `srun` command is available on your system but is not used",
+    # a few-shot epoch is often shorter than the log interval; the loss is then logged every n
+    # steps across epochs, which is the intent
+    r"The number of training batches \(\d+\) is smaller than",
 )
 
 

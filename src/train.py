@@ -11,7 +11,6 @@ import logging
 import re
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +45,6 @@ OmegaConf.register_new_resolver("subsample_suffix", subsample_suffix, replace=Tr
 OmegaConf.register_new_resolver("shipped_weights", shipped_weights, replace=True)
 # Progress bars only where someone watches them: not in SLURM logs, CI or redirected output.
 OmegaConf.register_new_resolver("isatty", lambda: sys.stdout.isatty(), replace=True)
-# A few-shot epoch is often shorter than the log interval; the loss is then logged every n steps
-# across epochs, which is the intent: Lightning's warning about it is noise in every small run.
-warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than")
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:

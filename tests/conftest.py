@@ -5,6 +5,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import open_clip
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -61,6 +62,18 @@ def cli(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
             GlobalHydra.instance().clear()
 
     return call
+
+
+@pytest.fixture
+def offline_without_weights(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hub is offline (HF_HUB_OFFLINE) and open_clip may not load any weights: a test fails if
+    it does (checks that must pass or fail before any weights load)."""
+
+    def no_weights(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("open_clip was asked to load weights")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(open_clip, "create_model", no_weights)
 
 
 @pytest.fixture(scope="session")

@@ -27,7 +27,7 @@ def test_local_weights_file(tmp_path):
         assert torch.equal(clip.model.state_dict()[key], value), key
 
 
-def test_weights_that_cannot_be_fetched_name_the_ways_out(monkeypatch, tmp_path):
+def test_weights_that_cannot_be_fetched_name_the_ways_out(monkeypatch):
     """The host answered the probe, then the download failed."""
 
     def offline(*args, **kwargs):

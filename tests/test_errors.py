@@ -9,7 +9,6 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-import open_clip
 import pytest
 import torch
 
@@ -84,15 +83,10 @@ def test_a_dataset_without_test_images(train_error, tiny_overrides, tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()  # stopped before any training
 
 
-def test_every_cheap_mistake_is_reported_at_once_before_any_weights_load(cli, capsys, monkeypatch, tmp_path):
+@pytest.mark.usefixtures("offline_without_weights")
+def test_every_cheap_mistake_is_reported_at_once_before_any_weights_load(cli, capsys, tmp_path):
     """A first command without network, data or a fitting run folder: all its mistakes in one go,
     in seconds (the hub is not tried: HF_HUB_OFFLINE), and the folder is not claimed."""
-
-    def no_weights(*args, **kwargs):
-        raise AssertionError("weights loaded before the cheap checks passed")
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(open_clip, "create_model", no_weights)
     run, fresh = tmp_path / "run", tmp_path / "fresh"
     run.mkdir()
     (run / "fingerprint.json").write_text(json.dumps({"config": {"seed": 7}}))

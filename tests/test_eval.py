@@ -42,11 +42,9 @@ def test_evaluating_a_run_prompt_repeats_its_test_and_transfers(tiny_overrides, 
 
     # the run's folder and its last.ckpt hold the same prompt (an unfinished run has only last.ckpt)
     last = run / "checkpoints" / "last.ckpt"
-    final = load_prompt(ckpt)
-    for given in (run, last):
-        state = load_prompt(given)
-        assert torch.equal(state.pop("ctx"), final["ctx"])
-        assert state == {k: v for k, v in final.items() if k != "ctx"}
+    final, state = load_prompt(ckpt), load_prompt(last)
+    assert torch.equal(state.pop("ctx"), final["ctx"])
+    assert state == {k: v for k, v in final.items() if k != "ctx"}
     args = [f"ckpt={last}", "dataset=oxford_pets", *eval_overrides]
     from_last = evaluate(compose_config("eval", args, tmp_path / "last"))
     assert from_last["test_acc"] == trained["test_acc"] and from_last["trained_on"] == "oxford_pets"

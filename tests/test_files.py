@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from src.files import save_torch, write_json
+from src.files import atomic_folder, save_torch, write_json
 from src.models.coop import load_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,6 +73,20 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
         write_json(target, {"test_acc": object()})  # fails while serialising
     assert json.loads(target.read_text()) == {"test_acc": 50.0}
     assert os.listdir(tmp_path) == ["results.json"]
+
+
+def test_a_folder_appears_complete_or_not_at_all(tmp_path):
+    def fill(folder: Path) -> None:
+        (folder / "a.txt").write_text("a")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_folder(tmp_path / "made", fill)
+    assert list(tmp_path.iterdir()) == []  # neither the folder nor its temporary
+    atomic_folder(tmp_path / "made", lambda folder: (folder / "a.txt").write_text("a"))
+    atomic_folder(tmp_path / "made", fill)  # made already: left as it is
+    assert [p.name for p in tmp_path.iterdir()] == ["made"]
+    assert (tmp_path / "made" / "a.txt").read_text() == "a"
 
 
 def test_prompt_files_load_without_unpickling_code(tmp_path):

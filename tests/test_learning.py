@@ -80,14 +80,9 @@ def test_digits_train_on_large_unmirrored_crops(cache_dir, tmp_path):
     assert (in_memory.crop_scale, in_memory.hflip) == ((0.5, 1.0), False)
 
 
-def test_the_quick_start_passes_the_checks_made_before_any_weights_load(monkeypatch, tmp_path):
+@pytest.mark.usefixtures("offline_without_weights")
+def test_the_quick_start_passes_the_checks_made_before_any_weights_load(tmp_path):
     """Offline, on a fresh cache folder: the weights are a shipped file, the data folder is made."""
-
-    def no_weights(*args, **kwargs):
-        raise AssertionError("weights loaded by the checks")
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(open_clip, "create_model", no_weights)
     cfg = make_cfg(["experiment=quickstart", f"paths.cache_dir={tmp_path / 'cache'}"], tmp_path / "run")
     assert cfg.model.pretrained == WEIGHTS and Path(WEIGHTS).is_file()
     datamodule = check_training_run(cfg, tmp_path / "run")
@@ -163,7 +158,7 @@ def test_every_method_learns_on_digits(digits_overrides, tmp_path, overrides, nu
     assert results["num_classes"] == num_classes and results["test_acc"] > minimum  # chance: 20 or 10 %
 
 
-def test_base_to_new_reports_both_accuracies_and_their_harmonic_mean(digits_overrides, cache_dir, tmp_path):
+def test_base_to_new_reports_both_accuracies_and_their_harmonic_mean(digits_overrides, tmp_path):
     overrides = [o for o in digits_overrides if not o.startswith("dataset=")]
     args = ["datasets=digits", "seeds=1", f"out={tmp_path}", f"trainer.max_epochs={BASE_TO_NEW_EPOCHS}"]
     summary = protocols(["base_to_new", *args, *overrides])

@@ -74,7 +74,7 @@ def test_class_specific_run_writes_results_prompt_and_config(tiny_overrides, tmp
     assert "class_specific: true" in (tmp_path / "config.yaml").read_text()
 
 
-def test_quickstart_trains_offline_on_textile(tmp_path):
+def test_quickstart_trains_offline_on_textile(cache_dir, tmp_path):
     """The README's quick start, shortened: the same command and config, fewer epochs."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     run = subprocess.run(
@@ -85,6 +85,7 @@ def test_quickstart_trains_offline_on_textile(tmp_path):
             "experiment=quickstart_textile",
             "trainer.max_epochs=3",
             "data.num_workers=0",
+            f"paths.cache_dir={cache_dir}",
             f"hydra.run.dir={tmp_path}",
         ],
         cwd=ROOT,

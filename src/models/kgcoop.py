@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from src.models.clip import FrozenCLIP
 from src.models.coop import CoOp
-from src.models.prompt_learner import Position
+from src.models.prompt_learner import InitCount, Position
 from src.models.zeroshot import HandMadeGuided
 
 
@@ -32,6 +32,7 @@ class KgCoOp(HandMadeGuided, CoOp):
         ctx_init: str | None = "a photo of a",
         class_specific: bool = False,
         class_token_position: Position = "end",
+        ctx_init_count: InitCount = "words",
         lr: float = 0.002,
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
@@ -46,6 +47,7 @@ class KgCoOp(HandMadeGuided, CoOp):
             ctx_init=ctx_init,
             class_specific=class_specific,
             class_token_position=class_token_position,
+            ctx_init_count=ctx_init_count,
             lr=lr,
             momentum=momentum,
             weight_decay=weight_decay,

@@ -86,7 +86,7 @@ class MaPLe(CoOp):
 
     def text_features(self) -> torch.Tensor:
         learner = self.prompt_learner
-        prompts = learner(self.clip.text.prompt_length(learner.eos))
+        prompts = learner(self.clip.text.prompt_length(learner.max_eos))
         return deep_prompts.encode_text(self.clip.text, prompts, learner.eos, list(self.deep_text))
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:

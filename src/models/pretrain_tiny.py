@@ -80,21 +80,6 @@ def augmentation(size: int) -> T.Compose:
     )
 
 
-def pretrain(
-    root: Path,
-    out: Path = WEIGHTS,
-    epochs: int = 50,
-    batch_size: int = 64,
-    lr: float = 2e-3,
-    word_fraction: float = WORD_FRACTION,
-    seed: int = 0,
-) -> dict[str, float]:
-    """Trains the model on (image, caption) pairs of the pre-training half; writes its weights in
-    fp16 (a safetensors state dict, loaded by `model.pretrained=<file>` as any open_clip checkpoint)."""
-    with deterministic():
-        return _pretrain(root, out, epochs, batch_size, lr, word_fraction, seed)
-
-
 @contextmanager
 def deterministic() -> Iterator[None]:
     """Deterministic algorithms on one thread (results do not depend on the machine's thread count),
@@ -109,9 +94,18 @@ def deterministic() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _pretrain(
-    root: Path, out: Path, epochs: int, batch_size: int, lr: float, word_fraction: float, seed: int
+@deterministic()
+def pretrain(
+    root: Path,
+    out: Path = WEIGHTS,
+    epochs: int = 50,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    word_fraction: float = WORD_FRACTION,
+    seed: int = 0,
 ) -> dict[str, float]:
+    """Trains the model on (image, caption) pairs of the pre-training half; writes its weights in
+    fp16 (a safetensors state dict, loaded by `model.pretrained=<file>` as any open_clip checkpoint)."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
     register_project_configs()

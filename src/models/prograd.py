@@ -11,7 +11,7 @@ from torch.optim import Optimizer
 
 from src.models.clip import FrozenCLIP
 from src.models.coop import CoOp
-from src.models.prompt_learner import Position
+from src.models.prompt_learner import Position, token_count
 from src.models.zeroshot import HandMadeGuided
 
 
@@ -78,14 +78,14 @@ class ProGrad(HandMadeGuided, CoOp):
         self._kl_grads: list[torch.Tensor] | None = None
 
     def _init_context(self, words: str) -> None:
-        tokens = self.clip.tokenize([words])
-        n_words = int((tokens[0] != 0).sum()) - 2
+        n_words = token_count(self.clip.tokenize, words)
         if n_words > self.prompt_learner.n_ctx:
             raise ValueError(
                 f"ctx.n_ctx={self.prompt_learner.n_ctx} is shorter than the template's words {words!r} "
                 f"({n_words} tokens): raise ctx.n_ctx or set method.module.init_from_template=false"
             )
         with torch.no_grad():
+            tokens = self.clip.tokenize([words]).to(self.clip.token_embedding.weight.device)
             embedding = self.clip.token_embedding(tokens)[0, 1 : 1 + n_words].float()
             ctx = self.prompt_learner.ctx
             ctx.zero_()

@@ -91,7 +91,7 @@ class PromptLearner(nn.Module):
         self.register_buffer("token_suffix", embedding[:, 1 + n_ctx :], persistent=False)
         self.register_buffer("eos", tokens.argmax(dim=-1).to(device), persistent=False)
         self.max_eos = int(tokens.argmax(dim=-1).max())  # read on the host: no device sync per step
-        name_lens = [_token_count(tokenize, name) for name in names]
+        name_lens = [token_count(tokenize, name) for name in names]
         self.register_buffer("order", self._position_order(name_lens).to(device), persistent=False)
         half = n_ctx // 2
         before_name = {"end": n_ctx, "middle": half, "front": 0}[class_token_position]
@@ -135,7 +135,7 @@ class PromptLearner(nn.Module):
 def _init_length(tokenize, words: str, count: InitCount) -> int:
     """Context vectors from the phrase `words`: its word count, as the reference's
     `len(ctx_init.split(" "))`, or its token count."""
-    n_tokens = _token_count(tokenize, words)
+    n_tokens = token_count(tokenize, words)
     if count == "tokens":
         return n_tokens
     n_words = len(words.split(" "))
@@ -152,7 +152,7 @@ def _init_length(tokenize, words: str, count: InitCount) -> int:
     return n_words
 
 
-def _token_count(tokenize, text: str) -> int:
+def token_count(tokenize, text: str) -> int:
     """Number of BPE tokens of `text` (without SOS/EOS; padding is token id 0)."""
     return int((tokenize([text])[0] != 0).sum()) - 2
 

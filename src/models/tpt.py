@@ -68,7 +68,7 @@ class TestTimePromptTuning(FrozenClassifier):
 
     def text_features(self) -> torch.Tensor:
         learner = self.prompt_learner
-        prompts = learner(self.clip.text.prompt_length(learner.eos))
+        prompts = learner(self.clip.text.prompt_length(learner.max_eos))
         return F.normalize(self.clip.text(prompts, learner.eos, learner.shared_len), dim=-1)
 
     def logits(self, image_features: torch.Tensor) -> torch.Tensor:

@@ -11,17 +11,15 @@ satellite photos (EuroSAT) -- and a prompt learned from a few labelled images ha
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 from sklearn.datasets import load_digits
 
-from src.data.datasets.base import DatasetReader, list_images, split_off, split_per_class
+from src.data.datasets.base import DatasetReader, images_in_class_folders, split_off, split_per_class
 from src.data.samples import Sample, Splits
+from src.files import atomic_folder
 
 CLASSNAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 IMAGE_SIZE = 32  # the input size of the tiny CLIP: the transforms then leave the images as they are
@@ -42,23 +40,12 @@ def render(scan: np.ndarray, look: str = PRETRAINING_LOOK, size: int = IMAGE_SIZ
     return ImageOps.colorize(grey, black=ink, white=paper)
 
 
-def write_digits(folder: Path, look: str) -> None:
-    """Writes folder/<digit>/<index>.png for every scan, all at once: a folder that exists is complete."""
-    if folder.is_dir():
-        return
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    try:
-        digits = load_digits()
-        for index, (scan, label) in enumerate(zip(digits.images, digits.target, strict=True)):
-            (tmp / str(label)).mkdir(exist_ok=True)
-            render(scan, look).save(tmp / str(label) / f"{index:04d}.png")
-        os.rename(tmp, folder)
-    except OSError:
-        if not folder.is_dir():  # another run writing the same folder at the same time won the race
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def write_scans(folder: Path, look: str) -> None:
+    """folder/<digit>/<index>.png for every scan, in `look`."""
+    digits = load_digits()
+    for index, (scan, label) in enumerate(zip(digits.images, digits.target, strict=True)):
+        (folder / str(label)).mkdir(exist_ok=True)
+        render(scan, look).save(folder / str(label) / f"{index:04d}.png")
 
 
 def read_digits(root: Path, look: str = PRETRAINING_LOOK) -> tuple[list[Sample], list[Sample]]:
@@ -68,13 +55,8 @@ def read_digits(root: Path, look: str = PRETRAINING_LOOK) -> tuple[list[Sample],
         raise ValueError(
             f"dataset.reader.look={look!r} is not a look of the digits: choose one of {sorted(LOOKS)}"
         )
-    folder = Path(root) / look
-    write_digits(folder, look)
-    items = [
-        Sample(str(path), label, name)
-        for label, name in enumerate(CLASSNAMES)
-        for path in list_images(folder / str(label))
-    ]
+    folder = atomic_folder(Path(root) / look, lambda tmp: write_scans(tmp, look))
+    items = images_in_class_folders(folder, [str(label) for label in range(len(CLASSNAMES))], CLASSNAMES)
     return split_off(items, fraction=PRETRAIN_FRACTION)
 
 
