@@ -20,6 +20,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.utilities.seed import isolate_rng
 
 from src.cli import run
 from src.data.subsample import subsample_suffix
@@ -77,7 +78,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     for logger in trainer.loggers:
         logger.log_hyperparams(resolved)
 
-    baseline = zeroshot_baseline(cfg, clip, datamodule) if cfg.get("baseline") == "zeroshot" else None
+    baseline = None
+    if cfg.get("baseline") == "zeroshot":
+        with isolate_rng():  # its test loader draws a seed: the method's run stays the run without it
+            baseline = zeroshot_baseline(cfg, clip, datamodule)
     if last is not None:
         log.info("resuming from %s", last)
     start = time.perf_counter()
