@@ -31,7 +31,7 @@ from src.models.clip import FrozenCLIP
 from src.models.cocoop import cocoop_from_prompt
 from src.models.coop import CoOp, coop_from_prompt, load_prompt, run_folder
 from src.models.maple import maple_from_prompt
-from src.models.prompt_ensemble import PromptEnsemble
+from src.models.prompt_ensemble import PromptEnsemble, prompts_images
 from src.models.tip_adapter import tip_adapter_from_prompt
 from src.quiet import silence_known_warnings
 from src.results import evaluation_fields
@@ -48,8 +48,6 @@ PROMPT_LOADERS = {
     "tip_adapter_f": tip_adapter_from_prompt,
     "maple": maple_from_prompt,
 }
-# Methods whose prompts change the image features: they are tested on images, never cached features.
-IMAGE_PROMPTED = ("maple",)
 
 
 def prompt_paths(ckpt: str | ListConfig | list) -> list[str]:
@@ -102,9 +100,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         cfg.data,
         dataset=instantiate(cfg.dataset.reader),
         image_size=clip.image_size,
-        cache_features=cfg.data.cache_features and state.get("method") not in IMAGE_PROMPTED,
     )
     members = [module_from_prompt(s, clip, datamodule.classnames) for s in states]
+    if any(prompts_images(member) for member in members):
+        datamodule.cache = None  # their image features depend on their prompts: never read from the cache
     ensemble = isinstance(cfg.ckpt, ListConfig)
     module = PromptEnsemble(members, len(datamodule.classnames), cfg.ensemble) if ensemble else members[0]
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)

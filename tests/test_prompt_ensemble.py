@@ -11,6 +11,7 @@ from src.eval import evaluate
 from src.files import save_torch
 from src.models.cocoop import CoCoOp
 from src.models.coop import CoOp
+from src.models.maple import MaPLe
 from src.models.prompt_ensemble import PromptEnsemble
 from src.protocols import compose_config
 from tests.conftest import CONF_DIR
@@ -46,6 +47,18 @@ def test_probs_mode_averages_probabilities(tiny_clip):
     ensemble.on_test_epoch_end()
     with pytest.raises(ValueError, match="use ensemble=probs"):
         PromptEnsemble([CoCoOp(tiny_clip, NAMES, n_ctx=2)], 4, "features")
+
+
+def test_a_member_that_prompts_the_image_encoder_gets_the_images(tiny_clip):
+    torch.manual_seed(0)
+    coop, maple = CoOp(tiny_clip, NAMES, n_ctx=4), MaPLe(tiny_clip, NAMES, n_ctx=2, prompt_depth=2)
+    with pytest.raises(ValueError, match=r"\['MaPLe'\] do not have .* use ensemble=probs"):
+        PromptEnsemble([coop, maple], 4, "features")
+    ensemble = PromptEnsemble([coop, maple], 4, "probs")
+    images = torch.randn(3, 3, tiny_clip.image_size, tiny_clip.image_size)
+    with torch.no_grad():
+        expected = (coop(images).softmax(-1) + maple(images).softmax(-1)) / 2
+        torch.testing.assert_close(ensemble(images).exp(), expected)
 
 
 def test_an_ensemble_of_one_prompt_is_that_prompt(tiny_clip, data_dir, cache_dir, tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytorch_lightning as pl
 import torch
@@ -24,6 +24,10 @@ CHECKPOINT_PROMPT = "prompt"  # the key of the prompt in a Lightning checkpoint
 
 class CoOp(AccuracyTest, pl.LightningModule):
     """Learns the prompt context from few labelled images; CLIP itself never changes."""
+
+    # True where the prompts change the image features too (MaPLe): tested on images, never on
+    # cached image features, and with no class text features of their own to ensemble.
+    prompts_images: ClassVar[bool] = False
 
     def __init__(
         self,

@@ -26,6 +26,8 @@ class MaPLe(CoOp):
     coupling functions start as copies of one Linear.
     """
 
+    prompts_images = True
+
     def __init__(
         self,
         clip: FrozenCLIP,

@@ -33,7 +33,11 @@ class PromptEnsemble(AccuracyTest, pl.LightningModule):
         if mode not in ("features", "probs"):
             raise ValueError(f"ensemble={mode}: average the members' text `features` or their `probs`")
         if mode == "features":
-            unfit = [type(m).__name__ for m in members if not isinstance(m, CoOp) or isinstance(m, CoCoOp)]
+            unfit = [
+                type(m).__name__
+                for m in members
+                if not isinstance(m, CoOp) or isinstance(m, CoCoOp) or m.prompts_images
+            ]
             if unfit:
                 raise ValueError(
                     f"ensemble=features averages class text features, which {unfit} do not have (their "
@@ -51,13 +55,15 @@ class PromptEnsemble(AccuracyTest, pl.LightningModule):
         return F.normalize(total / len(self.members), dim=-1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits of a batch of images [b, 3, h, w] or of their image features [b, d]."""
+        """Logits of a batch of images [b, 3, h, w] or of their image features [b, d] (none of whose
+        members prompts the image encoder: those take the images)."""
         features = images if images.ndim == 2 else self.clip.encode_image(images)
         if self.mode == "features":
             text = self._text_features if self._text_features is not None else self.text_features()
             return self.clip.logit_scale * F.normalize(features.float(), dim=-1) @ text.t()
-        probs = sum(member(features).float().softmax(-1) for member in self.members) / len(self.members)
-        return probs.log()
+        inputs = [images if prompts_images(member) else features for member in self.members]
+        probs = sum(member(x).float().softmax(-1) for member, x in zip(self.members, inputs, strict=True))
+        return (probs / len(self.members)).log()
 
     def on_test_epoch_start(self) -> None:
         if self.mode == "features":
@@ -71,3 +77,8 @@ class PromptEnsemble(AccuracyTest, pl.LightningModule):
         if self.mode == "probs":
             for member in self.members:
                 member.on_test_epoch_end()
+
+
+def prompts_images(module: nn.Module) -> bool:
+    """Whether `module` (a CoOp variant or another method) needs images rather than image features."""
+    return getattr(module, "prompts_images", False)
