@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Literal
 
 from src.data.datasets.base import DatasetError
-from src.data.samples import Sample, Splits
+from src.data.samples import Sample, Splits, relative_path
 from src.files import write_json
 
 FewShotSampler = Literal["reference", "sorted"]
@@ -108,7 +108,7 @@ def save_fewshot(
     """
 
     def rows(items: list[Sample]) -> list[list]:
-        return [[_relative(item.path, root), item.label, item.classname] for item in items]
+        return [[relative_path(item.path, root), item.label, item.classname] for item in items]
 
     return write_json(
         path,
@@ -153,7 +153,3 @@ def load_fewshot(
                 )
             chosen[key].append(item)
     return chosen["train"], chosen["val"], sampler
-
-
-def _relative(path: str, root: Path) -> str:
-    return Path(path).relative_to(root).as_posix() if Path(path).is_relative_to(root) else path

@@ -9,7 +9,7 @@ import random
 from collections import defaultdict
 from pathlib import Path
 
-from src.data.samples import Sample
+from src.data.samples import Sample, relative_path
 from src.files import write_json
 
 
@@ -56,13 +56,8 @@ def record_in_fewshot_file(
     still reloads with `data.fewshot_file`; the same `data.label_noise` and seed flip the same ones."""
     path = Path(path)
     data = json.loads(path.read_text())
-
-    def relative(item: Sample) -> str:
-        p = Path(item.path)
-        return p.relative_to(root).as_posix() if p.is_relative_to(root) else item.path
-
     data["label_noise"] = {
         "rate": rate,
-        "flipped": [[relative(item), item.label, new] for item, new in flipped],
+        "flipped": [[relative_path(item.path, root), item.label, new] for item, new in flipped],
     }
     write_json(path, data)

@@ -12,13 +12,12 @@ for Dassl's Datum and refuses every other class or function.
 
 from __future__ import annotations
 
-import os
 import pickle
 from pathlib import Path
 from typing import Any
 
 from src.data.datasets.base import DatasetError
-from src.data.samples import Sample, Splits
+from src.data.samples import Sample, Splits, relative_path
 
 DATUM = ("dassl.data.datasets.base_dataset", "Datum")
 DATUM_FIELDS = ("_impath", "_label", "_domain", "_classname")
@@ -70,16 +69,9 @@ def read_reference_fewshot(
         if key not in data:
             chosen[key] = None
             continue
-        by_relative = {_relative(item.path, root): item for item in pool}
+        by_relative = {relative_path(item.path, root): item for item in pool}
         chosen[key] = [_match(datum, by_relative, path, key, root, fix) for datum in data[key]]
     return chosen["train"], chosen["val"]
-
-
-def _relative(path: str, root: Path) -> str:
-    """The path within the dataset folder, by string (ImageNet has 1.28 million)."""
-    prefix = str(root).rstrip("/\\") + os.sep
-    path = path[len(prefix) :] if path.startswith(prefix) else path
-    return path.replace(os.sep, "/")
 
 
 def _match(datum: Any, by_relative: dict[str, Sample], path: Path, key: str, root: Path, fix: str) -> Sample:
