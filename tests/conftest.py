@@ -92,3 +92,9 @@ def tiny_overrides(data_dir: Path, cache_dir: Path) -> list[str]:
         "data.num_workers=0",
         "trainer.enable_progress_bar=false",
     ]
+
+
+@pytest.fixture
+def eval_overrides(tiny_overrides: list[str]) -> list[str]:
+    """src.eval on the miniature datasets: the backbone is the prompt's own (model=from_ckpt)."""
+    return [o for o in tiny_overrides if o != "model=tiny"]

@@ -16,17 +16,6 @@ from src.train import train
 from tests.conftest import CONF_DIR, make_cfg
 
 
-@pytest.fixture
-def eval_overrides(data_dir, cache_dir) -> list[str]:
-    return [
-        "trainer=cpu",
-        f"paths.data_dir={data_dir}",
-        f"paths.cache_dir={cache_dir}",
-        "data.num_workers=0",
-        "trainer.enable_progress_bar=false",
-    ]
-
-
 def test_evaluating_a_run_prompt_repeats_its_test_and_transfers(tiny_overrides, eval_overrides, tmp_path):
     run = tmp_path / "run"
     trained = train(

@@ -126,15 +126,3 @@ def test_recipe_run_and_prompt_file(tiny_overrides, tmp_path, tiny_clip):
     same = module_from_prompt(state, tiny_clip, ["car", "plane"])
     with torch.no_grad():
         torch.testing.assert_close(same(images(tiny_clip)), module(images(tiny_clip)))
-
-
-def test_base_to_new_protocol_runs_maple(data_dir, cache_dir, tmp_path):
-    from src.protocols import main
-
-    args = ["datasets=oxford_pets", "seeds=1", f"out={tmp_path}", "method=maple", "model=tiny", "trainer=cpu"]
-    overrides = [f"paths.data_dir={data_dir}", f"paths.cache_dir={cache_dir}", "data.num_workers=0"]
-    tiny = ["shots=1", "trainer.max_epochs=1", "method.module.prompt_depth=2"]
-    summary = main(["base_to_new", *args, *overrides, *tiny])
-    new = json.loads((tmp_path / "oxford_pets" / "seed1" / "new" / "results.json").read_text())
-    assert new["method"] == "maple" and new["subsample"] == "new" and new["num_classes"] == 2
-    assert summary["datasets"]["oxford_pets"]["new"] == new["test_acc"]

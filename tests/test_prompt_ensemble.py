@@ -61,16 +61,10 @@ def test_a_member_that_prompts_the_image_encoder_gets_the_images(tiny_clip):
         torch.testing.assert_close(ensemble(images).exp(), expected)
 
 
-def test_an_ensemble_of_one_prompt_is_that_prompt(tiny_clip, data_dir, cache_dir, tmp_path):
+def test_an_ensemble_of_one_prompt_is_that_prompt(tiny_clip, eval_overrides, tmp_path):
     torch.manual_seed(1)
     save_torch(tmp_path / "prompt.pt", CoOp(tiny_clip, NAMES, n_ctx=4).prompt_state())
-    common = [
-        "dataset=oxford_pets",
-        "trainer=cpu",
-        f"paths.data_dir={data_dir}",
-        f"paths.cache_dir={cache_dir}",
-        "data.num_workers=0",
-    ]
+    common = ["dataset=oxford_pets", *eval_overrides]
     single = evaluate(compose_config("eval", [f"ckpt={tmp_path / 'prompt.pt'}", *common], tmp_path / "one"))
     for mode in ("features", "probs"):
         args = [f"ckpt=[{tmp_path / 'prompt.pt'}]", f"ensemble={mode}", *common]

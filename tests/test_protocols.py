@@ -103,8 +103,10 @@ def test_transfer_protocols_from_an_imagenet_prompt(all_data, cache_dir, tmp_pat
     assert json.loads((run / "eval" / "oxford_pets" / "results.json").read_text())["trained_on"] == "imagenet"
 
 
-@pytest.mark.parametrize("method", ["coop", "zeroshot"])
-def test_base_to_new_trains_on_base_and_tests_on_new(all_data, cache_dir, tmp_path, method):
+@pytest.mark.parametrize(
+    ("method", "extra"), [("coop", []), ("zeroshot", []), ("maple", ["method.module.prompt_depth=2"])]
+)
+def test_base_to_new_trains_on_base_and_tests_on_new(all_data, cache_dir, tmp_path, method, extra):
     args = [
         "datasets=oxford_pets",
         "seeds=1",
@@ -114,11 +116,11 @@ def test_base_to_new_trains_on_base_and_tests_on_new(all_data, cache_dir, tmp_pa
         "trainer=cpu",
     ]
     overrides = [f"paths.data_dir={all_data}", f"paths.cache_dir={cache_dir}", "data.num_workers=0"]
-    summary = main(["base_to_new", *args, *overrides, "shots=1", "trainer.max_epochs=1"])
+    summary = main(["base_to_new", *args, *overrides, "shots=1", "trainer.max_epochs=1", *extra])
     run = tmp_path / "oxford_pets" / "seed1"
     base = json.loads((run / "base" / "results.json").read_text())
     new = json.loads((run / "new" / "results.json").read_text())
-    assert base["subsample"] == "base" and new["subsample"] == "new"
+    assert base["subsample"] == "base" and new["subsample"] == "new" and new["method"] == method
     assert base["num_classes"] == new["num_classes"] == 2 and base["num_test"] == new["num_test"] == 8
     result = summary["datasets"]["oxford_pets"]
     assert (result["base"], result["new"]) == (base["test_acc"], new["test_acc"])

@@ -78,7 +78,7 @@ def access_log(monkeypatch):
 
 
 def test_hyperparameters_are_chosen_before_the_test_split_is_read(
-    access_log, tiny_overrides, data_dir, cache_dir, tmp_path
+    access_log, tiny_overrides, eval_overrides, tmp_path
 ):
     runs = {}
     for method, epochs in (("tip_adapter", 0), ("tip_adapter_f", 2)):
@@ -106,10 +106,7 @@ def test_hyperparameters_are_chosen_before_the_test_split_is_read(
     args = [
         f"ckpt={tmp_path / 'tip_adapter' / 'prompt.pt'}",
         "dataset=oxford_pets",
-        "trainer=cpu",
-        f"paths.data_dir={data_dir}",
-        f"paths.cache_dir={cache_dir}",
-        "data.num_workers=0",
+        *eval_overrides,
     ]
     again = evaluate(compose_config("eval", args, tmp_path / "eval"))
     assert again["test_acc"] == runs["tip_adapter"]["test_acc"] and again["method"] == "tip_adapter"
