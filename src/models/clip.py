@@ -101,5 +101,10 @@ class FrozenCLIP(nn.Module):
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         return self.model.encode_image(images)
 
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Features of a batch of images [b, 3, h, w], or the batch itself when it already holds
+        image features [b, d] (the data module's batches when features are cached)."""
+        return images if images.ndim == 2 else self.encode_image(images)
+
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         return self.tokenizer(texts)

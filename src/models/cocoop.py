@@ -77,7 +77,7 @@ class CoCoOp(CoOp):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits of a batch of images [b, 3, h, w] or of their image features [b, d]."""
-        features = images if images.ndim == 2 else self.clip.encode_image(images)
+        features = self.clip.image_features(images)
         features = F.normalize(features, dim=-1)
         bias = self.meta_net(features)
         learner = self.prompt_learner

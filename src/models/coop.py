@@ -83,7 +83,7 @@ class CoOp(AccuracyTest, pl.LightningModule):
         text = self._eval_text_features
         if text is None:
             text = self.text_features()
-        features = images if images.ndim == 2 else self.clip.encode_image(images)
+        features = self.clip.image_features(images)
         return self.logits(features, text)
 
     # -- Lightning hooks --------------------------------------------------------------------

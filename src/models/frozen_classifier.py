@@ -24,7 +24,7 @@ class FrozenClassifier(AccuracyTest, pl.LightningModule):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits of a batch of images [b, 3, h, w] or of their image features [b, d]."""
-        features = images if images.ndim == 2 else self.clip.encode_image(images)
+        features = self.clip.image_features(images)
         return self.logits(features)
 
     def result_fields(self) -> dict:

@@ -65,7 +65,7 @@ class KgCoOp(HandMadeGuided, CoOp):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch
         text = self.text_features()
-        features = images if images.ndim == 2 else self.clip.encode_image(images)
+        features = self.clip.image_features(images)
         ce = F.cross_entropy(self.logits(features, text), labels)
         distance = self.knowledge_distance(text)
         loss = ce + self.weight * distance

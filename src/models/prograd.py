@@ -108,7 +108,7 @@ class ProGrad(HandMadeGuided, CoOp):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch
-        features = images if images.ndim == 2 else self.clip.encode_image(images)
+        features = self.clip.image_features(images)
         logits = self.logits(features, self.text_features())
         with torch.no_grad():
             zero_shot = (

@@ -57,7 +57,7 @@ class PromptEnsemble(AccuracyTest, pl.LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits of a batch of images [b, 3, h, w] or of their image features [b, d] (none of whose
         members prompts the image encoder: those take the images)."""
-        features = images if images.ndim == 2 else self.clip.encode_image(images)
+        features = self.clip.image_features(images)
         if self.mode == "features":
             text = self._text_features if self._text_features is not None else self.text_features()
             return self.clip.logit_scale * F.normalize(features.float(), dim=-1) @ text.t()

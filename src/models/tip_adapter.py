@@ -109,7 +109,7 @@ class TipAdapter(AccuracyTest, pl.LightningModule):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits of a batch of images [b, 3, h, w] or of their image features [b, d]."""
-        return self.logits(images if images.ndim == 2 else self.clip.encode_image(images))
+        return self.logits(self.clip.image_features(images))
 
     # -- fitting: cache, fine-tuning, search ------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -144,7 +144,7 @@ class TipAdapter(AccuracyTest, pl.LightningModule):
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         images, labels = batch
-        features = images if images.ndim == 2 else self.clip.encode_image(images)
+        features = self.clip.image_features(images)
         self.val_acc.update(self.logits(features, self.init_alpha, self.init_beta), labels)
 
     def on_validation_epoch_end(self) -> None:
