@@ -169,7 +169,7 @@ class FewShotDataModule(pl.LightningDataModule):
         elif self.fewshot_sampler == "reference" and pickled.is_file():
             train, val = read_reference_fewshot(pickled, self.dataset.root, everything)
             if val is None:  # ImageNet: the reference has no val draw; ours, as if drawn here
-                val = self._draw(everything, check)[1]
+                val = self._draw(everything, check, check_train=False)[1]
             self.fewshot_origin = {"sampler": "reference", "source": str(pickled)}
             train, val = check.keep_good(train), check.keep_good(val)
         else:
@@ -222,11 +222,14 @@ class FewShotDataModule(pl.LightningDataModule):
         flipped, total = len(self.flipped), len(self.train_items)
         log.info("label noise %g: %d of %d train labels flipped", self.label_noise, flipped, total)
 
-    def _draw(self, splits: Splits, check: ImageCheck) -> tuple[list[Sample], list[Sample]]:
+    def _draw(
+        self, splits: Splits, check: ImageCheck, check_train: bool = True
+    ) -> tuple[list[Sample], list[Sample]]:
         """The sampler's train and val subsets of the readable images: an unreadable image drawn
         (and skipped) is treated as absent from the split, so its class still gets `shots` images
         when it has them; both are drawn again, since the reference's val draw continues the
-        random stream of its train draw."""
+        random stream of its train draw. `check_train=False`: the train subset comes from elsewhere
+        and only the val subset's images are opened."""
         bad: set[str] = set()
         while True:
             train, val = draw_fewshot(
@@ -236,7 +239,7 @@ class FewShotDataModule(pl.LightningDataModule):
                 self.seed,
                 self.fewshot_sampler,
             )
-            chosen = train + val
+            chosen = train + val if check_train else val
             good = check.keep_good(chosen)
             if len(good) == len(chosen):
                 return train, val
