@@ -20,7 +20,6 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import WandbLogger
-from pytorch_lightning.utilities.seed import isolate_rng
 
 from src.cli import run
 from src.data.subsample import subsample_suffix
@@ -80,8 +79,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     baseline = None
     if cfg.get("baseline") == "zeroshot":
-        with isolate_rng():  # its test loader draws a seed: the method's run stays the run without it
-            baseline = zeroshot_baseline(cfg, clip, datamodule)
+        baseline = zeroshot_baseline(cfg, clip, datamodule)
     if last is not None:
         log.info("resuming from %s", last)
     start = time.perf_counter()

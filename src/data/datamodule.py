@@ -304,7 +304,15 @@ class FewShotDataModule(pl.LightningDataModule):
             data = ImageList(items, eval_transform(self.image_size))
         else:
             data = TensorDataset(*self.image_features(split))
-        return self._loader(data, self.test_batch_size, sampler=unrepeated_sampler(data, self.trainer))
+        # A generator of its own: starting a loader draws a seed from its generator, and drawing it
+        # from the global one would make the training's data order and augmentations depend on
+        # when (and whether) a run validates; the original code never validates.
+        return self._loader(
+            data,
+            self.test_batch_size,
+            sampler=unrepeated_sampler(data, self.trainer),
+            generator=torch.Generator(),
+        )
 
     def image_features(self, split: str, views: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Frozen image features of a split's images ("train", "val" or "test") and their labels,
@@ -353,6 +361,7 @@ class FewShotDataModule(pl.LightningDataModule):
         shuffle: bool = False,
         drop_last: bool = False,
         sampler: Sampler | None = None,
+        generator: torch.Generator | None = None,
     ) -> DataLoader:
         # in memory: no worker processes
         features = isinstance(data, (TensorDataset, RandomView, InMemoryTrainImages))
@@ -367,6 +376,7 @@ class FewShotDataModule(pl.LightningDataModule):
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers and not features,
             collate_fn=collate_crops if crops else None,
+            generator=generator,
         )
 
 
