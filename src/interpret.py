@@ -26,11 +26,11 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-import src.eval  # noqa: F401  (registers the resolvers of conf/model/from_ckpt.yaml)
+import src.config  # noqa: F401  (the resolvers of conf/)
 from src.cli import run
 from src.files import write_json
 from src.models.clip import FrozenCLIP
-from src.models.coop import load_prompt
+from src.prompt_file import load_prompt, method_class
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +130,12 @@ def words_table(words: dict[str, Any]) -> Table:
 def interpret_file(cfg: DictConfig) -> dict[str, Any]:
     """Interprets `cfg.ckpt`, prints the table and writes the JSON to `cfg.out`."""
     state = load_prompt(cfg.ckpt)
+    method = method_class(state, cfg.ckpt)
+    if not method.learns_context:
+        raise ValueError(
+            f"ckpt={cfg.ckpt}: method {state['method']!r} learns no prompt context, so there are no "
+            "context vectors to read as words; give the prompt of a method such as coop"
+        )
     pl.seed_everything(cfg.seed, verbose=False)  # a random-weight backbone is a function of the seed
     clip = instantiate(cfg.model)
     words = {"ckpt": str(cfg.ckpt), **interpret(state, clip, cfg.topk)}

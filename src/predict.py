@@ -28,12 +28,13 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
+import src.config  # noqa: F401  (the resolvers of conf/)
 from src.cli import run
 from src.data.datasets.base import IMAGE_SUFFIXES
 from src.data.transforms import eval_transform
-from src.eval import module_from_prompt
 from src.files import atomic_write
-from src.models.coop import CoOp, load_prompt
+from src.methods.base import Method
+from src.prompt_file import load_prompt, method_from_prompt
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def image_files(path: str | Path) -> list[Path]:
 
 
 def predict_probabilities(
-    module: CoOp, files: list[Path], batch_size: int = 32, device: str | torch.device = "cpu"
+    module: Method, files: list[Path], batch_size: int = 32, device: str | torch.device = "cpu"
 ) -> tuple[list[Path], torch.Tensor, dict[Path, str]]:
     """Probabilities [n, n_classes] of the readable `files` (returned in the same order), and the
     unreadable ones with the reason."""
@@ -76,7 +77,7 @@ def predict_probabilities(
             done += batch_files
     finally:
         module.on_test_epoch_end()
-    classes = module.prompt_learner.n_cls
+    classes = len(module.classnames)
     return done, torch.cat(probabilities) if probabilities else torch.empty(0, classes), unreadable
 
 
@@ -134,7 +135,7 @@ def predict(cfg: DictConfig) -> pd.DataFrame:
     state = load_prompt(cfg.ckpt)
     pl.seed_everything(cfg.seed, verbose=False)  # a random-weight backbone is a function of the seed
     clip = instantiate(cfg.model)
-    module = module_from_prompt(state, clip, state["classnames"])
+    module = method_from_prompt(state, clip, state["classnames"], cfg.ckpt)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     done, probabilities, unreadable = predict_probabilities(module, files, cfg.batch_size, device)
     if not done:

@@ -24,43 +24,21 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from hydra import compose, initialize_config_dir
+from hydra.utils import get_class
 from omegaconf import DictConfig, open_dict
 
 from src.cli import run
-from src.eval import evaluate, training_results
+from src.config import compose_config
+from src.data.benchmark import BASE_TO_NEW, CROSS_DATASET, DOMAIN_GENERALIZATION
+from src.evaluation import evaluate
 from src.files import write_json
-from src.train import quote_numeric_choices, train
+from src.methods.base import Method
+from src.results import training_results
+from src.training import train
 
 log = logging.getLogger(__name__)
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
-
-DOMAIN_GENERALIZATION = ("imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r")
-CROSS_DATASET = (
-    "caltech101",
-    "oxford_pets",
-    "stanford_cars",
-    "oxford_flowers",
-    "food101",
-    "fgvc_aircraft",
-    "sun397",
-    "dtd",
-    "eurosat",
-    "ucf101",
-)
-BASE_TO_NEW = ("imagenet", *CROSS_DATASET)
 PROTOCOL_ARGS = ("ckpt", "targets", "datasets", "seeds", "out")
-
-
-def compose_config(name: str, overrides: list[str], output_dir: Path | None = None) -> DictConfig:
-    """conf/<name>.yaml with `overrides`, as the command line composes it, writing to `output_dir`."""
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(name, overrides=quote_numeric_choices(overrides))
-    if output_dir is not None:
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(output_dir)
-    return cfg
 
 
 def transfer(protocol: str, ckpt: str | Path, targets: list[str], overrides: list[str]) -> dict[str, Any]:
@@ -93,11 +71,13 @@ def base_to_new(
         for seed in seeds:
             args = [f"dataset={dataset}", f"seed={seed}", *overrides]
             cfg = compose_config("train", [*args, "dataset.subsample=base"])
-            zero_shot = cfg.method.get("zero_shot", False)
-            if not (cfg.method.fit or zero_shot):
+            method: type[Method] = get_class(cfg.method.module._target_)
+            zero_shot = method.zero_shot
+            if not (method.fits or zero_shot):
                 raise ValueError(
                     f"method={cfg.method.name} learns weights of the base classes only: base-to-new "
-                    "needs a prompt (method=coop or cocoop) or a zero-shot method"
+                    "needs a trained method that transfers to other classes (a prompt: method=coop, "
+                    "cocoop, ...) or a zero-shot method"
                 )
             if out is None:
                 out = Path(cfg.paths.log_dir) / "base_to_new" / f"{cfg.method.name}_{cfg.model.name}"

@@ -31,15 +31,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from src.data.benchmark import DOMAIN_GENERALIZATION  # noqa: E402
+
 log = logging.getLogger(__name__)
 
-# Methods whose result depends neither on the shots nor on the seed: plotted as a line, tabled
-# at 0 shots, one run expected per dataset.
-TRAINING_FREE = ("zeroshot", "zeroshot_ensemble", "tpt")
-# Methods with a learned context, whose variants (class-specific, position, M) are told apart.
-CONTEXT_METHODS = ("coop", "cocoop", "kgcoop", "prograd", "maple")
-# The evaluation sets of the domain generalisation study; other transfer targets are cross-dataset.
-DG_TARGETS = ("imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r")
+# What the method contract says of each run's method (src/methods/base.py), in results.json:
+# `zero_shot` methods depend neither on the shots nor on the seed (plotted as a line, tabled at
+# 0 shots, one run expected per dataset); `learns_context` methods have variants (class-specific,
+# position, M) told apart. Results written before these fields were: by the project's own methods.
+CONTRACT_FIELDS = ("zero_shot", "learns_context")
+LEGACY_ZERO_SHOT = ("zeroshot", "zeroshot_ensemble", "tpt")
+LEGACY_CONTEXT = ("coop", "cocoop", "kgcoop", "prograd", "maple")
 # The key of results.json naming the dataset a transferred prompt was trained on.
 SOURCE_KEY = "trained_on"
 REQUIRED = ("dataset", "method", "backbone", "shots", "seed", "test_acc")
@@ -75,7 +77,7 @@ def variant_name(row: pd.Series) -> str:
     a run apart from the method's plain runs: `noise=0.25` (noisy labels), `(features)` (how an
     ensemble averages)."""
     name = str(row["method"])
-    if row["method"] in CONTEXT_METHODS and not pd.isna(row.get("ctx")):
+    if row["learns_context"] and not pd.isna(row.get("ctx")):
         name = f"{name} {row['ctx']} {row['class_token_position']} M{int(row['n_ctx'])}"
         init = row.get("ctx_init")
         name = f"{name} init={init!r}" if isinstance(init, str) else name
@@ -91,18 +93,20 @@ def tidy(runs: pd.DataFrame) -> pd.DataFrame:
     for column, default in defaults.items():
         if column not in runs:
             runs[column] = default
+    for column, legacy in zip(CONTRACT_FIELDS, (LEGACY_ZERO_SHOT, LEGACY_CONTEXT), strict=True):
+        known = runs[column] if column in runs else pd.Series(None, index=runs.index, dtype=object)
+        runs[column] = known.where(known.notna(), runs["method"].isin(legacy)).astype(bool)
     runs["subsample"] = runs["subsample"].fillna("all")
     runs["label_noise"] = runs["label_noise"].fillna(0.0)
     runs["source"] = runs[SOURCE_KEY].fillna(runs["dataset"])
     # The domain generalisation targets are test sets: a training-free method run on one is that
     # study's evaluation, with ImageNet as the source.
-    runs.loc[runs["method"].isin(TRAINING_FREE) & runs["dataset"].isin(DG_TARGETS), "source"] = "imagenet"
+    runs.loc[runs["zero_shot"] & runs["dataset"].isin(DOMAIN_GENERALIZATION), "source"] = "imagenet"
     runs["variant"] = runs.apply(variant_name, axis=1)
-    runs["training_free"] = runs["method"].isin(TRAINING_FREE)
     # no seeds to expect: training-free runs, and ensembles of prompts of several seeds (seed 0)
-    runs["seedless"] = runs["training_free"] | (runs["ensemble"].notna() & (runs["seed"] == 0))
+    runs["seedless"] = runs["zero_shot"] | (runs["ensemble"].notna() & (runs["seed"] == 0))
     # Zero-shot runs at any shots and seed are one and the same run.
-    runs.loc[runs["training_free"], ["shots", "seed"]] = 0
+    runs.loc[runs["zero_shot"], ["shots", "seed"]] = 0
     runs["protocol"] = "fewshot"
     runs.loc[runs["source"] != runs["dataset"], "protocol"] = "transfer"
     runs.loc[runs["subsample"] != "all", "protocol"] = "base_to_new"
@@ -122,12 +126,12 @@ def cells(runs: pd.DataFrame) -> pd.DataFrame:
             std=("test_acc", lambda a: a.std(ddof=0)),
             n=("test_acc", "size"),
             seeds=("seed", lambda s: tuple(sorted(s))),
-            training_free=("training_free", "first"),
+            zero_shot=("zero_shot", "first"),
             seedless=("seedless", "first"),
         )
         .reset_index()
     )
-    expected = sorted(set(used.loc[~used["training_free"], "seed"]))
+    expected = sorted(set(used.loc[~used["zero_shot"], "seed"]))
     table["missing_seeds"] = [
         () if free else tuple(s for s in expected if s not in seeds)
         for free, seeds in zip(table["seedless"], table["seeds"], strict=True)
@@ -231,16 +235,16 @@ def plot_fewshot(table: pd.DataFrame, backbone: str, dataset: str | None = None)
     method with a training set (± std over seeds), a horizontal line per training-free method."""
     part = table[(table["protocol"] == "fewshot") & (table["backbone"] == backbone)]
     if dataset is None:
-        part = part.groupby(["variant", "shots", "training_free"], as_index=False)["mean"].mean()
+        part = part.groupby(["variant", "shots", "zero_shot"], as_index=False)["mean"].mean()
         part["std"] = 0.0  # the spread over seeds is per dataset; the average has none to show
     else:
         part = part[part["dataset"] == dataset]
     fig, ax = plt.subplots(figsize=(5, 4), dpi=100)
-    shots = sorted(part.loc[~part["training_free"], "shots"].unique())
+    shots = sorted(part.loc[~part["zero_shot"], "shots"].unique())
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (variant, group) in enumerate(part.groupby("variant")):
         color = colors[i % len(colors)]
-        if group["training_free"].iloc[0]:
+        if group["zero_shot"].iloc[0]:
             ax.axhline(group["mean"].iloc[0], linestyle="--", color=color, label=variant)
             continue
         group = group.sort_values("shots")
@@ -321,9 +325,9 @@ def section_for(table: pd.DataFrame, backbone: str, out: Path) -> list[str]:
     transferred = set(
         table.loc[(table["protocol"] == "transfer") & (table["backbone"] == backbone), "dataset"]
     )
-    cross = sorted(transferred - set(DG_TARGETS))
-    if transferred & set(DG_TARGETS):
-        dg = transfer_table(table, backbone, list(DG_TARGETS))
+    cross = sorted(transferred - set(DOMAIN_GENERALIZATION))
+    if transferred & set(DOMAIN_GENERALIZATION):
+        dg = transfer_table(table, backbone, list(DOMAIN_GENERALIZATION))
         lines += ["### Domain generalisation", "", markdown(dg), ""]
     if cross:
         lines += ["### Cross-dataset transfer", "", markdown(transfer_table(table, backbone, cross)), ""]
@@ -362,7 +366,7 @@ def problems(runs: pd.DataFrame, table: pd.DataFrame) -> list[str]:
 
 def missing_settings(table: pd.DataFrame) -> pd.DataFrame:
     """Few-shot settings (dataset x shots of a method that has run elsewhere) with no run."""
-    part = table[(table["protocol"] == "fewshot") & ~table["training_free"]]
+    part = table[(table["protocol"] == "fewshot") & ~table["zero_shot"]]
     missing = []
     for (backbone, variant), group in part.groupby(["backbone", "variant"]):
         datasets = set(

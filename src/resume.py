@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import random
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -77,12 +78,30 @@ def check_run_dir(cfg: DictConfig, out: Path) -> None:
     _check_writable(out)
     stored_file = out / FINGERPRINT
     if stored_file.exists():
-        changed = differences(json.loads(stored_file.read_text())["config"], fingerprint(cfg))
+        stored = upgrade_fingerprint(json.loads(stored_file.read_text())["config"])
+        changed = differences(stored, fingerprint(cfg))
         if changed:
             raise RunDirError(
                 f"{out} holds a run with another configuration ({changed}): delete that folder to "
                 "start again, or give this run its own folder with hydra.run.dir=<folder>"
             )
+
+
+# Folders started before the methods moved to src/methods/ (and their classes, not their configs,
+# said whether they fit): the same configuration under its former names.
+MOVED_METHODS = re.compile(
+    r"^src\.models\.(coop|cocoop|kgcoop|prograd|maple|tip_adapter|tpt|linear_probe|zeroshot)\."
+)
+FORMER_KEYS = ("method.fit", "method.zero_shot", "method.module.method")
+
+
+def upgrade_fingerprint(stored: dict[str, Any]) -> dict[str, Any]:
+    """A stored fingerprint in today's names."""
+    return {
+        key: MOVED_METHODS.sub(r"src.methods.\1.", value) if isinstance(value, str) else value
+        for key, value in stored.items()
+        if key not in FORMER_KEYS
+    }
 
 
 def fingerprint(cfg: DictConfig) -> dict[str, Any]:

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from src.files import save_torch
-from src.models.cocoop import CoCoOp, cocoop_from_prompt
-from src.models.coop import CoOp, load_prompt
-from src.train import train
+from src.methods.cocoop import CoCoOp
+from src.methods.coop import CoOp
+from src.prompt_file import load_prompt
+from src.training import train
 from tests.conftest import make_cfg
 
 CLASSNAMES = ["cat", "dog", "bird", "sports car", "golden_retriever"]
@@ -85,11 +86,12 @@ def test_recipe_preset_run_and_prompt_file(tiny_overrides, tmp_path, tiny_clip):
     assert saved["ctx_init_count"] == "words"
     state = load_prompt(tmp_path / "prompt.pt")
     assert state["method"] == "cocoop" and state["ctx"].shape == (4, 64)
-    assert set(state["meta_net"]) == {"linear1.weight", "linear1.bias", "linear2.weight", "linear2.bias"}
+    meta_net = {name.removeprefix("meta_net.") for name in state["weights"] if name.startswith("meta_net.")}
+    assert meta_net == {"linear1.weight", "linear1.bias", "linear2.weight", "linear2.bias"}
 
     module = CoCoOp(tiny_clip, ["car", "plane", "ship"], n_ctx=4)
     save_torch(tmp_path / "other.pt", module.prompt_state())
-    rebuilt = cocoop_from_prompt(load_prompt(tmp_path / "other.pt"), tiny_clip, ["apple", "pear"])
+    rebuilt = CoCoOp.from_prompt(load_prompt(tmp_path / "other.pt"), tiny_clip, ["apple", "pear"])
     assert rebuilt.prompt_learner.classnames == ["apple", "pear"]
     assert torch.equal(rebuilt.meta_net.linear1.weight, module.meta_net.linear1.weight)
     assert torch.equal(rebuilt.prompt_learner.ctx, module.prompt_learner.ctx)

@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from src.models.coop import CoOp, warmup_cosine
+from src.methods.coop import CoOp, warmup_cosine
 
 CLASSNAMES = ["cat", "dog", "bird"]
 
@@ -122,22 +122,22 @@ def test_test_metrics_are_top1_and_macro_accuracy(tiny_clip, tmp_path):
 
 def test_prompt_file_round_trip_and_transfer(tiny_clip, tmp_path):
     from src.files import save_torch
-    from src.models.coop import coop_from_prompt, load_prompt
+    from src.methods.coop import CoOp
+    from src.prompt_file import load_prompt
 
     module = make_module(tiny_clip)
     save_torch(tmp_path / "prompt.pt", module.prompt_state())
     state = load_prompt(tmp_path / "prompt.pt")
-    same = coop_from_prompt(state, tiny_clip)
+    same = CoOp.from_prompt(state, tiny_clip)
     assert torch.equal(same.prompt_learner.ctx, module.prompt_learner.ctx)
-    other = coop_from_prompt(state, tiny_clip, classnames=["car", "plane"])
+    other = CoOp.from_prompt(state, tiny_clip, classnames=["car", "plane"])
     assert other.prompt_learner.n_cls == 2
     csc = make_module(tiny_clip, class_specific=True)
     with pytest.raises(ValueError, match="class-specific context only applies"):
-        coop_from_prompt(csc.prompt_state(), tiny_clip, classnames=["car", "plane"])
+        CoOp.from_prompt(csc.prompt_state(), tiny_clip, classnames=["car", "plane"])
 
 
 def test_prompt_file_keeps_the_fixed_words_of_a_word_initialised_context(tiny_clip):
-    from src.models.coop import coop_from_prompt
 
     torch.manual_seed(0)
     module = make_module(tiny_clip, ctx_init="itap of a")  # "it ap of" learned, "a" fixed text
@@ -145,8 +145,8 @@ def test_prompt_file_keeps_the_fixed_words_of_a_word_initialised_context(tiny_cl
         module.prompt_learner.ctx.add_(torch.randn_like(module.prompt_learner.ctx))  # as if trained
         state = module.prompt_state()
         assert state["n_ctx"] == 3 and state["ctx_init_count"] == "words"
-        torch.testing.assert_close(coop_from_prompt(state, tiny_clip).text_features(), module.text_features())
+        torch.testing.assert_close(CoOp.from_prompt(state, tiny_clip).text_features(), module.text_features())
         # a file from before ctx_init_count: every token of the phrase was learned
         old = make_module(tiny_clip, ctx_init="itap of a", ctx_init_count="tokens").prompt_state()
         del old["ctx_init_count"]
-        assert coop_from_prompt(old, tiny_clip).prompt_learner.n_ctx == 4
+        assert CoOp.from_prompt(old, tiny_clip).prompt_learner.n_ctx == 4

@@ -7,7 +7,7 @@ import json
 
 import torch
 
-from src.train import train
+from src.training import train
 from tests.conftest import make_cfg
 
 

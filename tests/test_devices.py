@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from src.methods.cocoop import CoCoOp
+from src.methods.coop import CoOp
+from src.methods.zeroshot import ZeroShotCLIP
 from src.models.clip import FrozenCLIP
-from src.models.cocoop import CoCoOp
-from src.models.coop import CoOp
-from src.models.zeroshot import ZeroShotCLIP
 
 CLASSNAMES = ["tench", "great white shark", "Komodo"]
 

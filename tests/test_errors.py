@@ -13,12 +13,13 @@ import pytest
 import torch
 
 from src.cli import user_error
+from src.config import quote_numeric_choices
 from src.data.datamodule import FewShotDataModule
 from src.data.datasets.base import DatasetError
 from src.data.datasets.oxford_pets import OxfordPets
-from src.models.coop import CoOp, coop_from_prompt
+from src.methods.coop import CoOp
 from src.models.prompt_learner import PromptLearner
-from src.train import main, quote_numeric_choices
+from src.train import main
 from tests.miniature import make_oxford_pets
 
 
@@ -145,13 +146,13 @@ def test_class_specific_context_from_words_starts_every_class_from_them(tiny_cli
 def test_a_prompt_from_another_backbone_or_class_list(tiny_clip):
     state = CoOp(tiny_clip, ["cat", "dog"], n_ctx=2).prompt_state()
     with pytest.raises(ValueError) as error:
-        coop_from_prompt({**state, "backbone": "RN50-quickgelu", "pretrained": "openai"}, tiny_clip)
+        CoOp.from_prompt({**state, "backbone": "RN50-quickgelu", "pretrained": "openai"}, tiny_clip)
     assert "\n" not in str(error.value)
     assert "learned on RN50-quickgelu" in str(error.value)
     assert "use model.name=RN50-quickgelu model.pretrained=openai" in str(error.value)
     specific = CoOp(tiny_clip, ["cat", "dog"], n_ctx=2, class_specific=True).prompt_state()
     with pytest.raises(ValueError, match="class-specific context only applies to the class list") as error:
-        coop_from_prompt(specific, tiny_clip, classnames=["car", "plane", "ship"])
+        CoOp.from_prompt(specific, tiny_clip, classnames=["car", "plane", "ship"])
     assert "\n" not in str(error.value)
 
 

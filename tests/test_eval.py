@@ -8,11 +8,12 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from src.eval import evaluate
+from src.config import compose_config
+from src.evaluation import evaluate
 from src.files import save_torch
-from src.models.coop import CoOp, load_prompt
-from src.protocols import compose_config
-from src.train import train
+from src.methods.coop import CoOp
+from src.prompt_file import load_prompt
+from src.training import train
 from tests.conftest import CONF_DIR, make_cfg
 
 

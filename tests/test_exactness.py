@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from src.methods.coop import CoOp
 from src.models.clip import FrozenCLIP
-from src.models.coop import CoOp
 from src.models.text_encoder import TextEncoder
 
 # names of 1 to 5 tokens, so that prompts of several lengths are grouped

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from hydra_plugins.coop_grid_sweeper.grid_sweeper import drop_repeats
 from src.report import write_report
-from src.train import train
+from src.training import train
 from tests.conftest import CONF_DIR, make_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,7 +160,7 @@ def test_a_relaunched_sweep_skips_finished_runs(tiny_overrides, tmp_path, caplog
     cfg = make_cfg(["dataset=oxford_pets", "shots=1", "trainer.max_epochs=1", *tiny_overrides], tmp_path)
     first = train(cfg)
     written = (tmp_path / "results.json").stat().st_mtime_ns
-    with caplog.at_level("INFO", logger="src.train"):
+    with caplog.at_level("INFO", logger="src.training"):
         assert train(cfg) == first
     assert "results.json exists: skipping this run" in caplog.text
     assert (tmp_path / "results.json").stat().st_mtime_ns == written

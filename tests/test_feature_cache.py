@@ -15,9 +15,9 @@ from src.data.datasets.oxford_pets import OxfordPets
 from src.data.feature_cache import FeatureCache, SeededViews, feature_key, weights_identity
 from src.data.samples import Sample
 from src.data.transforms import train_transform
+from src.methods.coop import CoOp
 from src.models.clip import FrozenCLIP
-from src.models.coop import CoOp
-from src.train import train
+from src.training import train
 from tests.conftest import make_cfg
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from src.files import atomic_folder, save_torch, write_json
-from src.models.coop import load_prompt
+from src.prompt_file import load_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
 

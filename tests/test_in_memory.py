@@ -15,7 +15,7 @@ from PIL import Image
 from src.data.in_memory import InMemoryTrainImages, collate_crops, finish_augmentation, fits_in_memory
 from src.data.samples import Sample
 from src.data.transforms import train_transform
-from src.train import train
+from src.training import train
 from tests.conftest import make_cfg
 
 SIZE = 64

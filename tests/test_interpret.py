@@ -10,7 +10,7 @@ import torch
 
 from src.files import save_torch
 from src.interpret import interpret, main, nearest_tokens
-from src.models.coop import CoOp
+from src.methods.coop import CoOp
 
 
 def token_id(clip, word: str) -> int:

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from src.models.kgcoop import KgCoOp
-from src.models.prograd import ProGrad, project_conflicting
-from src.train import train
+from src.methods.kgcoop import KgCoOp
+from src.methods.prograd import ProGrad, project_conflicting
+from src.training import train
 from tests.conftest import make_cfg
 from tests.test_coop_module import fit
 

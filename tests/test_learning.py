@@ -19,7 +19,7 @@ from src.models.clip import register_project_configs, shipped_weights
 from src.models.pretrain_tiny import pretrain
 from src.precheck import check_training_run
 from src.protocols import main as protocols
-from src.train import train
+from src.training import train
 from tests.conftest import make_cfg
 
 WEIGHTS = shipped_weights("coop-tiny-digits.safetensors")

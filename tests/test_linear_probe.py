@@ -15,9 +15,9 @@ from sklearn.linear_model import LogisticRegression
 from src.data.datamodule import FewShotDataModule
 from src.data.datasets.oxford_pets import OxfordPets
 from src.data.transforms import eval_transform
+from src.methods.linear_probe import LinearProbe, fit_logistic, search_c
 from src.models.clip import FrozenCLIP
-from src.models.linear_probe import LinearProbe, fit_logistic, search_c
-from src.train import train
+from src.training import train
 from tests.conftest import make_cfg
 
 

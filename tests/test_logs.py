@@ -35,7 +35,7 @@ def test_a_quick_start_prints_a_few_lines_of_its_own(tmp_path):
     lines = [LINE.fullmatch(line) for line in printed]
     assert all(lines), printed  # no bare warnings, tips or tracebacks
     assert {(line["logger"], line["level"]) for line in lines} <= {
-        ("__main__", "INFO"),
+        ("src.training", "INFO"),  # the run: method, backbone, devices, accuracies
         ("src.data.datamodule", "INFO"),
         ("src.data.feature_cache", "INFO"),
         ("src.data.in_memory", "INFO"),  # the train images decoded into memory

@@ -9,12 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from src.eval import module_from_prompt
 from src.files import save_torch
+from src.methods.coop import CoOp
+from src.methods.maple import MaPLe
 from src.models import deep_prompts
-from src.models.coop import CoOp, load_prompt
-from src.models.maple import MaPLe
-from src.train import train
+from src.prompt_file import load_prompt, method_from_prompt
+from src.training import train
 from tests.conftest import make_cfg
 
 CLASSNAMES = ["cat", "dog", "sports car"]
@@ -120,9 +120,9 @@ def test_recipe_run_and_prompt_file(tiny_overrides, tmp_path, tiny_clip):
         module.deep_text.normal_()
     save_torch(tmp_path / "other.pt", module.prompt_state())
     state = load_prompt(tmp_path / "other.pt")
-    rebuilt = module_from_prompt(state, tiny_clip, ["apple", "pear"])
+    rebuilt = method_from_prompt(state, tiny_clip, ["apple", "pear"])
     assert isinstance(rebuilt, MaPLe) and rebuilt.prompt_learner.classnames == ["apple", "pear"]
     assert torch.equal(rebuilt.deep_text, module.deep_text)
-    same = module_from_prompt(state, tiny_clip, ["car", "plane"])
+    same = method_from_prompt(state, tiny_clip, ["car", "plane"])
     with torch.no_grad():
         torch.testing.assert_close(same(images(tiny_clip)), module(images(tiny_clip)))

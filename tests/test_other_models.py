@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from src.methods.coop import CoOp
 from src.models.clip import FrozenCLIP
-from src.models.coop import CoOp
 from src.models.prompt_learner import PromptLearner
 
 CLASSNAMES = ["cat", "dog", "sports car"]

@@ -7,7 +7,7 @@ import torch
 
 from src.callbacks import NonFiniteLossError
 from src.cli import user_error
-from src.train import train
+from src.training import train
 from tests.conftest import make_cfg
 
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from src.data.transforms import eval_transform
 from src.files import save_torch
-from src.models.coop import CoOp
+from src.methods.coop import CoOp
 from src.predict import image_files, main, predict_probabilities, top_classes
 
 CLASSNAMES = ["cat", "dog", "bird"]

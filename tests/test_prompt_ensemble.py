@@ -7,13 +7,13 @@ import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 
-from src.eval import evaluate
+from src.config import compose_config
+from src.evaluation import evaluate
 from src.files import save_torch
-from src.models.cocoop import CoCoOp
-from src.models.coop import CoOp
-from src.models.maple import MaPLe
-from src.models.prompt_ensemble import PromptEnsemble
-from src.protocols import compose_config
+from src.methods.cocoop import CoCoOp
+from src.methods.coop import CoOp
+from src.methods.maple import MaPLe
+from src.methods.prompt_ensemble import PromptEnsemble
 from tests.conftest import CONF_DIR
 
 NAMES = ["abyssinian", "american_bulldog", "basset_hound", "bengal"]
@@ -26,7 +26,7 @@ def two_prompts(tiny_clip) -> list[CoOp]:
 
 def test_features_mode_averages_normalised_text_features(tiny_clip):
     members = two_prompts(tiny_clip)
-    ensemble = PromptEnsemble(members, 4, "features")
+    ensemble = PromptEnsemble(members, "features")
     ensemble.on_test_epoch_start()
     features = torch.randn(5, tiny_clip.model.visual.output_dim)
     with torch.no_grad():
@@ -38,7 +38,7 @@ def test_features_mode_averages_normalised_text_features(tiny_clip):
 
 def test_probs_mode_averages_probabilities(tiny_clip):
     members = two_prompts(tiny_clip)
-    ensemble = PromptEnsemble(members, 4, "probs")
+    ensemble = PromptEnsemble(members, "probs")
     ensemble.on_test_epoch_start()
     features = torch.randn(5, tiny_clip.model.visual.output_dim)
     with torch.no_grad():
@@ -46,15 +46,15 @@ def test_probs_mode_averages_probabilities(tiny_clip):
         torch.testing.assert_close(ensemble(features).exp(), expected)
     ensemble.on_test_epoch_end()
     with pytest.raises(ValueError, match="use ensemble=probs"):
-        PromptEnsemble([CoCoOp(tiny_clip, NAMES, n_ctx=2)], 4, "features")
+        PromptEnsemble([CoCoOp(tiny_clip, NAMES, n_ctx=2)], "features")
 
 
 def test_a_member_that_prompts_the_image_encoder_gets_the_images(tiny_clip):
     torch.manual_seed(0)
     coop, maple = CoOp(tiny_clip, NAMES, n_ctx=4), MaPLe(tiny_clip, NAMES, n_ctx=2, prompt_depth=2)
     with pytest.raises(ValueError, match=r"\['MaPLe'\] do not have .* use ensemble=probs"):
-        PromptEnsemble([coop, maple], 4, "features")
-    ensemble = PromptEnsemble([coop, maple], 4, "probs")
+        PromptEnsemble([coop, maple], "features")
+    ensemble = PromptEnsemble([coop, maple], "probs")
     images = torch.randn(3, 3, tiny_clip.image_size, tiny_clip.image_size)
     with torch.no_grad():
         expected = (coop(images).softmax(-1) + maple(images).softmax(-1)) / 2

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from src.resume import AtomicCheckpointIO, RunDirError, differences, fingerprint, prepare_run_dir
-from src.train import train
+from src.training import train
 from tests.conftest import make_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,3 +166,18 @@ def test_checkpoints_are_written_atomically_and_loaded_weights_only(tmp_path, mo
     torch.save({"epoch": 5, "code": Path("pickled")}, path)  # a pickled object, not plain data
     with pytest.raises(Exception, match="[Ww]eights only load failed"):
         io.load_checkpoint(path)
+
+
+def test_a_folder_started_before_the_methods_moved_continues(tmp_path):
+    """A folder whose fingerprint names the former module paths (src.models.coop.CoOp) and keys
+    (method.fit) holds the same configuration: the run continues, as before the move."""
+    cfg = make_cfg(["dataset=oxford_pets", "model=tiny", "method=kgcoop"], tmp_path)
+    current = fingerprint(cfg)
+    former = {k: v.replace("methods", "models") if isinstance(v, str) else v for k, v in current.items()}
+    former["method.fit"] = True
+    assert former["method.module._target_"] == "src.models.kgcoop.KgCoOp"
+    (tmp_path / "fingerprint.json").write_text(json.dumps({"config": former}))
+    assert prepare_run_dir(cfg, tmp_path) is None  # not refused: nothing differs
+    (tmp_path / "fingerprint.json").write_text(json.dumps({"config": {**former, "seed": 2}}))
+    with pytest.raises(RunDirError, match="seed: 2 -> 1"):
+        prepare_run_dir(cfg, tmp_path)

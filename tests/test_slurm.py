@@ -18,7 +18,8 @@ import torch
 from submitit.core.utils import FailedJobError
 
 from src.cli import user_error
-from src.train import main, quote_numeric_choices
+from src.config import quote_numeric_choices
+from src.train import main
 
 ROOT = Path(__file__).resolve().parents[1]
 

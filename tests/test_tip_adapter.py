@@ -7,12 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from src.config import compose_config
 from src.data.datamodule import FewShotDataModule
-from src.eval import evaluate
-from src.models.tip_adapter import TipAdapter
-from src.models.zeroshot import ZeroShotCLIP
-from src.protocols import compose_config
-from src.train import train
+from src.evaluation import evaluate
+from src.methods.tip_adapter import TipAdapter
+from src.methods.zeroshot import ZeroShotCLIP
+from src.training import train
 from tests.conftest import make_cfg
 
 NAMES = ["abyssinian", "american bulldog", "basset hound", "bengal"]

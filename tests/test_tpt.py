@@ -11,9 +11,9 @@ from PIL import Image
 
 from src.data.transforms import AugmentedViews
 from src.files import save_torch
-from src.models.coop import CoOp
-from src.models.tpt import TestTimePromptTuning, average_entropy, confident_views
-from src.train import train
+from src.methods.coop import CoOp
+from src.methods.tpt import TestTimePromptTuning, average_entropy, confident_views
+from src.training import train
 from tests.conftest import make_cfg
 
 CLASSNAMES = ["cat", "dog", "sports car", "bird"]

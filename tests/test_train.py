@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from src.train import quote_numeric_choices, train
+from src.config import quote_numeric_choices
+from src.training import train
 from tests.conftest import make_cfg
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from src.models.coop import CoOp
-from src.models.zeroshot import ZeroShotCLIP
-from src.train import train
+from src.methods.coop import CoOp
+from src.methods.zeroshot import ZeroShotCLIP
+from src.training import train
 from tests.conftest import make_cfg
 
 CLASSNAMES = ["cat", "golden_retriever", "bird", "sports car"]

@@ -43,8 +43,8 @@ import open_clip  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from src.methods.coop import CoOp  # noqa: E402
 from src.models.clip import FrozenCLIP  # noqa: E402
-from src.models.coop import CoOp  # noqa: E402
 from src.models.text_encoder import TextEncoder  # noqa: E402
 
 # The paper's few-shot grid (REFERENCE.md, conf/experiment/fewshot_grid.yaml): classes and test

@@ -1,2 +1,3 @@
-"""Models: the frozen CLIP backbone, the text encoder over prompt embeddings, the prompt learner
-and the Lightning modules of each method."""
+"""The frozen backbone: CLIP and its weights, the text encoder over prompt embeddings, the prompt
+learner, deep prompts, and the architectures and weights the project ships (conf/model/ mirrors
+it). The methods built on it are in src/methods/."""

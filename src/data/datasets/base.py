@@ -36,8 +36,8 @@ class DatasetReader:
     def read(self) -> Splits:
         if not self.root.is_dir():
             raise DatasetError(
-                f"dataset folder {self.root} not found: lay the data out as in the README "
-                f"('Data layout') or point paths.data_dir at the folder holding {self.root.name}/"
+                f"dataset folder {self.root} not found: lay the data out as docs/datasets.md says "
+                f"or point paths.data_dir at the folder holding {self.root.name}/"
                 + self._prepare_hint("says what goes in it")
             )
         return self._read()

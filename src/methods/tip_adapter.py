@@ -8,7 +8,7 @@ reference's constant), K the cache keys (the normalised few-shot train features,
 
 Unlike the reference, which picks alpha, beta and Tip-Adapter-F's epoch on the test features,
 everything here is chosen on the few-shot validation set, before the test split is read: the
-cache is built and the search run while fitting (`method.fit: true`; Tip-Adapter fits 0 epochs).
+cache is built and the search run while fitting (Tip-Adapter fits 0 epochs).
 """
 
 from __future__ import annotations
@@ -17,16 +17,15 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from src.models.accuracy_test import AccuracyTest
+from src.methods.base import Method, plain
+from src.methods.coop import check_backbone
+from src.methods.zeroshot import template_text_features
 from src.models.clip import FrozenCLIP
-from src.models.coop import PROMPT_FORMAT
-from src.models.zeroshot import template_text_features
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +35,11 @@ def search_grid(scale: float, steps: int) -> list[float]:
     return [i * (scale - 0.1) / steps + 0.1 for i in range(steps)]
 
 
-class TipAdapter(AccuracyTest, pl.LightningModule):
+class TipAdapter(Method):
     """`finetune=False`: Tip-Adapter; `finetune=True`: Tip-Adapter-F (AdamW on the keys only, cosine
     per step, the epoch of the best validation accuracy at the initial alpha and beta kept)."""
+
+    name = "tip_adapter"
 
     def __init__(
         self,
@@ -53,23 +54,16 @@ class TipAdapter(AccuracyTest, pl.LightningModule):
         finetune: bool = False,
         lr: float = 0.001,
         eps: float = 1e-4,
-        method: str = "tip_adapter",
     ) -> None:
-        super().__init__()
+        super().__init__(clip, classnames)
         if augment_views < 1:
             raise ValueError(f"method.module.augment_views={augment_views}: give at least 1 view per image")
-        self.clip = clip
-        self.classnames = list(classnames)
         self.templates = list(templates)
         self.augment_views = augment_views
         self.init_alpha, self.init_beta = alpha, beta
         self.search_scale, self.search_steps = tuple(search_scale), tuple(search_steps)
         self.finetune = finetune
         self.lr, self.eps = lr, eps
-        self.method = method
-        # Lightning resume checkpoints hold the cache only; CLIP comes from its own weights.
-        self.strict_loading = False
-        self.init_test_metrics(len(classnames))
         self.val_acc = MulticlassAccuracy(num_classes=len(classnames), average="micro")
         dim = clip.model.visual.output_dim
         self.keys = nn.Parameter(torch.zeros(0, dim), requires_grad=finetune)
@@ -192,7 +186,7 @@ class TipAdapter(AccuracyTest, pl.LightningModule):
         self.alpha.fill_(alpha)
         self.beta.fill_(beta)
         self.searched.fill_(True)
-        log.info("%s: alpha %.3f, beta %.3f (validation accuracy %.4f)", self.method, alpha, beta, best[0])
+        log.info("%s: alpha %.3f, beta %.3f (validation accuracy %.4f)", self.name, alpha, beta, best[0])
 
     def on_test_start(self) -> None:
         # A run resumed after its last epoch skips on_train_end: search before testing.
@@ -208,19 +202,11 @@ class TipAdapter(AccuracyTest, pl.LightningModule):
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith("clip.")]:
-            del state[key]
-
     # -- results and the portable file ------------------------------------------------------
     def result_fields(self) -> dict[str, Any]:
         val_acc = None if self.val_acc_searched is None else 100 * self.val_acc_searched
         return {
-            "ctx": None,
-            "n_ctx": None,
-            "ctx_init": None,
-            "class_token_position": None,
+            **super().result_fields(),
             "epochs": self.trainer.max_epochs if self.finetune else 0,
             "alpha": float(self.alpha),
             "beta": float(self.beta),
@@ -231,48 +217,37 @@ class TipAdapter(AccuracyTest, pl.LightningModule):
             "templates": self.templates,
         }
 
-    def prompt_state(self) -> dict[str, Any]:
+    def method_state(self) -> dict[str, Any]:
         """The cache and what rebuilds the classifier (keys: n_shots x classes x d floats)."""
         return {
-            "format": PROMPT_FORMAT,
-            "method": self.method,
             "keys": self.keys.detach().cpu().clone(),
             "labels": self.values.argmax(-1).cpu(),
-            "classnames": list(self.classnames),
             "templates": self.templates,
             "alpha": float(self.alpha),
             "beta": float(self.beta),
-            "backbone": self.clip.name,
-            "pretrained": self.clip.pretrained,
-            "n_ctx": None,
-            "class_specific": False,
-            "class_token_position": None,
-            "ctx_init": None,
+            "hparams": plain({"augment_views": self.augment_views, "finetune": self.finetune}),
         }
 
-
-def tip_adapter_from_prompt(
-    state: dict[str, Any], clip: FrozenCLIP, classnames: list[str] | None = None
-) -> TipAdapter:
-    """Rebuilds a (fine-tuned) Tip-Adapter for its own or another class list: the cache votes for
-    the classes of the list that it holds (matched by name); for the others (new classes, other
-    datasets) the classifier is zero-shot CLIP with the templates it was built with."""
-    if (clip.name, clip.pretrained) != (state["backbone"], state["pretrained"]):
-        raise ValueError(
-            f"the cache was built on {state['backbone']} ({state['pretrained']}), not {clip.name} "
-            f"({clip.pretrained}): use model.name={state['backbone']} model.pretrained={state['pretrained']}"
-        )
-    classnames = list(classnames or state["classnames"])
-    module = TipAdapter(clip, classnames, state["templates"], method=state["method"])
-    target = {name: index for index, name in enumerate(classnames)}
-    values = torch.zeros(len(state["labels"]), len(classnames))
-    for row, label in enumerate(state["labels"].tolist()):
-        column = target.get(state["classnames"][label])
-        if column is not None:
-            values[row, column] = 1.0
-    module.set_cache(state["keys"], values)
-    module.alpha.fill_(state["alpha"])
-    module.beta.fill_(state["beta"])
-    module.cache_built.fill_(True)
-    module.searched.fill_(True)
-    return module
+    @classmethod
+    def from_prompt(
+        cls, state: dict[str, Any], clip: FrozenCLIP, classnames: list[str] | None = None
+    ) -> TipAdapter:
+        """Rebuilds a (fine-tuned) Tip-Adapter for its own or another class list: the cache votes
+        for the classes of the list that it holds (matched by name); for the others (new classes,
+        other datasets) the classifier is zero-shot CLIP with the templates it was built with."""
+        check_backbone(state, clip)
+        classnames = list(classnames or state["classnames"])
+        module = cls(clip, classnames, state["templates"], **state.get("hparams", {}))
+        target = {name: index for index, name in enumerate(classnames)}
+        values = torch.zeros(len(state["labels"]), len(classnames))
+        for row, label in enumerate(state["labels"].tolist()):
+            column = target.get(state["classnames"][label])
+            if column is not None:
+                values[row, column] = 1.0
+        module.set_cache(state["keys"], values)
+        module.alpha.fill_(state["alpha"])
+        module.beta.fill_(state["beta"])
+        module.cache_built.fill_(True)
+        module.searched.fill_(True)
+        module.name = state["method"]
+        return module

@@ -10,9 +10,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from src.methods.coop import CoOp
+from src.methods.frozen_classifier import FrozenClassifier
 from src.models.clip import FrozenCLIP
-from src.models.coop import CoOp, coop_from_prompt, load_prompt
-from src.models.frozen_classifier import FrozenClassifier
+from src.prompt_file import load_prompt, method_from_prompt
 
 
 def confident_views(logits: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -36,6 +37,8 @@ class TestTimePromptTuning(FrozenClassifier):
     context, classify the image with the tuned prompt, and reset the prompt."""
 
     __test__ = False  # not a pytest class despite its name
+    name = "tpt"
+    zero_shot = True
 
     def __init__(
         self,
@@ -54,7 +57,13 @@ class TestTimePromptTuning(FrozenClassifier):
         if steps < 1:
             raise ValueError(f"method.module.steps={steps}: test-time tuning needs at least 1 step")
         if ckpt:
-            prompt = coop_from_prompt(load_prompt(ckpt), clip, classnames)
+            prompt = method_from_prompt(load_prompt(ckpt), clip, classnames, ckpt)
+            if not (isinstance(prompt, CoOp) and prompt.text_classifier):
+                raise ValueError(
+                    f"method.module.ckpt={ckpt}: a prompt of method {prompt.name!r}, whose prompts are "
+                    "not a text context alone; test-time tuning starts from a CoOp-like context (coop, "
+                    "kgcoop, ...)"
+                )
         else:
             prompt = CoOp(clip, classnames, n_ctx=n_ctx, ctx_init=ctx_init)
         self.prompt_learner = prompt.prompt_learner

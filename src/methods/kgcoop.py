@@ -8,10 +8,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from src.methods.coop import CoOp
+from src.methods.zeroshot import HandMadeGuided
 from src.models.clip import FrozenCLIP
-from src.models.coop import CoOp
-from src.models.prompt_learner import InitCount, Position
-from src.models.zeroshot import HandMadeGuided
 
 
 class KgCoOp(HandMadeGuided, CoOp):
@@ -22,6 +21,8 @@ class KgCoOp(HandMadeGuided, CoOp):
     halved, as the official code computes it, so the official weight 8.0 keeps its meaning.
     """
 
+    name = "kgcoop"
+
     def __init__(
         self,
         clip: FrozenCLIP,
@@ -30,30 +31,10 @@ class KgCoOp(HandMadeGuided, CoOp):
         weight: float = 8.0,
         n_ctx: int = 4,
         ctx_init: str | None = "a photo of a",
-        class_specific: bool = False,
-        class_token_position: Position = "end",
-        ctx_init_count: InitCount = "words",
-        lr: float = 0.002,
-        momentum: float = 0.9,
-        weight_decay: float = 5e-4,
-        warmup_epochs: int = 1,
-        warmup_lr: float = 1e-5,
+        **coop_args: Any,
     ) -> None:
         self.check_template(template)
-        super().__init__(
-            clip,
-            classnames,
-            n_ctx=n_ctx,
-            ctx_init=ctx_init,
-            class_specific=class_specific,
-            class_token_position=class_token_position,
-            ctx_init_count=ctx_init_count,
-            lr=lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            warmup_epochs=warmup_epochs,
-            warmup_lr=warmup_lr,
-        )
+        super().__init__(clip, classnames, n_ctx=n_ctx, ctx_init=ctx_init, **coop_args)
         self.template = template
         self.weight = weight
 
@@ -74,7 +55,4 @@ class KgCoOp(HandMadeGuided, CoOp):
         return loss
 
     def result_fields(self) -> dict[str, Any]:
-        return {"kg_weight": self.weight, "template": self.template}
-
-    def prompt_state(self) -> dict[str, Any]:
-        return {**super().prompt_state(), "method": "kgcoop"}
+        return {**super().result_fields(), "kg_weight": self.weight, "template": self.template}

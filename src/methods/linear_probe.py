@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
 
+from src.methods.frozen_classifier import FrozenClassifier
 from src.models.clip import FrozenCLIP
-from src.models.frozen_classifier import FrozenClassifier
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,8 @@ def fit_logistic(
 class LinearProbe(FrozenClassifier):
     """Fitted at the start of the test, on image features from the data module (the feature cache);
     `C` fixed skips the search."""
+
+    name = "linear_probe"
 
     def __init__(
         self,

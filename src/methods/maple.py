@@ -9,10 +9,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from src.methods.coop import CoOp
 from src.models import deep_prompts
 from src.models.clip import FrozenCLIP
-from src.models.coop import CoOp, coop_from_prompt
-from src.models.prompt_learner import InitCount, Position, PromptLearner
+from src.models.prompt_learner import Position, PromptLearner
 
 
 class MaPLe(CoOp):
@@ -26,23 +26,21 @@ class MaPLe(CoOp):
     coupling functions start as copies of one Linear.
     """
 
+    name = "maple"
     prompts_images = True
+    text_classifier = False  # its logits need its own image features
 
     def __init__(
         self,
         clip: FrozenCLIP,
         classnames: list[str],
+        prompt_depth: int = 9,
         n_ctx: int = 2,
         ctx_init: str | None = "a photo of a",
         class_specific: bool = False,
         class_token_position: Position = "end",
-        ctx_init_count: InitCount = "words",
-        prompt_depth: int = 9,
         lr: float = 0.0035,
-        momentum: float = 0.9,
-        weight_decay: float = 5e-4,
-        warmup_epochs: int = 1,
-        warmup_lr: float = 1e-5,
+        **coop_args: Any,
     ) -> None:
         visual = clip.model.visual
         deep_prompts.check_prompt_ready_vit(visual, clip.name)
@@ -56,18 +54,7 @@ class MaPLe(CoOp):
             raise ValueError(
                 f"method.module.prompt_depth={prompt_depth}: use 1 .. {layers} (the blocks of {clip.name})"
             )
-        super().__init__(
-            clip,
-            classnames,
-            n_ctx=n_ctx,
-            ctx_init=ctx_init,
-            ctx_init_count=ctx_init_count,
-            lr=lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            warmup_epochs=warmup_epochs,
-            warmup_lr=warmup_lr,
-        )
+        super().__init__(clip, classnames, n_ctx=n_ctx, ctx_init=ctx_init, lr=lr, **coop_args)
         n_ctx = self.prompt_learner.n_ctx
         text_width = clip.token_embedding.weight.shape[1]
         image_width = visual.transformer.width
@@ -108,29 +95,4 @@ class MaPLe(CoOp):
         return self.logits(self.image_features(images), text)
 
     def result_fields(self) -> dict[str, Any]:
-        return {"prompt_depth": len(self.couplings)}
-
-    def prompt_state(self) -> dict[str, Any]:
-        couplings = {k: v.detach().cpu().clone() for k, v in self.couplings.state_dict().items()}
-        return {
-            **super().prompt_state(),
-            "method": "maple",
-            "prompt_depth": len(self.couplings),
-            "deep_text": self.deep_text.detach().cpu().clone(),
-            "couplings": couplings,
-        }
-
-
-def maple_from_prompt(state: dict[str, Any], clip: FrozenCLIP, classnames: list[str] | None = None) -> MaPLe:
-    """Rebuilds MaPLe from its prompt file, for its own or another class list."""
-    module = coop_from_prompt(
-        state,
-        clip,
-        classnames,
-        module_cls=MaPLe,
-        prompt_depth=state["prompt_depth"],
-    )
-    with torch.no_grad():
-        module.deep_text.copy_(state["deep_text"])
-    module.couplings.load_state_dict(state["couplings"])
-    return module
+        return {**super().result_fields(), "prompt_depth": len(self.couplings)}

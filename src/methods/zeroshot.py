@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from src.methods.frozen_classifier import FrozenClassifier
 from src.models.clip import FrozenCLIP
-from src.models.frozen_classifier import FrozenClassifier
 
 
 class HandMadeGuided:
@@ -34,6 +34,10 @@ class ZeroShotCLIP(FrozenClassifier):
     """Each class's text feature is the mean of the normalised features of its prompts, one per
     template ("a photo of a {}."), normalised again: the reference's prompt ensembling, which for
     one template is plain zero-shot CLIP."""
+
+    name = "zeroshot"
+    text_classifier = True
+    zero_shot = True
 
     def __init__(self, clip: FrozenCLIP, classnames: list[str], templates: list[str]) -> None:
         super().__init__(clip, classnames)

@@ -10,9 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from src.methods.coop import CoOp
 from src.models.clip import FrozenCLIP
-from src.models.coop import CoOp, coop_from_prompt
-from src.models.prompt_learner import InitCount, Position
 
 
 class CoCoOp(CoOp):
@@ -24,40 +23,23 @@ class CoCoOp(CoOp):
     `prompts_per_pass` of them per pass (the test of 1000 classes would not fit otherwise).
     """
 
+    name = "cocoop"
+    text_classifier = False  # its text features depend on the image
+
     def __init__(
         self,
         clip: FrozenCLIP,
         classnames: list[str],
-        n_ctx: int = 16,
-        ctx_init: str | None = None,
-        class_specific: bool = False,
-        class_token_position: Position = "end",
-        ctx_init_count: InitCount = "words",
-        lr: float = 0.002,
-        momentum: float = 0.9,
-        weight_decay: float = 5e-4,
-        warmup_epochs: int = 1,
-        warmup_lr: float = 1e-5,
         prompts_per_pass: int = 8192,
+        class_specific: bool = False,
+        **coop_args: Any,
     ) -> None:
         if class_specific:
             raise ValueError(
                 "method=cocoop has one context shared by all classes (the meta-net's bias is per "
                 "image): use ctx=unified"
             )
-        super().__init__(
-            clip,
-            classnames,
-            n_ctx=n_ctx,
-            ctx_init=ctx_init,
-            class_token_position=class_token_position,
-            ctx_init_count=ctx_init_count,
-            lr=lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            warmup_epochs=warmup_epochs,
-            warmup_lr=warmup_lr,
-        )
+        super().__init__(clip, classnames, **coop_args)
         vis_dim = clip.model.visual.output_dim
         width = clip.token_embedding.weight.shape[1]
         self.meta_net = nn.Sequential(
@@ -101,16 +83,3 @@ class CoCoOp(CoOp):
 
     def on_test_epoch_start(self) -> None:
         pass
-
-    def prompt_state(self) -> dict[str, Any]:
-        meta_net = {k: v.detach().cpu().clone() for k, v in self.meta_net.state_dict().items()}
-        return {**super().prompt_state(), "method": "cocoop", "meta_net": meta_net}
-
-
-def cocoop_from_prompt(
-    state: dict[str, Any], clip: FrozenCLIP, classnames: list[str] | None = None
-) -> CoCoOp:
-    """Rebuilds CoCoOp from its prompt file, for its own or another class list."""
-    module = coop_from_prompt(state, clip, classnames, module_cls=CoCoOp)
-    module.meta_net.load_state_dict(state["meta_net"])
-    return module

@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch.optim import Optimizer
 
+from src.methods.coop import CoOp
+from src.methods.zeroshot import HandMadeGuided
 from src.models.clip import FrozenCLIP
-from src.models.coop import CoOp
-from src.models.prompt_learner import Position, token_count
-from src.models.zeroshot import HandMadeGuided
+from src.models.prompt_learner import token_count
 
 
 def project_conflicting(grad: torch.Tensor, kl_grad: torch.Tensor, lambda_: float = 1.0) -> torch.Tensor:
@@ -38,6 +38,8 @@ class ProGrad(HandMadeGuided, CoOp):
     words before the class name ("a photo of a {}." -> "a photo of a"), with `init_from_template`.
     """
 
+    name = "prograd"
+
     def __init__(
         self,
         clip: FrozenCLIP,
@@ -45,29 +47,11 @@ class ProGrad(HandMadeGuided, CoOp):
         template: str,
         lambda_: float = 1.0,
         temperature: float = 1.0,
-        n_ctx: int = 16,
         init_from_template: bool = True,
-        class_specific: bool = False,
-        class_token_position: Position = "end",
-        lr: float = 0.002,
-        momentum: float = 0.9,
-        weight_decay: float = 5e-4,
-        warmup_epochs: int = 1,
-        warmup_lr: float = 1e-5,
+        **coop_args: Any,
     ) -> None:
         self.check_template(template)
-        super().__init__(
-            clip,
-            classnames,
-            n_ctx=n_ctx,
-            class_specific=class_specific,
-            class_token_position=class_token_position,
-            lr=lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            warmup_epochs=warmup_epochs,
-            warmup_lr=warmup_lr,
-        )
+        super().__init__(clip, classnames, **coop_args)
         self.template = template
         self.lambda_ = lambda_
         self.temperature = temperature
@@ -146,11 +130,9 @@ class ProGrad(HandMadeGuided, CoOp):
 
     def result_fields(self) -> dict[str, Any]:
         return {
+            **super().result_fields(),
             "prograd_lambda": self.lambda_,
             "temperature": self.temperature,
             "template": self.template,
             "ctx_init": self.init_words,  # the last vectors' words (zeros before them)
         }
-
-    def prompt_state(self) -> dict[str, Any]:
-        return {**super().prompt_state(), "method": "prograd"}

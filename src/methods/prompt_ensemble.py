@@ -5,19 +5,16 @@ from __future__ import annotations
 
 from typing import Literal
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from src.models.accuracy_test import AccuracyTest
-from src.models.cocoop import CoCoOp
-from src.models.coop import CoOp
+from src.methods.base import Method
 
 EnsembleMode = Literal["features", "probs"]
 
 
-class PromptEnsemble(AccuracyTest, pl.LightningModule):
+class PromptEnsemble(Method):
     """Members rebuilt from prompt files, on one CLIP and one class list.
 
     `features`: the members' normalised class text features averaged and normalised again (as
@@ -26,27 +23,19 @@ class PromptEnsemble(AccuracyTest, pl.LightningModule):
     their logits) averaged, for any members; the logits returned are their log.
     """
 
-    def __init__(
-        self, members: list[pl.LightningModule], num_classes: int, mode: EnsembleMode = "features"
-    ) -> None:
-        super().__init__()
+    def __init__(self, members: list[Method], mode: EnsembleMode = "features") -> None:
+        super().__init__(members[0].clip, members[0].classnames)
         if mode not in ("features", "probs"):
             raise ValueError(f"ensemble={mode}: average the members' text `features` or their `probs`")
         if mode == "features":
-            unfit = [
-                type(m).__name__
-                for m in members
-                if not isinstance(m, CoOp) or isinstance(m, CoCoOp) or m.prompts_images
-            ]
+            unfit = [type(m).__name__ for m in members if not m.text_classifier]
             if unfit:
                 raise ValueError(
                     f"ensemble=features averages class text features, which {unfit} do not have (their "
                     "prediction depends on more than the prompts): use ensemble=probs"
                 )
         self.members = nn.ModuleList(members)
-        self.clip = members[0].clip
         self.mode = mode
-        self.init_test_metrics(num_classes)
         self._text_features: torch.Tensor | None = None
 
     @torch.no_grad()
@@ -61,7 +50,7 @@ class PromptEnsemble(AccuracyTest, pl.LightningModule):
         if self.mode == "features":
             text = self._text_features if self._text_features is not None else self.text_features()
             return self.clip.logit_scale * F.normalize(features.float(), dim=-1) @ text.t()
-        inputs = [images if prompts_images(member) else features for member in self.members]
+        inputs = [images if member.prompts_images else features for member in self.members]
         probs = sum(member(x).float().softmax(-1) for member, x in zip(self.members, inputs, strict=True))
         return (probs / len(self.members)).log()
 
@@ -78,7 +67,3 @@ class PromptEnsemble(AccuracyTest, pl.LightningModule):
             for member in self.members:
                 member.on_test_epoch_end()
 
-
-def prompts_images(module: nn.Module) -> bool:
-    """Whether `module` (a CoOp variant or another method) needs images rather than image features."""
-    return getattr(module, "prompts_images", False)

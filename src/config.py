@@ -1,0 +1,85 @@
+"""What the configs of conf/ need from code: the resolvers they use, the command line's numeric group
+choices quoted, and configs composed as the command line composes them (src.protocols, tests).
+
+Every entry point imports this module, which registers the resolvers once.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+
+from src.data.subsample import subsample_suffix
+from src.models.clip import shipped_weights
+from src.prompt_file import load_prompt, run_folder
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+# Config groups whose options are numbers (conf/shots/8.yaml). Hydra parses `shots=8` as an integer
+# and refuses integers as group choices, so the command line's numbers are quoted before parsing.
+NUMERIC_GROUPS = ("shots",)
+
+
+def quote_numeric_choices(args: list[str]) -> list[str]:
+    """`shots=8` -> `shots='8'`, `shots=1,2,4` -> `shots='1','2','4'` (for sweeps)."""
+    pattern = re.compile(rf"^((?:\+|~)?(?:{'|'.join(NUMERIC_GROUPS)}))=(\d+(?:,\d+)*)$")
+    quoted = []
+    for arg in args:
+        match = pattern.match(arg)
+        if match:
+            arg = f"{match[1]}=" + ",".join(f"'{v}'" for v in match[2].split(","))
+        quoted.append(arg)
+    return quoted
+
+
+def compose_config(name: str, overrides: list[str], output_dir: Path | None = None) -> DictConfig:
+    """conf/<name>.yaml with `overrides`, as the command line composes it, writing to `output_dir`."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(name, overrides=quote_numeric_choices(overrides))
+    if output_dir is not None:
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(output_dir)
+    return cfg
+
+
+def default_precision() -> str:
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+def prompt_paths(ckpt: str | ListConfig | list) -> list[str]:
+    """`ckpt=<prompt>` or, for an ensemble, `ckpt=[<prompt>,<prompt>,...]`."""
+    paths = [str(p) for p in ckpt] if isinstance(ckpt, (ListConfig, list)) else [str(ckpt)]
+    if not paths:
+        raise ValueError("ckpt=[]: give a prompt.pt, or a list of them for an ensemble")
+    return paths
+
+
+def prompt_field(path: str | ListConfig, field: str) -> Any:
+    """A field of a prompt file (of the first, for an ensemble), for the config (model=from_ckpt
+    reads the backbone from it)."""
+    return load_prompt(prompt_paths(path)[0])[field]
+
+
+def ensemble_suffix(ckpt: str | ListConfig, mode: str) -> str:
+    """The evaluation folder's suffix: none for one prompt file, `_ensemble<n>_<mode>` for a list."""
+    return f"_ensemble{len(ckpt)}_{mode}" if isinstance(ckpt, (ListConfig, list)) else ""
+
+
+OmegaConf.register_new_resolver("default_precision", default_precision, replace=True)
+OmegaConf.register_new_resolver("subsample_suffix", subsample_suffix, replace=True)
+OmegaConf.register_new_resolver("shipped_weights", shipped_weights, replace=True)
+# Progress bars only where someone watches them: not in SLURM logs, CI or redirected output.
+OmegaConf.register_new_resolver("isatty", lambda: sys.stdout.isatty(), replace=True)
+OmegaConf.register_new_resolver("prompt_field", prompt_field, replace=True)
+# Outputs "beside the prompt" go to the run folder, whether ckpt= names it, its prompt.pt or its
+# last.ckpt (the first prompt's, for an ensemble).
+OmegaConf.register_new_resolver("run_dir", lambda path: str(run_folder(prompt_paths(path)[0])), replace=True)
+OmegaConf.register_new_resolver("ensemble_suffix", ensemble_suffix, replace=True)

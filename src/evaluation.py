@@ -1,0 +1,83 @@
+"""An evaluation run: a saved method (a prompt file, or an ensemble of them) tested on a dataset's
+test split; results.json in eval/<dataset>/ of the prompt's run folder. The command is src/eval.py.
+
+The backbone is the one the prompt was learned on. A unified context is rebuilt on the dataset's
+class names (other classes: domain generalisation, cross-dataset, new classes); a class-specific
+one only exists for the classes it was trained on. Several prompt files (a list) are tested as one
+ensemble (src/methods/prompt_ensemble.py), reported as the method `<method>_ensemble`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig, ListConfig
+
+from src.config import prompt_paths
+from src.files import write_json
+from src.methods.prompt_ensemble import PromptEnsemble
+from src.prompt_file import load_prompt, method_from_prompt
+from src.quiet import silence_known_warnings
+from src.results import evaluation_fields, method_fields, training_results
+
+log = logging.getLogger(__name__)
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Tests the prompt `cfg.ckpt` (or the ensemble of a list of them) on the test split of
+    `cfg.dataset`; writes results.json."""
+    silence_known_warnings()
+    out = Path(cfg.paths.output_dir)
+    paths = prompt_paths(cfg.ckpt)
+    states = [load_prompt(path) for path in paths]
+    pl.seed_everything(cfg.seed, workers=True)
+    clip = instantiate(cfg.model)
+    datamodule = instantiate(
+        cfg.data,
+        dataset=instantiate(cfg.dataset.reader),
+        image_size=clip.image_size,
+    )
+    classnames = datamodule.classnames
+    members = [method_from_prompt(s, clip, classnames, path) for s, path in zip(states, paths, strict=True)]
+    if any(member.prompts_images for member in members):
+        datamodule.cache = None  # their image features depend on their prompts: never read from the cache
+    ensemble = isinstance(cfg.ckpt, ListConfig)
+    module = PromptEnsemble(members, cfg.ensemble) if ensemble else members[0]
+    trainer: pl.Trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+    (metrics,) = trainer.test(module, datamodule=datamodule, verbose=False)
+
+    sources = [training_results(path) for path in paths]
+    source = sources[0]
+    seeds = [s.get("seed") for s in sources]
+    results = {
+        "dataset": cfg.dataset.name,
+        "subsample": cfg.dataset.subsample,
+        "ckpt": str(cfg.ckpt),
+        "trained_on": source.get("dataset"),
+        "trained_subsample": source.get("subsample"),
+        "shots": source.get("shots"),
+        "seed": source.get("seed"),
+        "label_noise": source.get("label_noise", 0.0),
+        **evaluation_fields(clip, datamodule, trainer, metrics),
+        **method_fields(members[0]),
+    }
+    if ensemble:
+        methods = {member.name for member in members}
+        results |= {
+            **module.contract_fields(),  # an ensemble's, not its first member's
+            "method": f"{members[0].name if len(methods) == 1 else 'prompt'}_ensemble",
+            "ckpt": paths,
+            "ensemble": cfg.ensemble,
+            "members": [member.name for member in members],
+            "member_seeds": seeds,
+            # members of one seed (inits, positions) are a run of that seed; of several, of none
+            "seed": seeds[0] if len(set(seeds)) == 1 else 0,
+        }
+    if trainer.is_global_zero:
+        write_json(out / "results.json", results)
+        log.info("%s: test accuracy %.2f%%; results in %s", cfg.dataset.name, results["test_acc"], out)
+    return results

@@ -1,0 +1,177 @@
+"""The method contract: what every method is, asked by every entry point.
+
+A method is one class, a subclass of `Method`, and one config, `conf/method/<name>.yaml` (its
+`name`, and `module`: the class as a Hydra `_target_` with its recipe). src.train, src.eval,
+src.protocols, src.report, src.predict and src.interpret ask the class (or what it wrote into
+results.json and prompt.pt), never a list of names, so a class in the user's own package is a
+method like the project's own (README, "Add a method").
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torchmetrics.classification import MulticlassAccuracy
+
+from src.models.clip import FrozenCLIP
+
+PROMPT_FORMAT = 1  # prompt.pt's format; keys were added since, none changed meaning
+CHECKPOINT_PROMPT = "prompt"  # the key of the prompt file's contents in a Lightning checkpoint
+
+
+class Method(pl.LightningModule):
+    """A classifier over a frozen CLIP, trained (or not) on few labelled images and tested on a
+    dataset's test split: top-1 accuracy over all test images (the paper's number) and mean
+    per-class accuracy, synced across devices by torchmetrics.
+
+    Subclasses give `forward(images)`: class logits of a batch of images [b, 3, h, w], or of their
+    frozen image features [b, d] when the data module caches them (unless `prompts_images`).
+    """
+
+    # results.json's `method`: the config's `method.name` (`build_method`) or the prompt file's
+    name: str = "method"
+    # -- what the method is: known from the class, before anything is built --------------------
+    # A learned prompt context: results tell its variants apart (ctx, class token position, M).
+    learns_context: ClassVar[bool] = False
+    # Its prompts change the image features: it takes images, never cached image features.
+    prompts_images: ClassVar[bool] = False
+    # Its logits are CLIP's: frozen image features against class text features that do not depend
+    # on the image (`text_features()`); such prompts average in an ensemble (ensemble=features).
+    text_classifier: ClassVar[bool] = False
+    # trainer.fit runs before the test; False: straight to the test (what it fits, it fits there).
+    fits: ClassVar[bool] = True
+    # Uses no labelled image: its result depends on neither the shots nor the seed, and
+    # base-to-new runs it on the new classes directly.
+    zero_shot: ClassVar[bool] = False
+
+    def __init__(self, clip: FrozenCLIP, classnames: list[str]) -> None:
+        super().__init__()
+        self.clip = clip
+        self.classnames = list(classnames)
+        # Checkpoints hold the method's own state; CLIP comes from its own weights.
+        self.strict_loading = False
+        self.test_acc = MulticlassAccuracy(num_classes=len(classnames), average="micro")
+        self.test_macro_acc = MulticlassAccuracy(num_classes=len(classnames), average="macro")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        images, labels = batch
+        logits = self(images)
+        self.test_acc(logits, labels)
+        self.test_macro_acc(logits, labels)
+        self.log("test/acc", self.test_acc, batch_size=len(labels))
+        self.log("test/macro_acc", self.test_macro_acc, batch_size=len(labels))
+
+    # -- what a run writes ----------------------------------------------------------------------
+    def result_fields(self) -> dict[str, Any]:
+        """What the method adds to results.json (a learned context's settings; none here)."""
+        fields = ("ctx", "n_ctx", "ctx_init", "ctx_init_count", "class_token_position")
+        return dict.fromkeys(fields)
+
+    def contract_fields(self) -> dict[str, Any]:
+        """What results.json says of the method itself, for src.report."""
+        cls = type(self)
+        return {
+            "method_class": class_path(cls),
+            "learns_context": cls.learns_context,
+            "zero_shot": cls.zero_shot,
+        }
+
+    def method_state(self) -> dict[str, Any] | None:
+        """What prompt.pt holds of the method (its learned tensors and what rebuilds it), besides the
+        keys of every prompt file (`prompt_state`); None: nothing to save."""
+        return None
+
+    @classmethod
+    def from_prompt(
+        cls, state: dict[str, Any], clip: FrozenCLIP, classnames: list[str] | None = None
+    ) -> Method:
+        """The method rebuilt from a prompt file's state, for its own class list (None) or another."""
+        raise ValueError(f"{class_path(cls)} writes no prompt file and cannot be rebuilt from one")
+
+    def prompt_state(self) -> dict[str, Any] | None:
+        """prompt.pt's contents: `method_state()` and what every prompt file says (the method's name
+        and class, the backbone, the class names); None for a method with nothing to save."""
+        state = self.method_state()
+        if state is None:
+            return None
+        return {
+            "format": PROMPT_FORMAT,
+            "method": self.name,
+            "class": class_path(type(self)),
+            "backbone": self.clip.name,
+            "pretrained": self.clip.pretrained,
+            "classnames": list(self.classnames),
+            **state,
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith("clip.")]:
+            del state[key]
+        prompt = self.prompt_state()
+        if prompt is not None:
+            # What prompt.pt holds, so that src.eval, src.predict and src.interpret take an unfinished
+            # run's last.ckpt too; its tensors are the state dict's, which torch.save writes once.
+            for key, tensor in prompt.get("weights", {}).items():
+                prompt["weights"][key] = state.get(key, tensor)
+            checkpoint[CHECKPOINT_PROMPT] = prompt
+
+    # -- the trained tensors, by name, for prompt files -----------------------------------------
+    def trained_weights(self, exclude: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+        """Every parameter that trains (CLIP's never do), on the CPU, by its state-dict name."""
+        return {
+            name: param.detach().cpu().clone()
+            for name, param in self.named_parameters()
+            if param.requires_grad and name not in exclude
+        }
+
+    def load_trained_weights(
+        self, weights: dict[str, torch.Tensor], source: str, exclude: tuple[str, ...] = ()
+    ) -> None:
+        """Loads what `trained_weights` saved; every trained parameter must be there, in its shape."""
+        params = {n: p for n, p in self.named_parameters() if p.requires_grad and n not in exclude}
+        missing = sorted(set(params) - set(weights))
+        wrong = sorted(n for n in set(params) & set(weights) if weights[n].shape != params[n].shape)
+        if missing or wrong:
+            raise ValueError(
+                f"{source} does not fit {class_path(type(self))}: "
+                + (f"it lacks {missing[:5]}" if missing else f"{wrong[:5]} have other shapes")
+                + "; it was saved by another version of the method: train it again"
+            )
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(weights[name])
+
+
+def class_path(cls: type) -> str:
+    """`package.module.Class`: where a prompt file's method class is imported from."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def build_method(method_cfg: DictConfig, clip: FrozenCLIP, classnames: list[str]) -> Method:
+    """The method of a run's config (`method.module`, named `method.name`)."""
+    from hydra.utils import instantiate  # noqa: PLC0415  (Hydra only where a config is built)
+
+    module = instantiate(method_cfg.module, clip=clip, classnames=classnames)
+    if not isinstance(module, Method):
+        raise ValueError(
+            f"method={method_cfg.name}: method.module._target_={method_cfg.module._target_} is not a "
+            "subclass of src.methods.base.Method; a method's class extends Method (or CoOp)"
+        )
+    module.name = method_cfg.name
+    return module
+
+
+def plain(value: Any) -> Any:
+    """Hyper-parameters as plain Python data (a config's lists and dicts too), loadable with
+    `torch.load(weights_only=True)`."""
+    if isinstance(value, DictConfig) or OmegaConf.is_list(value):
+        return OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value

@@ -1,0 +1,227 @@
+"""CoOp as a LightningModule: frozen CLIP plus a learnable prompt context."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.optim.lr_scheduler import LambdaLR
+from torchmetrics.classification import MulticlassAccuracy
+
+from src.methods.base import CHECKPOINT_PROMPT, Method, plain
+from src.models.clip import FrozenCLIP
+from src.models.prompt_learner import InitCount, Position, PromptLearner
+
+CTX = "prompt_learner.ctx"  # the context's state-dict name; prompt.pt holds it as `ctx`
+
+
+class CoOp(Method):
+    """Learns the prompt context from few labelled images; CLIP itself never changes.
+
+    A successor extends it (`class KgCoOp(CoOp)`): its own arguments, CoOp's forwarded
+    (`**coop_args`), its own loss; its trained parameters are saved in prompt.pt and loaded back
+    with its arguments by `from_prompt`, with no code of its own.
+    """
+
+    name = "coop"
+    learns_context = True
+    text_classifier = True
+
+    def __init__(
+        self,
+        clip: FrozenCLIP,
+        classnames: list[str],
+        n_ctx: int = 16,
+        ctx_init: str | None = None,
+        class_specific: bool = False,
+        class_token_position: Position = "end",
+        ctx_init_count: InitCount = "words",
+        lr: float = 0.002,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        warmup_epochs: int = 1,
+        warmup_lr: float = 1e-5,
+    ) -> None:
+        super().__init__(clip, classnames)
+        self.save_hyperparameters(ignore=["clip"])
+        self.prompt_learner = self.make_prompt_learner(
+            classnames,
+            clip,
+            n_ctx=n_ctx,
+            ctx_init=ctx_init,
+            class_specific=class_specific,
+            class_token_position=class_token_position,
+            ctx_init_count=ctx_init_count,
+        )
+        self.val_acc = MulticlassAccuracy(num_classes=len(classnames), average="micro")
+        self._eval_text_features: torch.Tensor | None = None
+
+    # -- the method -------------------------------------------------------------------------
+    def make_prompt_learner(self, classnames: list[str], clip: FrozenCLIP, **options: Any) -> PromptLearner:
+        return PromptLearner(classnames, clip.token_embedding, clip.tokenize, **options)
+
+    def text_features(self) -> torch.Tensor:
+        learner = self.prompt_learner
+        prompts = learner(self.clip.text.prompt_length(learner.max_eos))
+        return self.clip.text(prompts, learner.eos, learner.shared_len)
+
+    def logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
+        image_features = F.normalize(image_features, dim=-1)
+        text_features = F.normalize(text_features, dim=-1)
+        return self.clip.logit_scale * image_features @ text_features.t()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits of a batch of images [b, 3, h, w] or of their image features [b, d] (the data
+        module's batches when image features are cached)."""
+        text = self._eval_text_features
+        if text is None:
+            text = self.text_features()
+        features = self.clip.image_features(images)
+        return self.logits(features, text)
+
+    # -- Lightning hooks --------------------------------------------------------------------
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        loss = self.loss(self(images), labels)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(labels))
+        return loss
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The training loss of a batch's logits: CoOp's cross-entropy."""
+        return F.cross_entropy(logits, labels)
+
+    def _start_eval(self) -> None:
+        # The prompts do not change during evaluation: encode them once, not once per batch.
+        with torch.no_grad():
+            self._eval_text_features = self.text_features()
+
+    def _end_eval(self) -> None:
+        self._eval_text_features = None
+
+    def on_validation_epoch_start(self) -> None:
+        self._start_eval()
+
+    def on_validation_epoch_end(self) -> None:
+        self._end_eval()
+
+    def on_test_epoch_start(self) -> None:
+        self._start_eval()
+
+    def on_test_epoch_end(self) -> None:
+        self._end_eval()
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        images, labels = batch
+        self.val_acc(self(images), labels)
+        self.log("val/acc", self.val_acc, prog_bar=True, batch_size=len(labels))
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        optimizer = torch.optim.SGD(
+            [p for p in self.parameters() if p.requires_grad],  # CLIP's are frozen
+            lr=hp.lr,
+            momentum=hp.momentum,
+            weight_decay=hp.weight_decay,
+        )
+        schedule = warmup_cosine(hp.lr, hp.warmup_lr, hp.warmup_epochs, self.trainer.max_epochs)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": LambdaLR(optimizer, schedule), "interval": "epoch"},
+        }
+
+    # -- results and the learned prompt, as a small portable file ---------------------------
+    def result_fields(self) -> dict[str, Any]:
+        learner = self.prompt_learner
+        ctx_init = self.hparams.ctx_init
+        return {
+            "ctx": "class_specific" if learner.class_specific else "unified",
+            "n_ctx": learner.n_ctx,
+            "ctx_init": ctx_init,
+            "ctx_init_count": self.hparams.ctx_init_count if ctx_init else None,  # words: the reference's
+            "class_token_position": learner.class_token_position,
+        }
+
+    def method_state(self) -> dict[str, Any]:
+        learner = self.prompt_learner
+        hparams = {k: v for k, v in self.hparams.items() if k != "classnames"}
+        return {
+            "ctx": learner.ctx.detach().cpu().clone(),
+            "n_ctx": learner.n_ctx,
+            "class_specific": learner.class_specific,
+            "class_token_position": learner.class_token_position,
+            "ctx_init": self.hparams.ctx_init,
+            # with "words", the phrase's fixed rest is part of the prompt: rebuilt from ctx_init
+            "ctx_init_count": self.hparams.ctx_init_count,
+            "hparams": plain(hparams),  # the arguments that rebuild the class (a successor's too)
+            "weights": self.trained_weights(exclude=(CTX,)),  # a successor's other trained tensors
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if CHECKPOINT_PROMPT in checkpoint:  # the context once: the state dict's tensor
+            checkpoint[CHECKPOINT_PROMPT]["ctx"] = checkpoint["state_dict"][CTX]
+
+    @classmethod
+    def from_prompt(
+        cls, state: dict[str, Any], clip: FrozenCLIP, classnames: list[str] | None = None
+    ) -> CoOp:
+        """The method rebuilt from its prompt file, for its own class list or, with a unified
+        context, for another one (a class-specific context only exists for the classes it was
+        trained on)."""
+        check_backbone(state, clip)
+        classnames = list(classnames or state["classnames"])
+        if state["class_specific"] and classnames != state["classnames"]:
+            raise ValueError(
+                "a class-specific context only applies to the class list it was trained on "
+                f"({len(state['classnames'])} classes); evaluate it on that dataset or train a unified one"
+            )
+        module = cls(
+            clip,
+            classnames,
+            **{
+                **state.get("hparams", {}),
+                "n_ctx": state["n_ctx"],
+                "ctx_init": state.get("ctx_init"),
+                "class_specific": state["class_specific"],
+                "class_token_position": state["class_token_position"],
+                # files from before ctx_init_count learned every token of the phrase
+                "ctx_init_count": state.get("ctx_init_count", "tokens"),
+            },
+        )
+        if module.prompt_learner.ctx.shape != state["ctx"].shape:
+            raise ValueError(
+                f"context of shape {tuple(state['ctx'].shape)} does not fit the backbone's token "
+                f"embedding (expected {tuple(module.prompt_learner.ctx.shape)})"
+            )
+        with torch.no_grad():
+            module.prompt_learner.ctx.copy_(state["ctx"])
+        module.load_trained_weights(state.get("weights", {}), f"the prompt file of {state['method']}", (CTX,))
+        module.name = state["method"]
+        return module
+
+
+def check_backbone(state: dict[str, Any], clip: FrozenCLIP) -> None:
+    """A prompt file is used on the backbone it was learned on."""
+    if (clip.name, clip.pretrained) != (state["backbone"], state["pretrained"]):
+        pretrained = "null" if state["pretrained"] is None else state["pretrained"]
+        raise ValueError(
+            f"the prompt was learned on {state['backbone']} ({state['pretrained']}), not "
+            f"{clip.name} ({clip.pretrained}): use model.name={state['backbone']} "
+            f"model.pretrained={pretrained}"
+        )
+
+
+def warmup_cosine(lr: float, warmup_lr: float, warmup_epochs: int, max_epochs: int):
+    """LR factor per epoch: constant `warmup_lr` for the warm-up epochs, then the cosine of the
+    reference, lr * 0.5 * (1 + cos(pi * (e - warmup) / max_epochs)), stepped once per epoch."""
+    if lr <= 0:
+        raise ValueError(f"method.module.lr={lr}: the learning rate must be positive")
+
+    def factor(epoch: int) -> float:
+        if epoch < warmup_epochs:
+            return warmup_lr / lr
+        return 0.5 * (1 + math.cos(math.pi * (epoch - warmup_epochs) / max_epochs))
+
+    return factor

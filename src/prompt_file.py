@@ -1,0 +1,143 @@
+"""prompt.pt: a trained method as a small portable file, read back without unpickling code.
+
+A run writes `Method.prompt_file()` to prompt.pt (and the same into checkpoints/last.ckpt while it
+trains). The file names the method's class (`class`: `package.module.Class`); reading it back
+imports that module and takes the class as Hydra takes a `_target_`, and uses it only if it is a
+subclass of the contract (src/methods/base.py), whose `from_prompt` rebuilds it. A method of the
+user's own package is found when that package is importable (on PYTHONPATH). Files written before
+the class was recorded name their method only: the project's own methods of that time.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from src.methods.base import CHECKPOINT_PROMPT, PROMPT_FORMAT, Method
+from src.models.clip import FrozenCLIP
+
+PROMPT_FILE = "prompt.pt"  # a finished run's prompt
+LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"  # Lightning's, holding the prompt as well
+FIX = f"give a training run's folder, its {PROMPT_FILE} or its {LAST_CHECKPOINT}"
+
+# Prompt files from before `class` was written: the methods that wrote them, and where their extra
+# tensors were kept. KgCoOp's and ProGrad's files did not keep their arguments: their contexts are
+# rebuilt as CoOp's (the regulariser only acts in training).
+LEGACY_CLASSES = {
+    "coop": "src.methods.coop.CoOp",
+    "cocoop": "src.methods.cocoop.CoCoOp",
+    "kgcoop": "src.methods.coop.CoOp",
+    "prograd": "src.methods.coop.CoOp",
+    "maple": "src.methods.maple.MaPLe",
+    "tip_adapter": "src.methods.tip_adapter.TipAdapter",
+    "tip_adapter_f": "src.methods.tip_adapter.TipAdapter",
+}
+LEGACY_WEIGHTS = {"meta_net": "meta_net.", "couplings": "couplings.", "deep_text": "deep_text"}
+
+CLASS_PATH = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+$")
+
+
+def prompt_file(path: str | Path) -> Path:
+    """The file a prompt is read from: `path` itself, or in a run folder its prompt.pt (written at
+    the end) or else its checkpoints/last.ckpt (the latest epoch of an unfinished run)."""
+    path = Path(path)
+    if path.is_dir():
+        for file in (path / PROMPT_FILE, path / LAST_CHECKPOINT):
+            if file.is_file():
+                return file
+        raise ValueError(f"ckpt={path}: this folder has no {PROMPT_FILE} or {LAST_CHECKPOINT}; {FIX}")
+    if not path.is_file():
+        raise ValueError(f"ckpt={path}: no such file or folder; {FIX}")
+    return path
+
+
+def run_folder(path: str | Path) -> Path:
+    """The run folder of a prompt given as its folder, prompt.pt or checkpoints/last.ckpt: what is
+    written "beside the prompt" goes there."""
+    path = Path(path)
+    if path.is_dir():
+        return path
+    if path.parent.name == LAST_CHECKPOINT.parent.name and path.suffix == LAST_CHECKPOINT.suffix:
+        return path.parent.parent
+    return path.parent
+
+
+def load_prompt(path: str | Path) -> dict[str, Any]:
+    """The prompt of a run (its folder, prompt.pt or checkpoints/last.ckpt), read without unpickling
+    code, in today's layout (older files are brought up to it)."""
+    file = prompt_file(path)
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
+    except Exception as err:  # torch raises many kinds for a file that is not plain tensors and data
+        raise ValueError(
+            f"{file} is not a prompt file of this project ({type(err).__name__}): {FIX}"
+        ) from err
+    if isinstance(state, dict) and "state_dict" in state:  # a Lightning checkpoint
+        if CHECKPOINT_PROMPT not in state:
+            raise ValueError(
+                f"{file} is a checkpoint without a prompt (of a method without one, or of an older "
+                f"version of this project): {FIX}"
+            )
+        state = state[CHECKPOINT_PROMPT]
+    if not isinstance(state, dict) or state.get("format") != PROMPT_FORMAT:
+        raise ValueError(f"{file} is not a prompt file of this project (format {PROMPT_FORMAT}): {FIX}")
+    return upgrade(state, file)
+
+
+def upgrade(state: dict[str, Any], file: str | Path = "the prompt file") -> dict[str, Any]:
+    """A prompt file's state with `method`, `class` and `weights`, whatever its age."""
+    if "class" in state:
+        return state
+    method = state.get("method", "coop")
+    if method not in LEGACY_CLASSES:
+        raise ValueError(f"{file} names no method class and its method {method!r} is unknown: {FIX}")
+    weights = dict(state.get("weights", {}))
+    for key, prefix in LEGACY_WEIGHTS.items():
+        value = state.get(key)
+        if isinstance(value, dict):
+            weights.update({prefix + name: tensor for name, tensor in value.items()})
+        elif value is not None:
+            weights[prefix] = value
+    hparams = dict(state.get("hparams", {}))
+    if "prompt_depth" in state:
+        hparams["prompt_depth"] = state["prompt_depth"]
+    legacy = {"method": method, "class": LEGACY_CLASSES[method], "weights": weights, "hparams": hparams}
+    return {**state, **legacy}
+
+
+def method_class(state: dict[str, Any], file: str | Path = "the prompt file") -> type[Method]:
+    """The method class a prompt file names, imported as a Hydra `_target_` is; only a subclass of
+    the contract is used."""
+    path = state["class"]
+    if not isinstance(path, str) or not CLASS_PATH.match(path):
+        raise ValueError(f"{file} names the method class {path!r}, which is not a class path: {FIX}")
+    module_name, _, name = path.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        package = module_name.split(".")[0]
+        raise ValueError(
+            f"{file} was written by method {state['method']!r}, class {path}, which cannot be imported "
+            f"({err}): put the folder that holds the package {package!r} on PYTHONPATH"
+        ) from err
+    cls = getattr(module, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise ValueError(
+            f"{file} names {path} as its method class, which is "
+            + ("not there" if cls is None else "not a method (a subclass of src.methods.base.Method)")
+            + ": was the class renamed or moved? Train the prompt again"
+        )
+    return cls
+
+
+def method_from_prompt(
+    state: dict[str, Any], clip: FrozenCLIP, classnames: list[str] | None = None, file: str | Path = ""
+) -> Method:
+    """The method a prompt file holds, rebuilt on `clip` for its own classes or `classnames`."""
+    return method_class(state, file or "the prompt file").from_prompt(state, clip, classnames)

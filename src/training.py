@@ -1,0 +1,128 @@
+"""A training run: fit a method on the k-shot train set, test the last model, write the run's files
+(results.json, prompt.pt, fewshot.json, config.yaml, metrics). The command is src/train.py."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import WandbLogger
+
+import src.config  # noqa: F401  (the resolvers of conf/)
+from src.files import atomic_write, save_torch, write_json
+from src.methods.base import build_method
+from src.methods.zeroshot import ZeroShotCLIP
+from src.models.clip import FrozenCLIP
+from src.precheck import check_training_run
+from src.prompt_file import PROMPT_FILE
+from src.quiet import silence_known_warnings
+from src.results import evaluation_fields, method_fields
+from src.resume import AtomicCheckpointIO, check_run_dir, prepare_run_dir
+
+log = logging.getLogger(__name__)
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fits the method on the k-shot train set, tests the last model, writes the run's files."""
+    silence_known_warnings()
+    out = Path(cfg.paths.output_dir)
+    done = out / "results.json"
+    if cfg.get("skip_done", False) and done.exists():
+        # A re-launched sweep runs only what is missing (results.json is written last, atomically).
+        check_run_dir(cfg, out)  # the results of this configuration
+        log.info("%s exists: skipping this run (skip_done=false runs it again)", done)
+        return json.loads(done.read_text())
+    datamodule = check_training_run(cfg, out)  # every mistake at once, before the slow weights
+    last = prepare_run_dir(cfg, out)  # the folder remembers this configuration
+    pl.seed_everything(cfg.seed, workers=True)
+    clip = instantiate(cfg.model)
+    datamodule.image_size = clip.image_size
+    module = build_method(cfg.method, clip, datamodule.classnames)
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer,
+        callbacks=[instantiate(c) for c in cfg.get("callbacks", {}).values()],
+        logger=[instantiate(c) for c in cfg.get("logger", {}).values()],
+    )
+    trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+    log.info("%s with %s on %s", cfg.method.name, describe_backbone(clip), describe_devices(trainer))
+    if trainer.is_global_zero:
+        text = OmegaConf.to_yaml(cfg, resolve=True)
+        atomic_write(out / "config.yaml", lambda f: f.write(text.encode()))
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    for logger in trainer.loggers:
+        logger.log_hyperparams(resolved)
+
+    baseline = None
+    if cfg.get("baseline") == "zeroshot":
+        baseline = zeroshot_baseline(cfg, clip, datamodule)
+    if last is not None:
+        log.info("resuming from %s", last)
+    start = time.perf_counter()
+    if module.fits:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=last)
+    train_time = time.perf_counter() - start
+    (metrics,) = trainer.test(module, datamodule=datamodule, verbose=False)
+
+    results = {
+        "dataset": cfg.dataset.name,
+        "subsample": cfg.dataset.subsample,
+        "shots": cfg.shots,
+        "seed": cfg.seed,
+        **evaluation_fields(clip, datamodule, trainer, metrics),
+        "num_train": len(datamodule.train_items),
+        "fewshot_sampler": datamodule.fewshot_origin["sampler"],
+        "fewshot_source": datamodule.fewshot_origin["source"],  # None: drawn by this run
+        "train_time_s": round(train_time, 3),
+        "epochs": trainer.max_epochs if module.fits else 0,
+        "train_views": cfg.data.train_views,
+        "label_noise": datamodule.label_noise,
+        "noisy_labels": len(datamodule.flipped),
+        **method_fields(module),  # the method's name, kind and own fields (it may set any above)
+    }
+    if baseline is not None:
+        results.update(zeroshot_acc=baseline, gain=results["test_acc"] - baseline)
+        log.info(
+            "zero-shot CLIP (%r) %.2f%%, %s %.2f%%: %+.2f points",
+            cfg.dataset.template, baseline, cfg.method.name, results["test_acc"], results["gain"],
+        )
+    if trainer.is_global_zero:
+        prompt = module.prompt_state()
+        if prompt is not None:
+            save_torch(out / PROMPT_FILE, prompt)
+        write_json(out / "results.json", results)
+        log.info(
+            "test accuracy %.2f%% (%d images); results in %s", results["test_acc"], results["num_test"], out
+        )
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            # The next run of a sweep in this process gets its own W&B run, not this one.
+            logger.experiment.finish()
+    return results
+
+
+def describe_backbone(clip: FrozenCLIP) -> str:
+    return f"{clip.name} ({clip.pretrained or 'random weights'})"
+
+
+def describe_devices(trainer: pl.Trainer) -> str:
+    """'cpu, precision 32-true', '4 cuda devices, precision bf16-mixed' (Lightning's own lines are
+    in the run's log file)."""
+    count = trainer.num_devices * trainer.num_nodes
+    kind = trainer.strategy.root_device.type
+    return f"{kind if count == 1 else f'{count} {kind} devices'}, precision {trainer.precision}"
+
+
+def zeroshot_baseline(cfg: DictConfig, clip: FrozenCLIP, datamodule: pl.LightningDataModule) -> float:
+    """Test accuracy (percent) of zero-shot CLIP with the dataset's hand-made template, on the test
+    set the method is tested on: the baseline a learned prompt has to beat (`baseline=zeroshot`)."""
+    module = ZeroShotCLIP(clip, datamodule.classnames, [cfg.dataset.template])
+    trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    (metrics,) = trainer.test(module, datamodule=datamodule, verbose=False)
+    log.info("zero-shot CLIP with %r: test accuracy %.2f%%", cfg.dataset.template, 100 * metrics["test/acc"])
+    return 100 * metrics["test/acc"]
