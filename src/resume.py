@@ -52,6 +52,8 @@ NOT_FINGERPRINTED = (
     "model.text_path",  # every path computes the same features (tests/test_exactness.py)
     "model.text_fast",
     "skip_done",
+    "pack",  # trained alone or in a pack: the same run (src/packing.py)
+    "pack_size",
 )
 
 

@@ -13,11 +13,15 @@ from omegaconf import DictConfig
 
 from src.cli import run
 from src.config import quote_numeric_choices
+from src.pack_jobs import PACKED_RUNS
+from src.packing import train_packed_job
 from src.training import train
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
-def main(cfg: DictConfig) -> float:
+def main(cfg: DictConfig) -> float | list[float]:
+    if PACKED_RUNS in cfg:  # a pack of a multirun's runs (pack=true)
+        return [results["test_acc"] for results in train_packed_job(cfg)]
     return train(cfg)["test_acc"]
 
 

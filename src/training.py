@@ -15,8 +15,9 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import WandbLogger
 
 import src.config  # noqa: F401  (the resolvers of conf/)
+from src.data.datamodule import FewShotDataModule
 from src.files import atomic_write, save_torch, write_json
-from src.methods.base import build_method
+from src.methods.base import Method, build_method
 from src.methods.zeroshot import ZeroShotCLIP
 from src.models.clip import FrozenCLIP
 from src.precheck import check_training_run
@@ -32,17 +33,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Fits the method on the k-shot train set, tests the last model, writes the run's files."""
     silence_known_warnings()
     out = Path(cfg.paths.output_dir)
-    done = out / "results.json"
-    if cfg.get("skip_done", False) and done.exists():
-        # A re-launched sweep runs only what is missing (results.json is written last, atomically).
-        check_run_dir(cfg, out)  # the results of this configuration
-        log.info("%s exists: skipping this run (skip_done=false runs it again)", done)
-        return json.loads(done.read_text())
+    done = finished_run(cfg, out)
+    if done is not None:
+        return done
     datamodule = check_training_run(cfg, out)  # every mistake at once, before the slow weights
     last = prepare_run_dir(cfg, out)  # the folder remembers this configuration
-    pl.seed_everything(cfg.seed, workers=True)
-    clip = instantiate(cfg.model)
-    datamodule.image_size = clip.image_size
+    clip = build_backbone(cfg, datamodule)
     module = build_method(cfg.method, clip, datamodule.classnames)
     trainer: pl.Trainer = instantiate(
         cfg.trainer,
@@ -52,8 +48,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer.strategy.checkpoint_io = AtomicCheckpointIO()
     log.info("%s with %s on %s", cfg.method.name, describe_backbone(clip), describe_devices(trainer))
     if trainer.is_global_zero:
-        text = OmegaConf.to_yaml(cfg, resolve=True)
-        atomic_write(out / "config.yaml", lambda f: f.write(text.encode()))
+        write_config(cfg, out)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     for logger in trainer.loggers:
         logger.log_hyperparams(resolved)
@@ -69,17 +64,65 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     train_time = time.perf_counter() - start
     (metrics,) = trainer.test(module, datamodule=datamodule, verbose=False)
 
+    epochs = trainer.max_epochs if module.fits else 0
+    results = run_results(cfg, module, datamodule, trainer, metrics, train_time, epochs, baseline)
+    if trainer.is_global_zero:
+        write_results(out, module, results)
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            # The next run of a sweep in this process gets its own W&B run, not this one.
+            logger.experiment.finish()
+    return results
+
+
+def finished_run(cfg: DictConfig, out: Path) -> dict[str, Any] | None:
+    """The results of the run in `out` if it has finished and `skip_done` is on, else None."""
+    done = out / "results.json"
+    if not (cfg.get("skip_done", False) and done.exists()):
+        return None
+    # A re-launched sweep runs only what is missing (results.json is written last, atomically).
+    check_run_dir(cfg, out)  # the results of this configuration
+    log.info("%s exists: skipping this run (skip_done=false runs it again)", done)
+    return json.loads(done.read_text())
+
+
+def build_backbone(cfg: DictConfig, datamodule: FewShotDataModule) -> FrozenCLIP:
+    """The run's frozen CLIP, built after seeding torch's global generator with the run's seed: the
+    run's random stream starts here (CLIP's construction draws from it too, then the method's
+    context, then the training's data order and augmentations)."""
+    pl.seed_everything(cfg.seed, workers=True)
+    clip = instantiate(cfg.model)
+    datamodule.image_size = clip.image_size
+    return clip
+
+
+def write_config(cfg: DictConfig, out: Path) -> None:
+    text = OmegaConf.to_yaml(cfg, resolve=True)
+    atomic_write(out / "config.yaml", lambda f: f.write(text.encode()))
+
+
+def run_results(
+    cfg: DictConfig,
+    module: Method,
+    datamodule: FewShotDataModule,
+    trainer: pl.Trainer,
+    metrics: dict[str, float],
+    train_time: float,
+    epochs: int,
+    baseline: float | None,
+) -> dict[str, Any]:
+    """results.json of a run: its test metrics and every setting that changes them."""
     results = {
         "dataset": cfg.dataset.name,
         "subsample": cfg.dataset.subsample,
         "shots": cfg.shots,
         "seed": cfg.seed,
-        **evaluation_fields(clip, datamodule, trainer, metrics),
+        **evaluation_fields(module.clip, datamodule, trainer, metrics),
         "num_train": len(datamodule.train_items),
         "fewshot_sampler": datamodule.fewshot_origin["sampler"],
         "fewshot_source": datamodule.fewshot_origin["source"],  # None: drawn by this run
         "train_time_s": round(train_time, 3),
-        "epochs": trainer.max_epochs if module.fits else 0,
+        "epochs": epochs,
         "train_views": cfg.data.train_views,
         "label_noise": datamodule.label_noise,
         "noisy_labels": len(datamodule.flipped),
@@ -91,19 +134,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "zero-shot CLIP (%r) %.2f%%, %s %.2f%%: %+.2f points",
             cfg.dataset.template, baseline, cfg.method.name, results["test_acc"], results["gain"],
         )
-    if trainer.is_global_zero:
-        prompt = module.prompt_state()
-        if prompt is not None:
-            save_torch(out / PROMPT_FILE, prompt)
-        write_json(out / "results.json", results)
-        log.info(
-            "test accuracy %.2f%% (%d images); results in %s", results["test_acc"], results["num_test"], out
-        )
-    for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger):
-            # The next run of a sweep in this process gets its own W&B run, not this one.
-            logger.experiment.finish()
     return results
+
+
+def write_results(out: Path, module: Method, results: dict[str, Any]) -> None:
+    """prompt.pt (a method with something to save), then results.json: a run is done once it exists."""
+    prompt = module.prompt_state()
+    if prompt is not None:
+        save_torch(out / PROMPT_FILE, prompt)
+    write_json(out / "results.json", results)
+    log.info("test accuracy %.2f%% (%d images); results in %s", results["test_acc"], results["num_test"], out)
 
 
 def describe_backbone(clip: FrozenCLIP) -> str:

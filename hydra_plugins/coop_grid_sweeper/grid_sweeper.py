@@ -12,6 +12,9 @@ its runs are launched only at the first value of each:
         once:
           method=zeroshot: [shots, seed]   # one zero-shot run, at shots='1' seed=1
 
+With `pack=true` (the presets' setting), the runs that differ only in seed and context settings
+are launched as one job per pack (src/pack_jobs.py), trained together (src/packing.py).
+
 (Hydra loads sweepers only from the `hydra_plugins` package, hence this one's place.)
 """
 
@@ -21,6 +24,9 @@ import logging
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.types import Override
+from omegaconf import DictConfig
+
+from src.pack_jobs import group_jobs
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +52,13 @@ class GridSweeper(BasicSweeper):
                 len(kept),
                 len(jobs) - len(kept),
             )
+        if self.config.get("pack"):  # runs that differ only in seed and context: one job each pack
+            kept = group_jobs(kept, self._compose, int(self.config.get("pack_size", 12)))
         return list(BasicSweeper.split_overrides_to_chunks(kept, max_batch_size))
+
+    def _compose(self, job: list[str]) -> DictConfig:
+        """A job's config, as the launcher will compose it."""
+        return self.hydra_context.config_loader.load_sweep_config(self.config, job)
 
 
 def drop_repeats(jobs: list[list[str]], once: dict[str, list[str]]) -> list[list[str]]:

@@ -261,23 +261,31 @@ class FewShotDataModule(pl.LightningDataModule):
             )
 
     def train_dataloader(self) -> DataLoader:
+        return self.train_loader(self.train_data())
+
+    def train_data(self, in_memory_max_gb: float | None = None) -> Dataset:
+        """The train set as its loader reads it: K cached views per image, the images decoded in
+        memory (when they take at most `in_memory_max_gb`, default `data.in_memory_max_gb`), or the
+        files. Runs trained together share it when their images are the same (src/packing.py)."""
         items = self.train_items
+        max_gb = self.in_memory_max_gb if in_memory_max_gb is None else in_memory_max_gb
         if self.train_views:
             features, labels = self.image_features("train", views=self.train_views)
-            data = RandomView(features.view(self.train_views, len(items), -1), labels[: len(items)])
-        elif self.train_in_memory and fits_in_memory(items, len(self.classnames), self.in_memory_max_gb):
+            return RandomView(features.view(self.train_views, len(items), -1), labels[: len(items)])
+        if self.train_in_memory and fits_in_memory(items, len(self.classnames), max_gb):
             # without a trainer (a loader built by hand) batches stay on the CPU
             on_cpu = self.trainer is None or self.trainer.strategy.root_device.type == "cpu"
             augment = {"auto": "pil" if on_cpu else "device"}.get(self.train_augment, self.train_augment)
-            data = InMemoryTrainImages(items, self.image_size, augment, self.crop_scale, self.hflip)
-        else:
-            data = ImageList(items, self.train_transform())
+            return InMemoryTrainImages(items, self.image_size, augment, self.crop_scale, self.hflip)
+        return ImageList(items, self.train_transform())
+
+    def train_loader(self, data: Dataset) -> DataLoader:
         return self._loader(
             data,
             self.batch_size,
             shuffle=True,
             # the reference drops the last partial batch only when there is a full one
-            drop_last=len(items) >= self.batch_size,
+            drop_last=len(self.train_items) >= self.batch_size,
         )
 
     def train_transform(self) -> Compose:

@@ -63,8 +63,8 @@ def fits_in_memory(items: list[Sample], n_classes: int, max_gb: float) -> bool:
         gigabytes = sum(pool.map(size, items)) / 2**30
     if gigabytes > max_gb:
         log.info(
-            "train images read from disk every epoch: decoded they take %.1f GB, more than "
-            "data.in_memory_max_gb=%s",
+            "train images read from disk every epoch: decoded they take %.1f GB, more than the "
+            "%.1f GB left to them (data.in_memory_max_gb, shared by the runs of a pack)",
             gigabytes,
             max_gb,
         )
@@ -102,6 +102,7 @@ class InMemoryTrainImages(Dataset):
         self.transform = train_transform(image_size, self.crop_scale, hflip)
         with ThreadPoolExecutor(max_workers=8) as pool:
             images = list(pool.map(_decode, items))
+        self.gigabytes = sum(image.width * image.height * 3 for image in images) / 2**30
         if augment == "device":
             images = [torch.from_numpy(np.array(image)).permute(2, 0, 1) for image in images]
         self.images = images

@@ -46,6 +46,12 @@ class Method(pl.LightningModule):
     # Uses no labelled image: its result depends on neither the shots nor the seed, and
     # base-to-new runs it on the new classes directly.
     zero_shot: ClassVar[bool] = False
+    # Runs of a sweep that differ only in seed and context settings train as one job, sharing the
+    # frozen encoders' passes (`pack=true`, src/packing.py), each its own context, optimiser and
+    # data stream: for a method whose training step is CoOp's (the loss of its text features'
+    # logits, `CoOp.text_inputs`, `logits`, `loss`). A subclass that changes the training step (an
+    # extra loss term, a per-image prompt, a gradient projection) sets it False.
+    packable: ClassVar[bool] = False
 
     def __init__(self, clip: FrozenCLIP, classnames: list[str]) -> None:
         super().__init__()

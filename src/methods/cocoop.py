@@ -25,6 +25,7 @@ class CoCoOp(CoOp):
 
     name = "cocoop"
     text_classifier = False  # its text features depend on the image
+    packable = False  # a prompt per image: its text passes are per batch, not per run
 
     def __init__(
         self,

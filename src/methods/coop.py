@@ -28,6 +28,7 @@ class CoOp(Method):
     name = "coop"
     learns_context = True
     text_classifier = True
+    packable = True
 
     def __init__(
         self,
@@ -63,9 +64,14 @@ class CoOp(Method):
         return PromptLearner(classnames, clip.token_embedding, clip.tokenize, **options)
 
     def text_features(self) -> torch.Tensor:
+        return self.clip.text(*self.text_inputs())
+
+    def text_inputs(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """What the text encoder takes: the prompt embeddings [n_cls, length, width], their EOS
+        positions and how many leading positions every class shares. Runs whose EOS positions and
+        shared length are equal are encoded in one call (src/packing.py)."""
         learner = self.prompt_learner
-        prompts = learner(self.clip.text.prompt_length(learner.max_eos))
-        return self.clip.text(prompts, learner.eos, learner.shared_len)
+        return learner(self.clip.text.prompt_length(learner.max_eos)), learner.eos, learner.shared_len
 
     def logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
         image_features = F.normalize(image_features, dim=-1)
@@ -118,6 +124,11 @@ class CoOp(Method):
         self.log("val/acc", self.val_acc, prog_bar=True, batch_size=len(labels))
 
     def configure_optimizers(self) -> dict[str, Any]:
+        return self.optimization(self.trainer.max_epochs)
+
+    def optimization(self, max_epochs: int) -> dict[str, Any]:
+        """The optimiser and its schedule over `max_epochs` epochs, as configure_optimizers gives them
+        to Lightning."""
         hp = self.hparams
         optimizer = torch.optim.SGD(
             [p for p in self.parameters() if p.requires_grad],  # CLIP's are frozen
@@ -125,7 +136,7 @@ class CoOp(Method):
             momentum=hp.momentum,
             weight_decay=hp.weight_decay,
         )
-        schedule = warmup_cosine(hp.lr, hp.warmup_lr, hp.warmup_epochs, self.trainer.max_epochs)
+        schedule = warmup_cosine(hp.lr, hp.warmup_lr, hp.warmup_epochs, max_epochs)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": LambdaLR(optimizer, schedule), "interval": "epoch"},

@@ -22,6 +22,7 @@ class KgCoOp(HandMadeGuided, CoOp):
     """
 
     name = "kgcoop"
+    packable = False  # its loss adds a term on its text features (training_step)
 
     def __init__(
         self,

@@ -29,6 +29,7 @@ class MaPLe(CoOp):
     name = "maple"
     prompts_images = True
     text_classifier = False  # its logits need its own image features
+    packable = False  # its prompts enter the image encoder: no image pass to share
 
     def __init__(
         self,

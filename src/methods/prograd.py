@@ -39,6 +39,7 @@ class ProGrad(HandMadeGuided, CoOp):
     """
 
     name = "prograd"
+    packable = False  # projects each run's gradient before its optimiser step
 
     def __init__(
         self,

@@ -22,6 +22,11 @@ are the same for every class when the context is shared. Three paths compute the
 Optionally, classes are processed in chunks whose activations are recomputed in backward
 (torch.utils.checkpoint), which bounds memory for 1000-class class-specific contexts.
 
+Several runs' prompts are encoded in one call when they are laid out alike (the same EOS positions
+and shared prefix length; src/packing.py): prompts [runs, n, L, width], each run's prefix its own.
+Every path then runs the runs' prefixes as one batch and their classes together, each class
+attending to its own run's prefix; one run is a stack of one, computed as before.
+
 Text towers that break these shortcuts (no causal mask, pooling another position, a class token)
 fall back to the reference computation over the full context length.
 """
@@ -118,34 +123,42 @@ class TextEncoder(nn.Module):
         return (int(eos.max()) if isinstance(eos, torch.Tensor) else eos) + 1
 
     def forward(self, prompts: torch.Tensor, eos: torch.Tensor, shared_len: int = 1) -> torch.Tensor:
-        """prompts: [n, L, width] embeddings; eos: [n] EOS positions; shared_len: how many leading
-        positions are identical for every prompt (their hidden states then are too)."""
+        """prompts: [n, L, width] embeddings, or [runs, n, L, width] for several runs' prompts laid
+        out alike; eos: [n] EOS positions; shared_len: how many leading positions are identical for
+        every prompt of a run (their hidden states then are too). Features [n, d] ([runs, n, d])."""
+        stacked = prompts.ndim == 4
+        prompts = prompts if stacked else prompts[None]
         path = self.resolved_path(prompts.device)
         if path != self._logged_path:
             log.info("text encoder: %s path on %s (model.text_path=%s)", path, prompts.device.type, self.path)
             self._logged_path = path
+        runs, n = prompts.shape[:2]
         if path == "reference":
-            return self._plain(prompts, eos)
+            feats = self._plain(prompts.flatten(0, 1), eos.repeat(runs)).view(runs, n, -1)
+            return feats if stacked else feats[0]
         pos = self.tower.positional_embedding.to(self._dtype)
         prefix_kv = None
-        saved = len(prompts) * (shared_len - 1)  # SOS alone is shared by any prompts
+        saved = runs * n * (shared_len - 1)  # SOS alone is shared by any prompts
         if self.prefix_sharing and (path == "grouped" or saved >= self.prefix_min_tokens):
-            prefix_kv = self._prefix_keys_values(prompts[:1, :shared_len].to(self._dtype) + pos[:shared_len])
+            prefix = prompts[:, 0, :shared_len].to(self._dtype) + pos[:shared_len]
+            prefix_kv = self._prefix_keys_values(prefix)
         else:
             shared_len = 0
         if path == "batched":
-            return self._batched(prompts, eos, shared_len, pos, prefix_kv)
-        order, feats = [], []
+            feats = self._batched(prompts, eos, shared_len, pos, prefix_kv)
+            return feats if stacked else feats[0]
+        order, parts = [], []
         for length in torch.unique(eos).tolist():
             group = torch.nonzero(eos == length).flatten()
             for idx in group.split(self.chunk or len(group)):
-                x = prompts[idx, shared_len : length + 1].to(self._dtype) + pos[shared_len : length + 1]
+                x = prompts[:, idx, shared_len : length + 1].to(self._dtype) + pos[shared_len : length + 1]
                 if self.chunk:
-                    feats.append(checkpoint(self._suffix, x, prefix_kv, use_reentrant=False))
+                    parts.append(checkpoint(self._suffix, x, prefix_kv, use_reentrant=False))
                 else:
-                    feats.append(self._suffix(x, prefix_kv))
+                    parts.append(self._suffix(x, prefix_kv))
                 order.append(idx)
-        return torch.cat(feats)[torch.argsort(torch.cat(order))]
+        feats = torch.cat(parts, dim=1)[:, torch.argsort(torch.cat(order))]
+        return feats if stacked else feats[0]
 
     def _batched(
         self,
@@ -155,21 +168,25 @@ class TextEncoder(nn.Module):
         pos: torch.Tensor,
         prefix_kv: list | None,
     ) -> torch.Tensor:
-        """All classes in one pass (or in chunks of `chunk` classes) over the positions given, which
-        `prompt_length` cuts at the longest EOS (reading that here would sync with the device)."""
-        length = prompts.shape[1]
-        x = prompts[:, shared_len:].to(self._dtype) + pos[shared_len:length]
-        last = eos - shared_len  # where each prompt's EOS sits among the positions run here
+        """All classes of all runs in one pass (or in chunks of `chunk` prompts) over the positions
+        given, which `prompt_length` cuts at the longest EOS (reading that here would sync with the
+        device)."""
+        runs, n, length = prompts.shape[:3]
+        x = (prompts[:, :, shared_len:].to(self._dtype) + pos[shared_len:length]).flatten(0, 1)
+        last = (eos - shared_len).repeat(runs)  # where each prompt's EOS sits among the positions run here
+        run_of = torch.arange(runs, device=x.device).repeat_interleave(n)
         step = self.chunk or len(x)
         feats = []
         for start in range(0, len(x), step):
             part = slice(start, start + step)
-            args = (x[part], last[part], prefix_kv)
+            # each prompt attends to its own run's prefix
+            kv = None if prefix_kv is None else [(k[run_of[part]], v[run_of[part]]) for k, v in prefix_kv]
+            args = (x[part], last[part], kv)
             if self.chunk:
                 feats.append(checkpoint(self._suffix_batched, *args, use_reentrant=False))
             else:
                 feats.append(self._suffix_batched(*args))
-        return torch.cat(feats)
+        return torch.cat(feats).view(runs, n, -1)
 
     def _suffix_batched(self, x: torch.Tensor, last: torch.Tensor, prefix_kv: list | None) -> torch.Tensor:
         blocks = self.tower.transformer.resblocks
@@ -210,14 +227,17 @@ class TextEncoder(nn.Module):
         return proj(x) if isinstance(proj, nn.Linear) else x @ proj
 
     def _suffix(self, x: torch.Tensor, prefix_kv: list | None) -> torch.Tensor:
-        """Runs prompts ending at their EOS (after the shared prefix, if any); returns features."""
+        """Runs prompts [runs, n, length, width] ending at their EOS (after their run's shared
+        prefix, if any); returns features [runs, n, d]."""
+        runs, n = x.shape[:2]
+        x = x.flatten(0, 1)
         if prefix_kv is None:
             length = x.shape[1]
             x = self.tower.transformer(x, attn_mask=self.tower.attn_mask[:length, :length])
         else:
             for blk, kv in zip(self.tower.transformer.resblocks, prefix_kv, strict=True):
                 x, _ = _block(blk, x, kv)
-        return self._project(self.tower.ln_final(x[:, -1]))
+        return self._project(self.tower.ln_final(x[:, -1])).view(runs, n, -1)
 
     def _prefix_keys_values(self, x: torch.Tensor) -> list:
         kvs = []
@@ -231,8 +251,9 @@ def _block(
     blk: ResidualAttentionBlock, x: torch.Tensor, prefix_kv: tuple | None, batched: bool = False
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """open_clip's ResidualAttentionBlock with a causal mask, where the queries of `x` may also
-    attend to the cached keys/values of a shared prefix placed before them (through one fused
-    attention call with `batched`, else through `_attend_with_prefix`'s shared matmul)."""
+    attend to the cached keys/values of their run's shared prefix placed before them (through one
+    fused attention call with `batched`, where the prefix is given per prompt, else through
+    `_attend_with_prefix`'s shared matmul, where it is given per run)."""
     n, length, width = x.shape
     heads = blk.attn.num_heads
     qkv = F.linear(blk.ln_1(x), blk.attn.in_proj_weight, blk.attn.in_proj_bias)
@@ -253,33 +274,40 @@ def _attend_with_prefix(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor
 ) -> torch.Tensor:
     """Causal attention of q/k/v [n, heads, length, head_dim] placed after a prefix whose keys and
-    values pk/pv [1, heads, shared, head_dim] are the same for all n prompts.
+    values pk/pv [runs, heads, shared, head_dim] are the same for all n / runs prompts of a run
+    (the prompts run after run).
 
-    The prefix part is one matmul over the queries of all prompts (heads x (n * length) rows)
-    instead of n copies of the prefix's keys and values."""
+    The prefix part is one matmul per run over the queries of all its prompts (heads x (n / runs *
+    length) rows) instead of a copy of the prefix's keys and values per prompt."""
     n, heads, length, dim = q.shape
-    shared = pk.shape[2]
+    runs, shared = pk.shape[0], pk.shape[2]
+    per_run = n // runs
+
+    def by_run(t: torch.Tensor) -> torch.Tensor:  # [n, heads, length, c] -> [runs, heads, rows, c]
+        rows = per_run * length
+        return t.view(runs, per_run, heads, length, -1).transpose(1, 2).reshape(runs, heads, rows, -1)
+
+    def by_prompt(t: torch.Tensor) -> torch.Tensor:  # the inverse
+        return t.view(runs, heads, per_run, length, -1).transpose(1, 2).reshape(n, heads, length, -1)
+
     q = q * dim**-0.5
-    rows = q.transpose(0, 1).reshape(heads, n * length, dim)
-    prefix_scores = (rows @ pk[0].transpose(1, 2)).view(heads, n, length, shared).transpose(0, 1)
+    prefix_scores = by_prompt(by_run(q) @ pk.transpose(2, 3))
     causal = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
     own_scores = (q @ k.transpose(2, 3)).masked_fill(~causal, float("-inf"))
     probs = torch.cat([prefix_scores, own_scores], dim=-1).softmax(dim=-1)
-    prefix_probs = probs[..., :shared].transpose(0, 1).reshape(heads, n * length, shared)
-    prefix_out = (prefix_probs @ pv[0]).view(heads, n, length, dim).transpose(0, 1)
+    prefix_out = by_prompt(by_run(probs[..., :shared]) @ pv)
     return prefix_out + probs[..., shared:] @ v
 
 
 def _attend_after_prefix_fused(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pk: torch.Tensor, pv: torch.Tensor
 ) -> torch.Tensor:
-    """The same attention as `_attend_with_prefix`, as one scaled_dot_product_attention call: the
-    prefix's keys and values [1, heads, shared, head_dim] are placed before each prompt's own, and
-    query i (position shared + i) sees keys 0 .. shared + i, a causal mask aligned to the lower
+    """The same attention as `_attend_with_prefix`, as one scaled_dot_product_attention call: each
+    prompt's prefix keys and values pk/pv [n, heads, shared, head_dim] are placed before its own,
+    and query i (position shared + i) sees keys 0 .. shared + i, a causal mask aligned to the lower
     right, which the flash and memory-efficient kernels apply without a materialised mask. The
     concatenation copies the prefix once per prompt (a few MB at 1000 classes), one kernel."""
-    n = q.shape[0]
-    keys = torch.cat([pk.expand(n, -1, -1, -1), k], dim=2)
-    values = torch.cat([pv.expand(n, -1, -1, -1), v], dim=2)
+    keys = torch.cat([pk, k], dim=2)
+    values = torch.cat([pv, v], dim=2)
     mask = causal_lower_right(q.shape[2], keys.shape[2])
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
