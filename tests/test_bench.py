@@ -29,10 +29,14 @@ def test_the_gpu_scripts_arguments_parse(bench):
     assert args.classes == 1000
     assert args.text_classes == 1000 and args.extra_step == ["RN50-quickgelu:37"]
     assert args.e2e and args.grid and (args.repeats, args.warmup) == (10, 3)
+    assert args.pack == 6 and args.pack_classes == [37, 1000] and not args.pack_only
     cpu = bench.parse_args([])
     assert cpu.text_classes == 250 and not cpu.e2e and cpu.grid_class_counts == [10, 100, 400, 1000]
+    assert cpu.pack == 0
     with pytest.raises(SystemExit):
         bench.parse_args(["--extra-step", "RN50"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--pack-only"])  # a pack of how many runs?
 
 
 def test_grid_hours_count_steps_epochs_seeds_variants_and_test_images(bench, monkeypatch):
@@ -46,6 +50,12 @@ def test_grid_hours_count_steps_epochs_seeds_variants_and_test_images(bench, mon
     runs = 3 * 4  # seeds x context variants, per shot count
     assert hours["reference"] == pytest.approx((steps * runs * 1.0 + 5 * runs * 8.1) / 3600)
     assert hours["default"] == pytest.approx((steps * runs * 0.25 + 8.1) / 3600)
+    assert "packed" not in hours
+    # packed: the 12 runs of a shot count take one step together
+    times[("packed",)] = [0.5, 0.5]
+    hours = bench.grid_hours(times, counts, encode_per_image_s=0.001)
+    assert hours["packed"] == pytest.approx((steps * 0.5 + 8.1) / 3600)
+    assert len(bench.GRID_PACK) == runs
 
 
 def test_step_times_are_interpolated_between_class_counts(bench):
@@ -61,7 +71,10 @@ def test_targets_name_each_figure_with_its_threshold(bench):
     import torch
 
     figures = {"step_speedup": 3.5, "cached_step_speedup": 4.0, "step_RN50-quickgelu_37_speedup": 1.4}
-    checked = bench.targets(figures, torch.device("cuda"), 1000, ["RN50-quickgelu_37"])
+    figures["pack6_cached_37_speedup"] = 5.5
+    checked = bench.targets(figures, torch.device("cuda"), 1000, ["RN50-quickgelu_37"], pack=6)
+    assert checked["pack6_cached_37_speedup"] == {"value": 5.5, "target": ">= 5.0", "met": True}
+    assert checked["grid_gpu_hours_packed"]["met"] is None
     assert checked["step_speedup"] == {"value": 3.5, "target": ">= 3.0", "met": True}
     assert checked["cached_step_speedup"]["met"] is False
     assert checked["step_RN50-quickgelu_37_speedup"]["met"] is True

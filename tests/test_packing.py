@@ -23,6 +23,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from hydra_plugins.coop_grid_sweeper.grid_sweeper import drop_repeats
 from src import packing
+from src.config import quote_numeric_choices
 from src.pack_jobs import PACKED_RUNS, group_jobs, member_overrides, pack_refusal, packed_jobs
 from src.packing import train_packed
 from src.report import write_report
@@ -286,6 +287,7 @@ def test_a_packed_multirun_writes_each_runs_folder_then_the_report(cli, digits, 
         "hydra/sweeper=grid",
         f"hydra.sweep.dir={sweep}",
     ]
+    args = quote_numeric_choices(args)  # as src.train's command line does
     cli(main, args)
     runs = folders(sweep)
     assert len(runs) == 4
@@ -307,7 +309,7 @@ def test_a_packed_multirun_writes_each_runs_folder_then_the_report(cli, digits, 
     cli(main, args)  # launched again: every run is done
     assert [(run / "results.json").stat().st_mtime_ns for run in runs] == written
     report = write_report(sweep).read_text()
-    assert "Every setting has all seeds." in report and "| digits  | coop unified end M4" in report
+    assert "Every setting has all seeds." in report and "| digits    | coop unified end M4 " in report
 
 
 def test_one_submitit_job_per_pack(digits, tmp_path):

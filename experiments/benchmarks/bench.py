@@ -17,7 +17,12 @@ Measures, in one process and on the same inputs:
     generated images), their training wall time against steps x the step time measured here
     (`e2e_overhead_*`);
   - with `--grid`: the paper's few-shot grid in GPU hours, from step times measured at several
-    class counts and each dataset's real sizes, reference mode against default.
+    class counts and each dataset's real sizes, reference mode against default, and packed
+    (`pack=true`: the 3 seeds x 4 context variants of a dataset and shot count as one pack);
+  - with `--pack R`: R runs (seeds of the default context) trained as one pack (src/packing.py)
+    against one run alone, at `--pack-classes` classes, on images and on cached features: the step
+    time per run and the peak memory of the pack (`pack{R}_{images,cached}_{classes}_*`);
+    `--pack-only` measures nothing else (with `--grid`: the grid too).
 Prints a table, then one JSON line with the figures, the ratios and the targets of the device.
 """
 
@@ -46,6 +51,7 @@ import torch.nn.functional as F  # noqa: E402
 from src.methods.coop import CoOp  # noqa: E402
 from src.models.clip import FrozenCLIP  # noqa: E402
 from src.models.text_encoder import TextEncoder  # noqa: E402
+from src.packing import packed_losses, stack_key  # noqa: E402
 
 # The paper's few-shot grid (REFERENCE.md, conf/experiment/fewshot_grid.yaml): classes and test
 # images per dataset; shots 1, 2, 4, 8, 16 with 50, 100, 100, 200, 200 epochs (ImageNet: 50);
@@ -67,9 +73,11 @@ GRID_EPOCHS = {1: 50, 2: 100, 4: 100, 8: 200, 16: 200}
 GRID_SEEDS = 3
 GRID_VARIANTS = [(False, "end"), (False, "middle"), (True, "end"), (True, "middle")]
 GRID_CLASS_COUNTS = (10, 100, 400, 1000)  # step times measured here, interpolated in between
+GRID_PACK = [v for _ in range(GRID_SEEDS) for v in GRID_VARIANTS]  # one pack per dataset and shots
 
 # (figure, comparison, threshold) per device kind; {t} is --text-classes, {x} each extra step's tag
 CPU_TARGETS = [
+    ("pack{r}_cached_37_speedup", ">=", 2.0),
     ("step_speedup", ">=", 2.0),
     ("cached_step_speedup", ">=", 8.0),
     ("text{t}_unified_speedup", ">=", 10.0),
@@ -87,6 +95,8 @@ GPU_TARGETS = [
     ("e2e_overhead_quickstart", "<=", 1.5),
     ("e2e_overhead_1000", "<=", 1.2),
     ("grid_speedup", ">=", 4.0),
+    ("pack{r}_cached_37_speedup", ">=", 5.0),
+    ("grid_gpu_hours_packed", "<=", 2.0),
 ]
 
 
@@ -182,6 +192,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=",".join(map(str, GRID_CLASS_COUNTS)),
         help="class counts whose step times are measured for the grid",
     )
+    parser.add_argument("--pack", type=int, default=0, metavar="R", help="also R runs trained as one pack")
+    parser.add_argument("--pack-classes", default="37,1000", help="class counts of the pack measurement")
+    parser.add_argument("--pack-only", action="store_true", help="only the pack (and --grid) measurements")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON line to this file")
     args = parser.parse_args(argv)
     if args.text_classes is None:
@@ -191,6 +204,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if not name or not classes.isdigit():
             parser.error(f"--extra-step {spec!r}: give BACKBONE:CLASSES, e.g. RN50-quickgelu:37")
     args.grid_class_counts = [int(c) for c in str(args.grid_class_counts).split(",")]
+    args.pack_classes = [int(c) for c in str(args.pack_classes).split(",")]
+    if args.pack_only and not args.pack:
+        parser.error("--pack-only: give the pack's size with --pack R")
     return args
 
 
@@ -260,6 +276,57 @@ class Bench:
             optimizer.step()
 
         return measure(step, self.device, self.args.repeats, self.args.warmup)
+
+    def packed_step_time(
+        self, backbone: str, names: list[str], cached: bool, variants: list[tuple[bool, str]]
+    ) -> tuple[float, int]:
+        """Seconds and peak memory of one step of a pack of runs (src/packing.py's step), a run per
+        (class_specific, position) of `variants`, each with its own context, images and optimiser."""
+        clip = self.clip(backbone)
+        clip.text = TextEncoder(clip.model, path="auto")
+        size, batch = clip.image_size, self.args.batch
+        generator = torch.Generator().manual_seed(1)
+        modules, batches, optimizers = [], [], []
+        for seed, (class_specific, position) in enumerate(variants):
+            torch.manual_seed(seed)
+            module = CoOp(clip, names, class_specific=class_specific, class_token_position=position)
+            modules.append(module.to(self.device))
+            images = torch.randn(batch, 3, size, size, generator=generator).to(self.device)
+            if cached:
+                with torch.no_grad(), self.autocast:
+                    images = clip.encode_image(images)
+            labels = torch.randint(len(names), (batch,), generator=generator).to(self.device)
+            batches.append((images, labels))
+            optimizers.append(torch.optim.SGD(module.prompt_learner.parameters(), lr=0.002, momentum=0.9))
+        keys = [stack_key(module) for module in modules]
+
+        def step() -> None:
+            for optimizer in optimizers:
+                optimizer.zero_grad(set_to_none=True)
+            with self.autocast:
+                losses = packed_losses(clip, modules, keys, batches)
+            torch.stack(losses).sum().backward()
+            for optimizer in optimizers:
+                optimizer.step()
+
+        return measure(step, self.device, self.args.repeats, self.args.warmup)
+
+    def pack(self) -> None:
+        """R runs as one pack against one alone: step time per run and peak memory."""
+        args, runs = self.args, self.args.pack
+        for classes in args.pack_classes:
+            names = open_clip.IMAGENET_CLASSNAMES[:classes]
+            for kind, cached in (("images", False), ("cached", True)):
+                tag = f"pack{runs}_{kind}_{classes}"
+                alone_s, alone_peak = self.step_time(args.backbone, names, "auto", cached)
+                seeds = [(False, "end")] * runs
+                packed_s, packed_peak = self.packed_step_time(args.backbone, names, cached, seeds)
+                label = f"{kind} {classes} classes:"
+                self.record(f"{tag}_alone", f"{label} one run alone", alone_s, alone_peak)
+                self.record(f"{tag}_packed", f"{label} {runs} runs packed", packed_s, packed_peak)
+                self.figures[f"{tag}_speedup"] = alone_s / (packed_s / runs)  # per-run step time
+                if alone_peak:
+                    self.figures[f"{tag}_peak_mem_ratio"] = packed_peak / alone_peak  # at most R: linear
 
     def steps(self, backbone: str, classes: int, tag: str = "") -> None:
         names = open_clip.IMAGENET_CLASSNAMES[:classes]
@@ -427,6 +494,11 @@ class Bench:
                         args.grid_backbone, names, path, False, class_specific, position
                     )
                     step_times[key].append(seconds)
+        step_times[("packed",)] = []
+        for classes in counts:
+            names = open_clip.IMAGENET_CLASSNAMES[:classes]
+            seconds, _ = self.packed_step_time(args.grid_backbone, names, False, GRID_PACK)
+            step_times[("packed",)].append(seconds)
         clip = self.clip(args.grid_backbone)
         test_batch = torch.randn(100, 3, clip.image_size, clip.image_size, device=self.device)
 
@@ -442,13 +514,19 @@ class Bench:
                 "grid_gpu_hours_reference": hours["reference"],
                 "grid_gpu_hours_default": hours["default"],
                 "grid_speedup": hours["reference"] / hours["default"],
+                "grid_gpu_hours_packed": hours["packed"],
+                "grid_pack_speedup": hours["default"] / hours["packed"],
                 "grid_test_encode_per_image_s": encode_s / 100,
             }
         )
-        for (mode, class_specific, position), times in step_times.items():
-            ctx = "csc" if class_specific else "unified"
+        for key, times in step_times.items():
+            if key == ("packed",):
+                name = f"packed{len(GRID_PACK)}"
+            else:
+                mode, class_specific, position = key
+                name = f"{mode}_{'csc' if class_specific else 'unified'}_{position}"
             for classes, seconds in zip(counts, times, strict=True):
-                self.figures[f"grid_step_{mode}_{ctx}_{position}_{classes}_s"] = seconds
+                self.figures[f"grid_step_{name}_{classes}_s"] = seconds
 
 
 def interpolate(counts: list[int], times: list[float], classes: int) -> float:
@@ -466,7 +544,7 @@ def interpolate(counts: list[int], times: list[float], classes: int) -> float:
 
 
 def grid_hours(
-    step_times: dict[tuple[str, bool, str], list[float]],
+    step_times: dict[tuple, list[float]],
     counts: list[int],
     encode_per_image_s: float,
     batch: int = 32,
@@ -475,19 +553,24 @@ def grid_hours(
     image encoding, once per run in reference mode (as the original code does), once per dataset in
     the default mode (the feature cache). Every dataset has at least 16 train images per class, so a
     k-shot train set is k x classes images; steps per epoch floor(n / batch), at least 1 (drop_last
-    only with a full batch)."""
+    only with a full batch). With `("packed",)` step times (a pack of the seeds x variants of a
+    dataset and shot count, one step for all of them), the packed mode too."""
     hours = {}
-    for mode in ("reference", "default"):
+    modes = ["reference", "default"] + (["packed"] if ("packed",) in step_times else [])
+    for mode in modes:
         total = 0.0
         for dataset, (classes, test_images) in GRID_DATASETS.items():
             test_s = test_images * encode_per_image_s
             for shots, epochs in GRID_EPOCHS.items():
                 epochs = 50 if dataset == "imagenet" else epochs
                 steps = epochs * max(1, shots * classes // batch)
+                if mode == "packed":
+                    total += steps * interpolate(counts, step_times[("packed",)], classes)
+                    continue
                 for variant in GRID_VARIANTS:
                     step_s = interpolate(counts, step_times[(mode, *variant)], classes)
                     total += GRID_SEEDS * (steps * step_s + (test_s if mode == "reference" else 0.0))
-            if mode == "default":
+            if mode != "reference":
                 total += test_s
         hours[mode] = total / 3600
     return hours
@@ -514,11 +597,13 @@ def generated_folder_dataset(root: Path, classes: int) -> Path:
     return root
 
 
-def targets(figures: dict, device: torch.device, text_classes: int, extra_tags: list[str]) -> dict:
+def targets(
+    figures: dict, device: torch.device, text_classes: int, extra_tags: list[str], pack: int = 6
+) -> dict:
     table = GPU_TARGETS if device.type == "cuda" else CPU_TARGETS
     out = {}
     for name, comparison, threshold in table:
-        for key in {name.format(t=text_classes, x=tag) for tag in extra_tags or [""]}:
+        for key in {name.format(t=text_classes, x=tag, r=pack or 6) for tag in extra_tags or [""]}:
             if "{x}" in name and not extra_tags:
                 continue
             value = figures.get(key)
@@ -557,21 +642,24 @@ def main(argv: list[str] | None = None) -> dict:
     bench = Bench(args)
     device = bench.device
     extra_tags = []
-    bench.steps(args.backbone, args.classes)
-    for spec in args.extra_step:
-        backbone, _, classes = spec.rpartition(":")
-        tag = f"{backbone}_{classes}"
-        extra_tags.append(tag)
-        bench.steps(backbone, int(classes), tag)
-    bench.text_side()
-    bench.exactness()
-    decode, augment = data_loading_cost(bench.clip(args.backbone).image_size)
-    bench.rows.append(("JPEG decode per image", decode, 0))
-    bench.rows.append(("train augmentation per image", augment, 0))
-    bench.figures.update({"decode_per_image_s": decode, "augment_per_image_s": augment})
+    if not args.pack_only:
+        bench.steps(args.backbone, args.classes)
+        for spec in args.extra_step:
+            backbone, _, classes = spec.rpartition(":")
+            tag = f"{backbone}_{classes}"
+            extra_tags.append(tag)
+            bench.steps(backbone, int(classes), tag)
+        bench.text_side()
+        bench.exactness()
+        decode, augment = data_loading_cost(bench.clip(args.backbone).image_size)
+        bench.rows.append(("JPEG decode per image", decode, 0))
+        bench.rows.append(("train augmentation per image", augment, 0))
+        bench.figures.update({"decode_per_image_s": decode, "augment_per_image_s": augment})
+    if args.pack:
+        bench.pack()
     if args.grid:
         bench.grid()
-    if args.e2e:
+    if args.e2e and not args.pack_only:
         bench.e2e()
     figures = bench.figures
     figures.update(
@@ -585,7 +673,8 @@ def main(argv: list[str] | None = None) -> dict:
         threads=torch.get_num_threads(),
         torch=torch.__version__,
     )
-    checked = targets(figures, device, args.text_classes, extra_tags)
+    figures["pack"] = args.pack
+    checked = targets(figures, device, args.text_classes, extra_tags, args.pack)
     line = {k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()}
     line["targets"] = checked
     line["all_targets_met"] = all(t["met"] for t in checked.values())
