@@ -24,6 +24,7 @@ the CSV log, callbacks of their own), are launched alone, as without `pack`; the
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 from collections import defaultdict
@@ -135,6 +136,9 @@ def group_jobs(
     alone: dict[str, int] = defaultdict(int)  # runs launched alone, per reason
     packs = packed = 0
     for members in groups.values():
+        if len(members) == 1:  # nothing to pack it with
+            out.extend(members)
+            continue
         cfg = compose(members[0])
         refusal = pack_refusal(cfg)
         if refusal is not None:
@@ -234,9 +238,13 @@ def member_configs(cfg: DictConfig) -> list[DictConfig]:
         }
     )
     loader = GlobalHydra.instance().config_loader()
-    configs = []
+    first = copy.deepcopy(cfg)  # this job's config is the first run's, plus `packed_runs`
+    with open_dict(first):
+        del first[PACKED_RUNS]
+    _resolve_hydra_values(first)
+    configs = [first]
     with _restored_hydra_config():
-        for run in overrides:
+        for run in overrides[1:]:
             full = loader.load_sweep_config(master, run)
             out = sweep_dir / str(full.hydra.sweep.subdir)
             with open_dict(full):

@@ -12,7 +12,13 @@ import torch
 from open_clip import OPENAI_DATASET_STD
 from PIL import Image
 
-from src.data.in_memory import InMemoryTrainImages, collate_crops, finish_augmentation, fits_in_memory
+from src.data.in_memory import (
+    InMemoryTrainImages,
+    collate_crops,
+    collate_images,
+    finish_augmentation,
+    fits_in_memory,
+)
 from src.data.samples import Sample
 from src.data.transforms import train_transform
 from src.training import train
@@ -47,9 +53,9 @@ def test_in_memory_images_augment_bit_for_bit_as_the_files(photos, crop_scale, h
     data = InMemoryTrainImages(photos, SIZE, "pil", crop_scale, hflip)
     for seed in (0, 1):
         torch.manual_seed(seed)
-        images = torch.stack([data[i][0] for i in range(len(data))])
+        images, labels = collate_images([data[i] for i in range(len(data))])
         assert torch.equal(images, from_files(photos, seed, crop_scale, hflip))
-    assert [data[i][1] for i in range(len(data))] == [0, 1, 0, 1, 0, 1]
+    assert labels.tolist() == [0, 1, 0, 1, 0, 1]
 
 
 @AUGMENTATIONS

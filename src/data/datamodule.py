@@ -22,6 +22,7 @@ from src.data.in_memory import (
     CropBatch,
     InMemoryTrainImages,
     collate_crops,
+    collate_images,
     finish_augmentation,
     fits_in_memory,
 )
@@ -373,7 +374,9 @@ class FewShotDataModule(pl.LightningDataModule):
     ) -> DataLoader:
         # in memory: no worker processes
         features = isinstance(data, (TensorDataset, RandomView, InMemoryTrainImages))
-        crops = isinstance(data, InMemoryTrainImages) and data.augment == "device"
+        collate = None
+        if isinstance(data, InMemoryTrainImages):
+            collate = collate_crops if data.augment == "device" else collate_images
         return DataLoader(
             data,
             batch_size=batch_size,
@@ -383,7 +386,7 @@ class FewShotDataModule(pl.LightningDataModule):
             num_workers=0 if features else self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers and not features,
-            collate_fn=collate_crops if crops else None,
+            collate_fn=collate,
             generator=generator,
         )
 
