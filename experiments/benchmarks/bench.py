@@ -141,6 +141,22 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def saved_bytes(fn) -> int:
+    """Bytes of the tensors one call of `fn` keeps for its backward pass (each storage once): the
+    memory a training step holds at its peak besides the weights, counted exactly on any device
+    (the resident-set size on a CPU reuses freed memory and undercounts small steps)."""
+    storages: dict[int, int] = {}
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        fn()
+    return sum(storages.values())
+
+
 def measure(fn, device: torch.device, repeats: int, warmup: int = 1) -> tuple[float, int]:
     """Median seconds per call and peak memory (bytes) of one call."""
     for _ in range(warmup):
@@ -221,6 +237,7 @@ class Bench:
         self.autocast = torch.autocast(self.device.type, dtype=dtype) if dtype else nullcontext()
         self.rows: list[tuple[str, float, int]] = []
         self.figures: dict[str, float | int | str | bool] = {}
+        self.last_step = None  # the step function measured last (its memory is counted apart)
 
     def clip(self, backbone: str) -> FrozenCLIP:
         if backbone not in self.clips:
@@ -275,6 +292,7 @@ class Bench:
             loss.backward()
             optimizer.step()
 
+        self.last_step = step
         return measure(step, self.device, self.args.repeats, self.args.warmup)
 
     def packed_step_time(
@@ -309,6 +327,7 @@ class Bench:
             for optimizer in optimizers:
                 optimizer.step()
 
+        self.last_step = step
         return measure(step, self.device, self.args.repeats, self.args.warmup)
 
     def pack(self) -> None:
@@ -319,14 +338,20 @@ class Bench:
             for kind, cached in (("images", False), ("cached", True)):
                 tag = f"pack{runs}_{kind}_{classes}"
                 alone_s, alone_peak = self.step_time(args.backbone, names, "auto", cached)
+                alone_saved = saved_bytes(self.last_step)
                 seeds = [(False, "end")] * runs
                 packed_s, packed_peak = self.packed_step_time(args.backbone, names, cached, seeds)
+                packed_saved = saved_bytes(self.last_step)
                 label = f"{kind} {classes} classes:"
                 self.record(f"{tag}_alone", f"{label} one run alone", alone_s, alone_peak)
                 self.record(f"{tag}_packed", f"{label} {runs} runs packed", packed_s, packed_peak)
                 self.figures[f"{tag}_speedup"] = alone_s / (packed_s / runs)  # per-run step time
+                self.figures[f"{tag}_saved_mb_alone"] = alone_saved / 2**20
+                self.figures[f"{tag}_saved_mb_packed"] = packed_saved / 2**20
+                # what the step keeps for backward, packed / alone: at most R when it grows linearly
+                self.figures[f"{tag}_saved_ratio"] = packed_saved / max(alone_saved, 1)
                 if alone_peak:
-                    self.figures[f"{tag}_peak_mem_ratio"] = packed_peak / alone_peak  # at most R: linear
+                    self.figures[f"{tag}_peak_mem_ratio"] = packed_peak / alone_peak
 
     def steps(self, backbone: str, classes: int, tag: str = "") -> None:
         names = open_clip.IMAGENET_CLASSNAMES[:classes]
@@ -497,8 +522,9 @@ class Bench:
         step_times[("packed",)] = []
         for classes in counts:
             names = open_clip.IMAGENET_CLASSNAMES[:classes]
-            seconds, _ = self.packed_step_time(args.grid_backbone, names, False, GRID_PACK)
+            seconds, peak = self.packed_step_time(args.grid_backbone, names, False, GRID_PACK)
             step_times[("packed",)].append(seconds)
+            self.figures[f"grid_pack{len(GRID_PACK)}_{classes}_peak_mb"] = peak / 2**20
         clip = self.clip(args.grid_backbone)
         test_batch = torch.randn(100, 3, clip.image_size, clip.image_size, device=self.device)
 
