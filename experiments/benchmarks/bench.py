@@ -350,7 +350,7 @@ class Bench:
                 self.figures[f"{tag}_saved_mb_packed"] = packed_saved / 2**20
                 # what the step keeps for backward, packed / alone: at most R when it grows linearly
                 self.figures[f"{tag}_saved_ratio"] = packed_saved / max(alone_saved, 1)
-                if alone_peak:
+                if self.device.type == "cuda":  # the allocator's peak; a CPU's resident set undercounts
                     self.figures[f"{tag}_peak_mem_ratio"] = packed_peak / alone_peak
 
     def steps(self, backbone: str, classes: int, tag: str = "") -> None:
