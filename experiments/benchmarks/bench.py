@@ -22,7 +22,10 @@ Measures, in one process and on the same inputs:
   - with `--pack R`: R runs (seeds of the default context) trained as one pack (src/packing.py)
     against one run alone, at `--pack-classes` classes, on images and on cached features: the step
     time per run and the peak memory of the pack (`pack{R}_{images,cached}_{classes}_*`);
-    `--pack-only` measures nothing else (with `--grid`: the grid too).
+    `--pack-only` measures nothing else (with `--grid`: the grid too);
+  - with `--pack-memory C`: the activations a step of each of the grid's 4 context variants keeps
+    for backward at C classes (`--grid-backbone`, fp32, forward only), and a pack of the grid's 12
+    runs (3 seeds x 4 variants) from them: a pack's grow linearly in its runs (`--pack`'s ratio).
 Prints a table, then one JSON line with the figures, the ratios and the targets of the device.
 """
 
@@ -141,15 +144,18 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def saved_bytes(fn) -> int:
-    """Bytes of the tensors one call of `fn` keeps for its backward pass (each storage once): the
-    memory a training step holds at its peak besides the weights, counted exactly on any device
-    (the resident-set size on a CPU reuses freed memory and undercounts small steps)."""
+def saved_bytes(fn, weights: torch.nn.Module) -> int:
+    """Bytes of the activations one call of `fn` keeps for its backward pass (each storage once,
+    `weights`' own tensors left out): the memory a training step holds at its peak besides the
+    weights, counted exactly on any device (the resident-set size on a CPU reuses freed memory and
+    undercounts small steps)."""
+    frozen = {t.untyped_storage().data_ptr() for t in [*weights.parameters(), *weights.buffers()]}
     storages: dict[int, int] = {}
 
     def keep(tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
+        if storage.data_ptr() not in frozen:
+            storages[storage.data_ptr()] = storage.nbytes()
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
@@ -211,6 +217,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pack", type=int, default=0, metavar="R", help="also R runs trained as one pack")
     parser.add_argument("--pack-classes", default="37,1000", help="class counts of the pack measurement")
     parser.add_argument("--pack-only", action="store_true", help="only the pack (and --grid) measurements")
+    parser.add_argument(
+        "--pack-memory",
+        type=int,
+        default=0,
+        metavar="C",
+        help="memory of a pack of the grid's 12 runs at C classes",
+    )
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON line to this file")
     args = parser.parse_args(argv)
     if args.text_classes is None:
@@ -221,8 +234,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--extra-step {spec!r}: give BACKBONE:CLASSES, e.g. RN50-quickgelu:37")
     args.grid_class_counts = [int(c) for c in str(args.grid_class_counts).split(",")]
     args.pack_classes = [int(c) for c in str(args.pack_classes).split(",")]
-    if args.pack_only and not args.pack:
-        parser.error("--pack-only: give the pack's size with --pack R")
+    if args.pack_only and not (args.pack or args.pack_memory):
+        parser.error("--pack-only: give the pack's size with --pack R (or --pack-memory C)")
     return args
 
 
@@ -338,10 +351,10 @@ class Bench:
             for kind, cached in (("images", False), ("cached", True)):
                 tag = f"pack{runs}_{kind}_{classes}"
                 alone_s, alone_peak = self.step_time(args.backbone, names, "auto", cached)
-                alone_saved = saved_bytes(self.last_step)
+                alone_saved = saved_bytes(self.last_step, self.clip(args.backbone))
                 seeds = [(False, "end")] * runs
                 packed_s, packed_peak = self.packed_step_time(args.backbone, names, cached, seeds)
-                packed_saved = saved_bytes(self.last_step)
+                packed_saved = saved_bytes(self.last_step, self.clip(args.backbone))
                 label = f"{kind} {classes} classes:"
                 self.record(f"{tag}_alone", f"{label} one run alone", alone_s, alone_peak)
                 self.record(f"{tag}_packed", f"{label} {runs} runs packed", packed_s, packed_peak)
@@ -352,6 +365,30 @@ class Bench:
                 self.figures[f"{tag}_saved_ratio"] = packed_saved / max(alone_saved, 1)
                 if self.device.type == "cuda":  # the allocator's peak; a CPU's resident set undercounts
                     self.figures[f"{tag}_peak_mem_ratio"] = packed_peak / alone_peak
+
+    def pack_memory(self) -> None:
+        """Activations one step of each grid variant keeps for backward (forward only: the pack of
+        12 would hold them all at once), and the grid's pack of 12 from them."""
+        args = self.args
+        clip = self.clip(args.grid_backbone)
+        clip.text = TextEncoder(clip.model, path="auto")
+        names = open_clip.IMAGENET_CLASSNAMES[: args.pack_memory]
+        width = clip.model.text_projection.shape[1]
+        total = 0.0
+        for class_specific, position in GRID_VARIANTS:
+            torch.manual_seed(0)
+            module = CoOp(clip, names, class_specific=class_specific, class_token_position=position)
+            batch = [(torch.randn(args.batch, width), torch.arange(args.batch) % len(names))]
+
+            def forward(module: CoOp = module, batch: list = batch) -> None:
+                packed_losses(clip, [module], [stack_key(module)], batch)
+
+            megabytes = saved_bytes(forward, clip) / 2**20
+            name = f"pack_memory_{'csc' if class_specific else 'unified'}_{position}_{args.pack_memory}_mb"
+            self.figures[name] = megabytes
+            self.rows.append((f"{name} (activations, fp32)", 0.0, int(megabytes * 2**20)))
+            total += megabytes
+        self.figures[f"pack_memory_grid{len(GRID_PACK)}_{args.pack_memory}_mb"] = GRID_SEEDS * total
 
     def steps(self, backbone: str, classes: int, tag: str = "") -> None:
         names = open_clip.IMAGENET_CLASSNAMES[:classes]
@@ -683,6 +720,8 @@ def main(argv: list[str] | None = None) -> dict:
         bench.figures.update({"decode_per_image_s": decode, "augment_per_image_s": augment})
     if args.pack:
         bench.pack()
+    if args.pack_memory:
+        bench.pack_memory()
     if args.grid:
         bench.grid()
     if args.e2e and not args.pack_only:

@@ -240,10 +240,15 @@ class TextEncoder(nn.Module):
         return self._project(self.tower.ln_final(x[:, -1])).view(runs, n, -1)
 
     def _prefix_keys_values(self, x: torch.Tensor) -> list:
+        """Each block's keys and values [runs, heads, shared, head_dim] of the prefixes `x`."""
         kvs = []
         for blk in self.tower.transformer.resblocks:
-            x, kv = _block(blk, x, None)
-            kvs.append(kv)
+            x, (k, v) = _block(blk, x, None)
+            if len(x) > 1:
+                # Views into the block's qkv would be copied by every matmul that folds runs and
+                # heads into one batch (and kept for backward): once here instead, for all of them.
+                k, v = k.contiguous(), v.contiguous()
+            kvs.append((k, v))
         return kvs
 
 
