@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 import time
 from collections import defaultdict
@@ -108,11 +109,11 @@ class PackedRun:
     """One run of a pack: its config and folder, data, method, optimiser, schedule, random stream,
     loggers and progress (Lightning's counters of the run trained alone)."""
 
-    def __init__(self, cfg: DictConfig, datamodule: FewShotDataModule, last: Path | None) -> None:
+    def __init__(self, cfg: DictConfig, datamodule: FewShotDataModule) -> None:
         self.cfg = cfg
         self.out = Path(cfg.paths.output_dir)
         self.datamodule = datamodule
-        self.last = last
+        self.last: Path | None = None  # the checkpoint it continues from
         self.module: Method | None = None
         self.stream: RandomStream | None = None
         self.optimizer: torch.optim.Optimizer | None = None
@@ -145,7 +146,9 @@ class PackedRun:
         self.module.load_state_dict(checkpoint["state_dict"], strict=False)  # CLIP's weights are not in it
         self.optimizer.load_state_dict(checkpoint["optimizer_states"][0])
         self.scheduler.load_state_dict(checkpoint["lr_schedulers"][0])
-        self.stream.state = checkpoint["callbacks"][RandomState.__qualname__]["torch"]
+        random_state = checkpoint.get("callbacks", {}).get(RandomState.__qualname__)
+        if random_state is not None:  # as Lightning restores it for the run alone (src/resume.py)
+            self.stream.state = random_state["torch"]
         self.start_epoch = checkpoint["epoch"] + 1
         self.steps = checkpoint["global_step"]
 
@@ -338,7 +341,7 @@ class PackedRuns(pl.LightningModule):
             optimizers[i].zero_grad()
             if self._logs_now(run):
                 value = loss.item()
-                if run.stop_on_non_finite and not torch.isfinite(torch.tensor(value)):
+                if run.stop_on_non_finite and not math.isfinite(value):
                     raise NonFiniteLossError(
                         f"{run.out}: training loss is {value} at epoch {self.epoch} (precision "
                         f"{self.trainer.precision}): the pack stopped; try trainer.precision=bf16-mixed "
@@ -436,9 +439,9 @@ def train_packed(cfgs: list[DictConfig]) -> list[dict[str, Any]]:
             results[index] = done
     if pending:
         check_pack([cfgs[i] for i in pending])
+        # every run's checks first, then the folders are claimed (fingerprint.json), as alone
         runs = [
-            PackedRun(cfgs[i], check_training_run(cfgs[i], Path(cfgs[i].paths.output_dir)), None)
-            for i in pending
+            PackedRun(cfgs[i], check_training_run(cfgs[i], Path(cfgs[i].paths.output_dir))) for i in pending
         ]
         for run in runs:
             run.last = prepare_run_dir(run.cfg, run.out)
