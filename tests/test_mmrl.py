@@ -143,7 +143,7 @@ def test_text_tokens_sit_after_the_start_token_under_the_causal_mask(tiny_clip):
         alone = rep_tokens.run_block(transformer, block, prefix[:, :1], None)
         without = rep_tokens.run_block(transformer, block, prefix, seen["mask"][:length, :length])
     torch.testing.assert_close(seen["out"][:, 0], alone[:, 0], atol=1e-6, rtol=1e-6)
-    assert (seen["out"][:, 6:] - without[:, 1:]).abs().amin(dim=-1).gt(0).all()  # every word sees them
+    assert (seen["out"][:, 6:] - without[:, 1:]).abs().amax(dim=-1).gt(1e-4).all()  # every word sees them
 
 
 def test_fused_logits_on_the_trained_classes_the_class_tokens_on_others(tiny_clip, tmp_path):
