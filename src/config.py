@@ -6,6 +6,7 @@ Every entry point imports this module, which registers the resolvers once.
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 from pathlib import Path
@@ -83,3 +84,5 @@ OmegaConf.register_new_resolver("prompt_field", prompt_field, replace=True)
 # last.ckpt (the first prompt's, for an ensemble).
 OmegaConf.register_new_resolver("run_dir", lambda path: str(run_folder(prompt_paths(path)[0])), replace=True)
 OmegaConf.register_new_resolver("ensemble_suffix", ensemble_suffix, replace=True)
+# A recipe's count from another setting (method=clip_lora: trainer.max_steps=${mul:500,${shots}}).
+OmegaConf.register_new_resolver("mul", lambda *factors: math.prod(factors), replace=True)

@@ -198,9 +198,17 @@ class PeriodicCheckpoint(ModelCheckpoint):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         every = self._every_n_epochs
-        if trainer.current_epoch + 1 >= (trainer.max_epochs or 0) and every >= 1:
+        if _last_epoch(trainer) and every >= 1:
             self._every_n_epochs = 1
         try:
             super().on_train_epoch_end(trainer, pl_module)
         finally:
             self._every_n_epochs = every
+
+
+def _last_epoch(trainer: pl.Trainer) -> bool:
+    """Whether the epoch that ends is the run's last: by its epochs, or by its steps (a recipe that
+    counts iterations, as method=clip_lora's, runs max_epochs=-1 and stops within an epoch)."""
+    max_epochs = trainer.max_epochs or 0
+    by_epochs = 0 < max_epochs <= trainer.current_epoch + 1
+    return by_epochs or 0 < trainer.max_steps <= trainer.global_step

@@ -110,6 +110,7 @@ def test_transfer_protocols_from_an_imagenet_prompt(all_data, cache_dir, tmp_pat
         ("zeroshot", []),
         ("maple", ["method.module.prompt_depth=2"]),
         ("mmrl", ["method.module.rep_layers=[2]", "method.module.rep_dim=16"]),
+        ("clip_lora", []),
     ],
 )
 def test_base_to_new_trains_on_base_and_tests_on_new(all_data, cache_dir, tmp_path, method, extra):

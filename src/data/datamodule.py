@@ -94,9 +94,11 @@ class FewShotDataModule(pl.LightningDataModule):
         in_memory_max_gb: float = 16.0,
         label_noise: float = 0.0,
         test_transform: Callable[[int], Callable] | None = None,
+        drop_last: bool | None = None,
     ) -> None:
         """`test_transform`: makes the test images' transform from the image size, instead of the
-        eval transform (test-time prompt tuning: augmented views of each image)."""
+        eval transform (test-time prompt tuning: augmented views of each image). `drop_last`:
+        whether each epoch drops its last partial train batch; None: the reference's rule."""
         super().__init__()
         if shots < 1:
             raise ValueError(f"shots={shots}: the number of images per class must be at least 1")
@@ -132,6 +134,7 @@ class FewShotDataModule(pl.LightningDataModule):
         self.label_noise = label_noise
         self.flipped: list[tuple[Sample, int]] = []  # (clean item, noisy label) of the noisy labels
         self.test_transform = test_transform
+        self.drop_last = drop_last
         self.train_items: list[Sample] | None = None
         self.val_items: list[Sample] = []
         self.test_items: list[Sample] = []
@@ -277,7 +280,7 @@ class FewShotDataModule(pl.LightningDataModule):
             self.batch_size,
             shuffle=True,
             # the reference drops the last partial batch only when there is a full one
-            drop_last=len(items) >= self.batch_size,
+            drop_last=len(items) >= self.batch_size if self.drop_last is None else self.drop_last,
         )
 
     def train_transform(self) -> Compose:
