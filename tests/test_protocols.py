@@ -109,6 +109,7 @@ def test_transfer_protocols_from_an_imagenet_prompt(all_data, cache_dir, tmp_pat
         ("coop", []),
         ("zeroshot", []),
         ("maple", ["method.module.prompt_depth=2"]),
+        ("promptsrc", ["method.module.prompt_depth_text=2", "method.module.prompt_depth_vision=2"]),
         ("mmrl", ["method.module.rep_layers=[2]", "method.module.rep_dim=16"]),
         ("clip_lora", []),
     ],
