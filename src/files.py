@@ -1,5 +1,5 @@
 """Writing files (and folders) so that a crash never leaves a truncated one: write a temp one, then
-rename."""
+rename (or link, to create a file only where none exists)."""
 
 from __future__ import annotations
 
@@ -30,6 +30,48 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def exclusive_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> bool:
+    """Creates `path` complete, written by `write(f)`, unless it exists: False then, and `path` is
+    left as it is. Of processes creating the same file at once, exactly one does (a hard link fails
+    where its target exists; a rename would replace it)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return True
+
+
+def unwritable(folder: str | Path) -> str | None:
+    """Why files cannot be written in `folder` (made if missing), or None if they can; nothing is
+    created to find out."""
+    existing = Path(folder).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
+
+
+def check_output(path: str | Path, option: str) -> None:
+    """Before the work whose result goes to the file `path`: ValueError naming `option` if that file
+    could not be written."""
+    reason = unwritable(Path(path).parent)
+    if reason is not None:
+        raise ValueError(f"{option}={path} cannot be written ({reason}): give another with {option}=<file>")
 
 
 def atomic_folder(folder: str | Path, fill: Callable[[Path], None]) -> Path:
