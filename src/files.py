@@ -17,17 +17,11 @@ import torch
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
     """Calls `write(f)` on a temporary file beside `path`, then renames it onto `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = _written_beside(path, write)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 
@@ -37,6 +31,18 @@ def exclusive_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> boo
     left as it is. Of processes creating the same file at once, exactly one does (a hard link fails
     where its target exists; a rename would replace it)."""
     path = Path(path)
+    tmp = _written_beside(path, write)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
+    return True
+
+
+def _written_beside(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
+    """A temporary file beside `path` (on its file system), written by `write(f)` and on disk."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -45,12 +51,10 @@ def exclusive_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> boo
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.link(tmp, path)
-    except FileExistsError:
-        return False
-    finally:
+    except BaseException:
         Path(tmp).unlink(missing_ok=True)
-    return True
+        raise
+    return Path(tmp)
 
 
 def unwritable(folder: str | Path) -> str | None:
