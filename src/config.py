@@ -69,6 +69,16 @@ def prompt_field(path: str | ListConfig, field: str) -> Any:
     return load_prompt(prompt_paths(path)[0])[field]
 
 
+def run_dir(ckpt: str | ListConfig) -> str:
+    """Where outputs "beside the prompt" go: the run folder, whether ckpt= names it, its prompt.pt or
+    its last.ckpt (the first prompt's, for an ensemble). Every prompt is read first, so that a
+    mistyped or unreadable ckpt= stops the command before Hydra makes a folder from it."""
+    paths = prompt_paths(ckpt)
+    for path in paths:
+        load_prompt(path)
+    return str(run_folder(paths[0]))
+
+
 def ensemble_suffix(ckpt: str | ListConfig, mode: str) -> str:
     """The evaluation folder's suffix: none for one prompt file, `_ensemble<n>_<mode>` for a list."""
     return f"_ensemble{len(ckpt)}_{mode}" if isinstance(ckpt, (ListConfig, list)) else ""
@@ -80,9 +90,7 @@ OmegaConf.register_new_resolver("shipped_weights", shipped_weights, replace=True
 # Progress bars only where someone watches them: not in SLURM logs, CI or redirected output.
 OmegaConf.register_new_resolver("isatty", lambda: sys.stdout.isatty(), replace=True)
 OmegaConf.register_new_resolver("prompt_field", prompt_field, replace=True)
-# Outputs "beside the prompt" go to the run folder, whether ckpt= names it, its prompt.pt or its
-# last.ckpt (the first prompt's, for an ensemble).
-OmegaConf.register_new_resolver("run_dir", lambda path: str(run_folder(prompt_paths(path)[0])), replace=True)
+OmegaConf.register_new_resolver("run_dir", run_dir, replace=True)
 OmegaConf.register_new_resolver("ensemble_suffix", ensemble_suffix, replace=True)
 # A recipe's count from another setting (method=clip_lora: trainer.max_steps=${mul:500,${shots}}).
 OmegaConf.register_new_resolver("mul", lambda *factors: math.prod(factors), replace=True)

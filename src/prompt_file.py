@@ -11,6 +11,7 @@ the class was recorded name their method only: the project's own methods of that
 from __future__ import annotations
 
 import importlib
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -87,7 +88,17 @@ def load_prompt(path: str | Path) -> dict[str, Any]:
         state = state[CHECKPOINT_PROMPT]
     if not isinstance(state, dict) or state.get("format") != PROMPT_FORMAT:
         raise ValueError(f"{file} is not a prompt file of this project (format {PROMPT_FORMAT}): {FIX}")
-    return upgrade(state, file)
+    return {**upgrade(state, file), "trained_on": trained_on(file)}
+
+
+def trained_on(file: Path) -> dict[str, str] | None:
+    """The dataset and subsample (all, base, new) of the run that wrote a prompt file, from its run
+    folder's fingerprint.json; None for a file away from its run folder."""
+    try:
+        config = json.loads((run_folder(file) / "fingerprint.json").read_text())["config"]
+        return {"dataset": config["dataset.name"], "subsample": config.get("dataset.subsample", "all")}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def upgrade(state: dict[str, Any], file: str | Path = "the prompt file") -> dict[str, Any]:

@@ -11,12 +11,13 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from src.cli import run
+from src.cli import run, task
 from src.config import quote_numeric_choices
 from src.training import train
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@task
 def main(cfg: DictConfig) -> float:
     return train(cfg)["test_acc"]
 

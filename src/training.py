@@ -23,7 +23,7 @@ from src.precheck import check_training_run
 from src.prompt_file import PROMPT_FILE
 from src.quiet import silence_known_warnings
 from src.results import evaluation_fields, method_fields
-from src.resume import AtomicCheckpointIO, check_run_dir, prepare_run_dir
+from src.resume import check_run_dir, prepare_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -35,21 +35,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     done = out / "results.json"
     if cfg.get("skip_done", False) and done.exists():
         # A re-launched sweep runs only what is missing (results.json is written last, atomically).
-        check_run_dir(cfg, out)  # the results of this configuration
+        check_run_dir(cfg, out, resuming=False)  # the results of this configuration
         log.info("%s exists: skipping this run (skip_done=false runs it again)", done)
         return json.loads(done.read_text())
-    datamodule = check_training_run(cfg, out)  # every mistake at once, before the slow weights
+    # Every mistake at once, before the folder is claimed (the corrected command runs there) and
+    # before the slow weights load.
+    checked = check_training_run(cfg, out)
+    datamodule, trainer = checked.datamodule, checked.trainer
     last = prepare_run_dir(cfg, out)  # the folder remembers this configuration
     pl.seed_everything(cfg.seed, workers=True)
     clip = instantiate(cfg.model)
     datamodule.image_size = clip.image_size
     module = build_method(cfg.method, clip, datamodule.classnames)
-    trainer: pl.Trainer = instantiate(
-        cfg.trainer,
-        callbacks=[instantiate(c) for c in cfg.get("callbacks", {}).values()],
-        logger=[instantiate(c) for c in cfg.get("logger", {}).values()],
-    )
-    trainer.strategy.checkpoint_io = AtomicCheckpointIO()
     log.info("%s with %s on %s", cfg.method.name, describe_backbone(clip), describe_devices(trainer))
     if trainer.is_global_zero:
         text = OmegaConf.to_yaml(cfg, resolve=True)

@@ -36,7 +36,7 @@ def test_base_is_the_first_half_of_the_sorted_labels_new_the_rest():
     assert len(subsample_classes(splits_of(4), "base").classnames) == 2
     with pytest.raises(ValueError, match="dataset.subsample=new keeps 1 of 3 classes"):
         subsample_classes(splits_of(3), "new")
-    with pytest.raises(ValueError, match="use all, base or new"):
+    with pytest.raises(ValueError, match="use dataset.subsample=all, dataset.subsample=base or dataset"):
         subsample_classes(splits, "novel")
 
 

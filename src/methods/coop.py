@@ -10,9 +10,10 @@ import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.classification import MulticlassAccuracy
 
+from src.cli import override
 from src.methods.base import CHECKPOINT_PROMPT, Method, plain
-from src.models.clip import FrozenCLIP
-from src.models.prompt_learner import InitCount, Position, PromptLearner
+from src.models.clip import Architecture, FrozenCLIP
+from src.models.prompt_learner import InitCount, Position, PromptLearner, check_context
 
 CTX = "prompt_learner.ctx"  # the context's state-dict name; prompt.pt holds it as `ctx`
 
@@ -57,6 +58,11 @@ class CoOp(Method):
         )
         self.val_acc = MulticlassAccuracy(num_classes=len(classnames), average="micro")
         self._eval_text_features: torch.Tensor | None = None
+
+    @classmethod
+    def check_config(cls, args: dict[str, Any], architecture: Architecture) -> None:
+        super().check_config(args, architecture)
+        check_context(args["n_ctx"], args["ctx_init"], args["class_token_position"], args["ctx_init_count"])
 
     # -- the method -------------------------------------------------------------------------
     def make_prompt_learner(self, classnames: list[str], clip: FrozenCLIP, **options: Any) -> PromptLearner:
@@ -175,7 +181,8 @@ class CoOp(Method):
         if state["class_specific"] and classnames != state["classnames"]:
             raise ValueError(
                 "a class-specific context only applies to the class list it was trained on "
-                f"({len(state['classnames'])} classes); evaluate it on that dataset or train a unified one"
+                f"({len(state['classnames'])} classes{_of_dataset(state.get('trained_on'))}); evaluate "
+                "it on that dataset or train a unified one"
             )
         module = cls(
             clip,
@@ -202,14 +209,22 @@ class CoOp(Method):
         return module
 
 
+def _of_dataset(trained_on: dict[str, str] | None) -> str:
+    """' of oxford_pets, dataset.subsample=base': where a prompt was trained, when known."""
+    if trained_on is None:
+        return ""
+    subsample = trained_on["subsample"]
+    classes = "" if subsample == "all" else f", {override('dataset.subsample', subsample)}"
+    return f" of {trained_on['dataset']}{classes}"
+
+
 def check_backbone(state: dict[str, Any], clip: FrozenCLIP) -> None:
     """A prompt file is used on the backbone it was learned on."""
     if (clip.name, clip.pretrained) != (state["backbone"], state["pretrained"]):
-        pretrained = "null" if state["pretrained"] is None else state["pretrained"]
         raise ValueError(
-            f"the prompt was learned on {state['backbone']} ({state['pretrained']}), not "
-            f"{clip.name} ({clip.pretrained}): use model.name={state['backbone']} "
-            f"model.pretrained={pretrained}"
+            f"the prompt was learned on {state['backbone']} ({state['pretrained'] or 'random weights'}), "
+            f"not {clip.name} ({clip.pretrained or 'random weights'}): use "
+            f"{override('model.name', state['backbone'])} {override('model.pretrained', state['pretrained'])}"
         )
 
 

@@ -9,9 +9,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from src.cli import override
 from src.methods.coop import CoOp
 from src.models import deep_prompts
-from src.models.clip import FrozenCLIP
+from src.models.clip import Architecture, FrozenCLIP
 from src.models.prompt_learner import Position, PromptLearner
 
 
@@ -43,17 +44,8 @@ class MaPLe(CoOp):
         **coop_args: Any,
     ) -> None:
         visual = clip.model.visual
+        check_maple(prompt_depth, class_specific, class_token_position, Architecture.of(clip.name))
         deep_prompts.check_prompt_ready_vit(visual, clip.name)
-        if class_specific or class_token_position != "end":
-            raise ValueError(
-                "method=maple has one context shared by all classes, before the class name: use "
-                "ctx=unified ctx.class_token_position=end"
-            )
-        layers = min(len(clip.text.tower.transformer.resblocks), len(visual.transformer.resblocks))
-        if not 1 <= prompt_depth <= layers:
-            raise ValueError(
-                f"method.module.prompt_depth={prompt_depth}: use 1 .. {layers} (the blocks of {clip.name})"
-            )
         super().__init__(clip, classnames, n_ctx=n_ctx, ctx_init=ctx_init, lr=lr, **coop_args)
         n_ctx = self.prompt_learner.n_ctx
         text_width = clip.token_embedding.weight.shape[1]
@@ -64,6 +56,11 @@ class MaPLe(CoOp):
             [nn.Linear(text_width, image_width)]
             + [copy.deepcopy(deep_coupling) for _ in range(prompt_depth - 1)]
         )
+
+    @classmethod
+    def check_config(cls, args: dict[str, Any], architecture: Architecture) -> None:
+        super().check_config(args, architecture)
+        check_maple(args["prompt_depth"], args["class_specific"], args["class_token_position"], architecture)
 
     def make_prompt_learner(self, classnames: list[str], clip: FrozenCLIP, **options: Any) -> PromptLearner:
         # CoOp learns all the words of ctx_init; MaPLe only the first n_ctx.
@@ -96,3 +93,25 @@ class MaPLe(CoOp):
 
     def result_fields(self) -> dict[str, Any]:
         return {**super().result_fields(), "prompt_depth": len(self.couplings)}
+
+
+def check_maple(prompt_depth: int, class_specific: bool, position: str, architecture: Architecture) -> None:
+    """MaPLe's prompts are tokens of a ViT, in its first `prompt_depth` blocks (and the text
+    encoder's), after one context shared by all classes."""
+    if architecture.image_encoder != "vit":
+        raise ValueError(
+            f"model.name={architecture.name}: its image encoder ({architecture.image_encoder}) has no "
+            "token sequence to put prompts into; multi-modal prompts need a ViT, e.g. model=vit_b16"
+        )
+    if class_specific or position != "end":
+        raise ValueError(
+            "method=maple has one context shared by all classes, before the class name: use "
+            "ctx=unified ctx.class_token_position=end"
+        )
+    blocks = min(b for b in (architecture.image_blocks, architecture.text_blocks) if b is not None)
+    if not 1 <= prompt_depth <= blocks:
+        raise ValueError(
+            f"method.module.prompt_depth={prompt_depth}: {architecture.name} has {blocks} blocks per "
+            f"encoder: use {override('method.module.prompt_depth', min(max(prompt_depth, 1), blocks))} "
+            "(prompts in that many blocks)"
+        )
