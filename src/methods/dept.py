@@ -57,8 +57,8 @@ class CATHead(nn.Module):
 
 
 class DePT(Method):
-    """A base method (`base`: a CoOp-family class, built with `base_args`) whose unnormalised image
-    and class text features also feed a CAT head over its classes.
+    """A base method (`base`: a CoOp-family class path, built with `base_args`, or a built one)
+    whose unnormalised image and class text features also feed a CAT head over its classes.
 
     Training: loss = (1 - cat_weight) * the base's loss of its logits + cat_weight * cross-entropy
     of the CAT head on images and text features + the base's regulariser, unscaled (KgCoOp's); the
@@ -82,6 +82,11 @@ class DePT(Method):
         **base_args: Any,
     ) -> None:
         super().__init__(clip, classnames)
+        if not 0 <= cat_weight <= 1 or cat_lr_ratio <= 0:
+            raise ValueError(
+                f"method.module.cat_weight={cat_weight}, method.module.cat_lr_ratio={cat_lr_ratio}: "
+                "use a weight in [0, 1] and a positive ratio"
+            )
         if isinstance(base, str):
             base = build_base(base, clip, classnames, base_args)
         if not isinstance(base, CoOp) or isinstance(base, (CoCoOp, ProGrad)):
@@ -89,11 +94,6 @@ class DePT(Method):
                 f"method.module.base={class_path(type(base))}: DePT builds on a CoOp-family method "
                 "whose class text features do not depend on the image and whose loss is its logits' "
                 "plus a regulariser (coop, kgcoop, maple: method/base=coop|kgcoop|maple)"
-            )
-        if not 0 <= cat_weight <= 1 or cat_lr_ratio <= 0:
-            raise ValueError(
-                f"method.module.cat_weight={cat_weight}, method.module.cat_lr_ratio={cat_lr_ratio}: "
-                "use a weight in [0, 1] and a positive ratio"
             )
         self.base = base
         self.prompts_images = base.prompts_images
