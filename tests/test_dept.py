@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from src.files import save_torch
-from src.methods.cocoop import CoCoOp
 from src.methods.coop import CoOp
 from src.methods.dept import DePT
 from src.methods.kgcoop import KgCoOp
 from src.methods.maple import MaPLe
+from src.methods.prograd import ProGrad
 from src.prompt_file import load_prompt, method_from_prompt
 from src.report import load_runs
 from src.training import train
@@ -147,11 +147,20 @@ def test_prompt_file_round_trip(tiny_clip, tmp_path):
         assert torch.equal(rebuilt(x), module(x))
 
 
-def test_refusals(tiny_clip):
-    with pytest.raises(ValueError, match="method.module.base=src.methods.cocoop.CoCoOp: DePT builds on"):
+def test_bases_that_would_not_train_as_alone_are_refused(tiny_clip):
+    with pytest.raises(ValueError, match=r"base=src.methods.cocoop.CoCoOp: .* a forward of its own"):
         DePT(tiny_clip, TRAINED, "src.methods.cocoop.CoCoOp")
-    with pytest.raises(ValueError, match="DePT builds on"):
-        DePT(tiny_clip, TRAINED, CoCoOp(tiny_clip, TRAINED))
+    with pytest.raises(ValueError, match="base=src.methods.prograd.ProGrad: .* a training step of its own"):
+        DePT(tiny_clip, TRAINED, ProGrad(tiny_clip, TRAINED, template=TEMPLATE))
+
+    class Averaged(CoOp):  # e.g. PromptSRC's prompts averaged over the epochs
+        def on_train_epoch_end(self) -> None:
+            pass
+
+    with pytest.raises(ValueError, match=r"Lightning hooks of its own \(on_train_epoch_end\)"):
+        DePT(tiny_clip, TRAINED, Averaged(tiny_clip, TRAINED))
+    with pytest.raises(ValueError, match="not a CoOp-family method"):
+        DePT(tiny_clip, TRAINED, "src.methods.zeroshot.ZeroShotCLIP", templates=[TEMPLATE])
     with pytest.raises(ValueError, match="cat_lr_ratio=0: use a weight in"):
         DePT(tiny_clip, TRAINED, "src.methods.coop.CoOp", cat_lr_ratio=0)
 

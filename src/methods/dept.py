@@ -12,13 +12,24 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from src.methods.base import Method, class_path
-from src.methods.cocoop import CoCoOp
 from src.methods.coop import CoOp
-from src.methods.prograd import ProGrad
 from src.models.clip import FrozenCLIP
 from src.prompt_file import method_from_prompt
 
 HEAD = "head."  # the state-dict prefix of DePT's own parameters
+# Lightning's training hooks: DePT does not run a base's own (they would see DePT's training only)
+TRAINING_HOOKS = (
+    "on_train_start",
+    "on_train_epoch_start",
+    "on_train_epoch_end",
+    "on_train_batch_start",
+    "on_train_batch_end",
+    "on_before_backward",
+    "on_after_backward",
+    "on_before_optimizer_step",
+    "on_save_checkpoint",
+    "on_load_checkpoint",
+)
 
 
 class ChannelWise(nn.Module):
@@ -89,12 +100,7 @@ class DePT(Method):
             )
         if isinstance(base, str):
             base = build_base(base, clip, classnames, base_args)
-        if not isinstance(base, CoOp) or isinstance(base, (CoCoOp, ProGrad)):
-            raise ValueError(
-                f"method.module.base={class_path(type(base))}: DePT builds on a CoOp-family method "
-                "whose class text features do not depend on the image and whose loss is its logits' "
-                "plus a regulariser (coop, kgcoop, maple: method/base=coop|kgcoop|maple)"
-            )
+        check_base(base)
         self.base = base
         self.prompts_images = base.prompts_images
         self.cat_weight = cat_weight
@@ -216,3 +222,29 @@ def build_base(target: str, clip: FrozenCLIP, classnames: list[str], args: dict[
     """The base method of a config. Built here, outside DePT's __init__, so that its saved
     hyper-parameters (Lightning reads them from the __init__ frames above) are its own only."""
     return get_class(target)(clip, classnames, **args)
+
+
+def check_base(base: Method) -> None:
+    """DePT trains and tests its base through CoOp's hooks only (`features`, `logits`, `loss`,
+    `regulariser`, `configure_optimizers`): a base that predicts or trains through code of its own
+    elsewhere would run otherwise than alone, and is refused."""
+    cls = type(base)
+    if not isinstance(base, CoOp):
+        reason = "it is not a CoOp-family method (a subclass of src.methods.coop.CoOp)"
+    elif _overrides(cls, "forward") and not _overrides(cls, "features"):
+        reason = "its logits come from a forward of its own, not from its `features` (CoCoOp's: per image)"
+    elif _overrides(cls, "training_step") and not _overrides(cls, "regulariser"):
+        reason = "its loss is a training step of its own, not its logits' plus a `regulariser`"
+    else:
+        own = [hook for hook in TRAINING_HOOKS if _overrides(cls, hook)]
+        if not own:
+            return
+        reason = f"it trains through Lightning hooks of its own ({', '.join(own)})"
+    raise ValueError(
+        f"method.module.base={class_path(cls)}: DePT cannot train this base as it trains alone: {reason}; "
+        "bases: method/base=coop|kgcoop|maple"
+    )
+
+
+def _overrides(cls: type, name: str) -> bool:
+    return getattr(cls, name) is not getattr(CoOp, name)
