@@ -104,17 +104,18 @@ def test_transfer_protocols_from_an_imagenet_prompt(all_data, cache_dir, tmp_pat
 
 
 @pytest.mark.parametrize(
-    ("method", "extra"),
+    ("method", "extra", "name"),
     [
-        ("coop", []),
-        ("zeroshot", []),
-        ("maple", ["method.module.prompt_depth=2"]),
-        ("promptsrc", ["method.module.prompt_depth_text=2", "method.module.prompt_depth_vision=2"]),
-        ("mmrl", ["method.module.rep_layers=[2]", "method.module.rep_dim=16"]),
-        ("clip_lora", []),
+        ("coop", [], "coop"),
+        ("zeroshot", [], "zeroshot"),
+        ("maple", ["method.module.prompt_depth=2"], "maple"),
+        ("promptsrc", ["method.module.prompt_depth_text=2", "method.module.prompt_depth_vision=2"], "promptsrc"),
+        ("mmrl", ["method.module.rep_layers=[2]", "method.module.rep_dim=16"], "mmrl"),
+        ("clip_lora", [], "clip_lora"),
+        ("dept", ["method/base=coop"], "coop_dept"),
     ],
 )
-def test_base_to_new_trains_on_base_and_tests_on_new(all_data, cache_dir, tmp_path, method, extra):
+def test_base_to_new_trains_on_base_and_tests_on_new(all_data, cache_dir, tmp_path, method, extra, name):
     args = [
         "datasets=oxford_pets",
         "seeds=1",
@@ -128,7 +129,9 @@ def test_base_to_new_trains_on_base_and_tests_on_new(all_data, cache_dir, tmp_pa
     run = tmp_path / "oxford_pets" / "seed1"
     base = json.loads((run / "base" / "results.json").read_text())
     new = json.loads((run / "new" / "results.json").read_text())
-    assert base["subsample"] == "base" and new["subsample"] == "new" and new["method"] == method
+    assert base["subsample"] == "base" and new["subsample"] == "new" and new["method"] == name
+    if method == "dept":  # its head on the base classes, CoOp's logits alone on the new ones
+        assert base["cat_head"] and not new["cat_head"]
     assert base["num_classes"] == new["num_classes"] == 2 and base["num_test"] == new["num_test"] == 8
     result = summary["datasets"]["oxford_pets"]
     assert (result["base"], result["new"]) == (base["test_acc"], new["test_acc"])

@@ -78,14 +78,21 @@ class CoOp(Method):
         text_features = F.normalize(text_features, dim=-1)
         return self.clip.logit_scale * image_features @ text_features.t()
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits of a batch of images [b, 3, h, w] or of their image features [b, d] (the data
-        module's batches when image features are cached)."""
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.clip.image_features(images)
+
+    def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The unnormalised image features of a batch [b, d] and class text features [n_cls, d] whose
+        `logits` are the method's: what a method built on this one (DePT) adds its own head to."""
         text = self._eval_text_features
         if text is None:
             text = self.text_features()
-        features = self.clip.image_features(images)
-        return self.logits(features, text)
+        return self.image_features(images), text
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits of a batch of images [b, 3, h, w] or of their image features [b, d] (the data
+        module's batches when image features are cached)."""
+        return self.logits(*self.features(images))
 
     # -- Lightning hooks --------------------------------------------------------------------
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -97,6 +104,14 @@ class CoOp(Method):
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The training loss of a batch's logits: CoOp's cross-entropy."""
         return F.cross_entropy(logits, labels)
+
+    def regulariser(
+        self, images: torch.Tensor, image_features: torch.Tensor, text_features: torch.Tensor
+    ) -> torch.Tensor:
+        """What a successor adds, weighted, to the loss of its logits (KgCoOp: the distance to the
+        hand-made prompt's text features); none for CoOp. A method built on this one (DePT) adds it
+        to its own loss."""
+        return image_features.new_zeros(())
 
     def _start_eval(self) -> None:
         # The prompts do not change during evaluation: encode them once, not once per batch.
@@ -123,18 +138,21 @@ class CoOp(Method):
         self.val_acc(self(images), labels)
         self.log("val/acc", self.val_acc, prog_bar=True, batch_size=len(labels))
 
-    def configure_optimizers(self) -> dict[str, Any]:
+    def configure_optimizers(self, groups: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """SGD over every parameter that trains, at `lr`, or over parameter `groups` (those of a
+        method built on this one: DePT's own layers at an lr of their own); every group warms up at
+        `warmup_lr`, then follows the cosine from its own lr."""
         hp = self.hparams
-        optimizer = torch.optim.SGD(
-            [p for p in self.parameters() if p.requires_grad],  # CLIP's are frozen
-            lr=hp.lr,
-            momentum=hp.momentum,
-            weight_decay=hp.weight_decay,
-        )
-        schedule = warmup_cosine(hp.lr, hp.warmup_lr, hp.warmup_epochs, self.trainer.max_epochs)
+        if groups is None:
+            groups = [{"params": [p for p in self.parameters() if p.requires_grad]}]  # CLIP's are frozen
+        optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+        schedules = [
+            warmup_cosine(group["lr"], hp.warmup_lr, hp.warmup_epochs, self.trainer.max_epochs)
+            for group in optimizer.param_groups
+        ]
         return {
             "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": LambdaLR(optimizer, schedule), "interval": "epoch"},
+            "lr_scheduler": {"scheduler": LambdaLR(optimizer, schedules), "interval": "epoch"},
         }
 
     # -- results and the learned prompt, as a small portable file ---------------------------

@@ -76,20 +76,14 @@ class MaPLe(CoOp):
         return deep_prompts.encode_text(self.clip.text, prompts, learner.eos, list(self.deep_text))
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        coupled = [coupling(p) for coupling, p in zip(self.couplings, self.text_prompts(), strict=True)]
-        return deep_prompts.encode_image(self.clip.model.visual, images, coupled)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits of a batch of images [b, 3, h, w]."""
+        """The prompted image features of a batch of images [b, 3, h, w]."""
         if images.ndim != 4:
             raise ValueError(
                 "method=maple prompts the image encoder, so it takes images, not cached image "
                 "features: use data.cache_features=false data.train_views=0"
             )
-        text = self._eval_text_features
-        if text is None:
-            text = self.text_features()
-        return self.logits(self.image_features(images), text)
+        coupled = [coupling(p) for coupling, p in zip(self.couplings, self.text_prompts(), strict=True)]
+        return deep_prompts.encode_image(self.clip.model.visual, images, coupled)
 
     def result_fields(self) -> dict[str, Any]:
         return {**super().result_fields(), "prompt_depth": len(self.couplings)}
