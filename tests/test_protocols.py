@@ -109,7 +109,7 @@ def test_transfer_protocols_from_an_imagenet_prompt(all_data, cache_dir, tmp_pat
         ("coop", [], "coop"),
         ("zeroshot", [], "zeroshot"),
         ("maple", ["method.module.prompt_depth=2"], "maple"),
-        ("promptsrc", ["method.module.prompt_depth_text=2", "method.module.prompt_depth_vision=2"], "promptsrc"),
+        ("promptsrc", [f"method.module.prompt_depth_{tower}=2" for tower in ("text", "vision")], "promptsrc"),
         ("mmrl", ["method.module.rep_layers=[2]", "method.module.rep_dim=16"], "mmrl"),
         ("clip_lora", [], "clip_lora"),
         ("dept", ["method/base=coop"], "coop_dept"),
