@@ -83,6 +83,11 @@ def own_data(tmp_path) -> Path:
     [
         (["data.label_noise=1.5"], ["data.label_noise=0.5"], ["data.label_noise=1.5"]),
         (["method=maple"], None, ["method.module.prompt_depth=9"]),  # the tiny CLIP has 2 blocks
+        # the methods' own options against the backbone (Method.check_config), fixes pasted
+        (["method=ivlp"], None, ["prompt_depth_text=9, method.module.prompt_depth_vision=9"]),
+        (["method=mmrl", "method.module.rep_dim=16"], None, ["method.module.rep_layers=[6, 7, 8"]),
+        (["method=clip_lora", "method.module.layers=[5]"], None, ["method.module.layers=[5]"]),
+        (["method=dept", "method/base=maple"], None, ["method.module.prompt_depth=9"]),
         (["data.fewshot_file=/nonexistent/fewshot.json"], ["data.fewshot_file=null"], ["data.fewshot_file="]),
         pytest.param(
             ["trainer=gpu"],

@@ -128,11 +128,13 @@ def test_the_official_context_words_or_random_start(tiny_clip):
 
 
 def test_refusals(tiny_clip):
-    with pytest.raises(ValueError, match=r"prompt_depth_text=3: use 1 .. 2 \(the text blocks of coop-tiny"):
+    fix = r"coop-tiny has 2 text blocks: use method.module.prompt_depth_text=2 \(text: 1 .. "
+    with pytest.raises(ValueError, match=rf"prompt_depth_text=3: {fix}"):
         IVLP(tiny_clip, CLASSNAMES, prompt_depth_text=3, prompt_depth_vision=2)
-    with pytest.raises(ValueError, match=r"prompt_depth_text=0: use 1 .. 2"):
+    with pytest.raises(ValueError, match=r"prompt_depth_text=0: .* use method.module.prompt_depth_text=1 "):
         IVLP(tiny_clip, CLASSNAMES, prompt_depth_text=0, prompt_depth_vision=2)
-    with pytest.raises(ValueError, match=r"prompt_depth_vision=9: use 0 .. 2 \(the image blocks"):
+    fix = r"coop-tiny has 2 vision blocks: use method.module.prompt_depth_vision=2 \(text"
+    with pytest.raises(ValueError, match=rf"prompt_depth_vision=9: {fix}"):
         IVLP(tiny_clip, CLASSNAMES, prompt_depth_text=2)
     with pytest.raises(ValueError, match="n_ctx_vision=0: give at least 1 .*prompt_depth_vision=0"):
         IVLP(tiny_clip, CLASSNAMES, prompt_depth_text=2, prompt_depth_vision=2, n_ctx_vision=0)
@@ -143,7 +145,7 @@ def test_refusals(tiny_clip):
     resnet = ModifiedResNet(layers=(1, 1, 1, 1), output_dim=32, heads=2, image_size=32, width=8)
     rn50 = SimpleNamespace(model=SimpleNamespace(visual=resnet), name="RN50")
     with pytest.raises(
-        ValueError, match="model.name=RN50: .*ModifiedResNet.* need a ViT, e.g. model=vit_b16"
+        ValueError, match="model.name=RN50: its image encoder \\(resnet\\) .* needs a ViT, e.g. model=vit_b16"
     ):
         IVLP(rn50, CLASSNAMES)
 

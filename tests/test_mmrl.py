@@ -235,8 +235,8 @@ def test_only_the_tokens_their_linears_and_proj_rep_train(tiny_clip):
 
 
 def test_refusals(tiny_clip):
-    message = r"rep_layers=\[6, 7\]: give consecutive block numbers within 1 .. 2 \(the blocks of coop-tiny\)"
-    with pytest.raises(ValueError, match=message + r", e.g. \[2\]"):
+    message = r'rep_layers=\[6, 7\]: coop-tiny has 2 blocks: use "method.module.rep_layers=\[2\]" '
+    with pytest.raises(ValueError, match=message + r"\(consecutive block numbers within 1 .. 2"):
         mmrl(tiny_clip, (6, 7))
     with pytest.raises(ValueError, match="consecutive"):
         mmrl(tiny_clip, (2, 1))

@@ -200,7 +200,7 @@ def method_class(method_cfg: DictConfig) -> type[Method]:
     return cls
 
 
-def method_arguments(cls: type[Method], module_cfg: DictConfig) -> dict[str, Any]:
+def method_arguments(cls: type[Method], module_cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     """The arguments a method's constructor gets from `method.module` (resolved), with the defaults
     of its signature and of the constructors it forwards the rest to (`**coop_args`) filled in:
     what `Method.check_config` checks."""

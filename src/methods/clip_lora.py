@@ -26,10 +26,11 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 from torch.optim.lr_scheduler import CosineAnnealingLR
 
+from src.cli import override
 from src.methods.base import Method, plain
 from src.methods.coop import check_backbone
 from src.methods.zeroshot import HandMadeGuided
-from src.models.clip import FrozenCLIP
+from src.models.clip import Architecture, FrozenCLIP
 from src.models.text_encoder import TextEncoder
 
 Encoder = Literal["both", "text", "vision"]
@@ -219,6 +220,27 @@ class CLIPLoRA(Method):
         self.iterations: int | None = None  # of a rebuilt method: those it was trained for
         self._eval_text_features: torch.Tensor | None = None
 
+
+    @classmethod
+    def check_config(cls, args: dict[str, Any], architecture: Architecture) -> None:
+        super().check_config(args, architecture)
+        check_options(args["rank"], args["dropout"], args["encoder"], list(args["params"]), args["lr"])
+        HandMadeGuided.check_template(args["template"])
+        encoder, layers = args["encoder"], args["layers"]
+        if encoder in ("both", "vision") and architecture.image_encoder != "vit":
+            raise ValueError(
+                f"model.name={architecture.name}: its image encoder ({architecture.image_encoder}) has no "
+                "attention blocks to adapt; CLIP-LoRA needs a ViT (e.g. model=vit_b16) or "
+                f"{override('method.module.encoder', 'text')}"
+            )
+        towers = {"text": architecture.text_blocks, "vision": architecture.image_blocks}
+        counts = [n for tower, n in towers.items() if encoder in (tower, "both") and n is not None]
+        if layers is not None and counts and not (layers and all(0 <= i < min(counts) for i in layers)):
+            raise ValueError(
+                f"method.module.layers={list(layers)}: {architecture.name} has {min(counts)} blocks: use "
+                f"{override('method.module.layers', None)} (every block) or block indices 0 .. "
+                f"{min(counts) - 1}"
+            )
     def train(self, mode: bool = True) -> CLIPLoRA:
         # CLIP's modules stay in eval mode, as FrozenCLIP's; only the adapters' dropout follows the
         # mode (the official code sets all of CLIP to train mode, where only that dropout reacts).

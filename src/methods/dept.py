@@ -3,6 +3,7 @@ channel-adjusted transfer (CAT) head on its features, trained together, used on 
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -11,9 +12,9 @@ from hydra.utils import get_class
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from src.methods.base import Method, class_path
+from src.methods.base import Method, class_path, method_arguments
 from src.methods.coop import CoOp
-from src.models.clip import FrozenCLIP
+from src.models.clip import Architecture, FrozenCLIP
 from src.prompt_file import method_from_prompt
 
 HEAD = "head."  # the state-dict prefix of DePT's own parameters
@@ -100,7 +101,7 @@ class DePT(Method):
             )
         if isinstance(base, str):
             base = build_base(base, clip, classnames, base_args)
-        check_base(base)
+        check_base(type(base))
         self.base = base
         self.prompts_images = base.prompts_images
         self.cat_weight = cat_weight
@@ -116,6 +117,16 @@ class DePT(Method):
         rows = [self.head_classnames.index(c) for c in classnames] if known.issuperset(classnames) else None
         self.register_buffer("head_rows", None if rows is None else torch.tensor(rows), persistent=False)
         self.val_acc = MulticlassAccuracy(num_classes=len(classnames), average="micro")
+
+    @classmethod
+    def check_config(cls, args: dict[str, Any], architecture: Architecture) -> None:
+        """DePT's own options, then its base's, as the base checks them alone."""
+        super().check_config(args, architecture)
+        base = get_class(args["base"])
+        check_base(base)
+        own = inspect.signature(cls.__init__).parameters
+        base_args = method_arguments(base, {k: v for k, v in args.items() if k not in own})
+        base.check_config(base_args, architecture)
 
     # -- the method ---------------------------------------------------------------------------
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -224,12 +235,11 @@ def build_base(target: str, clip: FrozenCLIP, classnames: list[str], args: dict[
     return get_class(target)(clip, classnames, **args)
 
 
-def check_base(base: Method) -> None:
+def check_base(cls: type[Method]) -> None:
     """DePT trains and tests its base through CoOp's hooks only (`features`, `logits`, `loss`,
     `regulariser`, `configure_optimizers`): a base that predicts or trains through code of its own
     elsewhere would run otherwise than alone, and is refused."""
-    cls = type(base)
-    if not isinstance(base, CoOp):
+    if not issubclass(cls, CoOp):
         reason = "it is not a CoOp-family method (a subclass of src.methods.coop.CoOp)"
     elif _overrides(cls, "forward") and not _overrides(cls, "features"):
         reason = "its logits come from a forward of its own, not from its `features` (CoCoOp's: per image)"

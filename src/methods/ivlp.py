@@ -10,9 +10,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from src.cli import override
 from src.methods.coop import CoOp
 from src.models import deep_prompts
-from src.models.clip import FrozenCLIP
+from src.models.clip import Architecture, FrozenCLIP
 from src.models.prompt_learner import Position, PromptLearner, token_count
 
 log = logging.getLogger(__name__)
@@ -49,29 +50,9 @@ class IVLP(CoOp):
         **coop_args: Any,
     ) -> None:
         visual = clip.model.visual
+        depths = (prompt_depth_text, prompt_depth_vision, n_ctx_vision)
+        check_ivlp(self.name, *depths, class_specific, class_token_position, Architecture.of(clip.name))
         deep_prompts.check_prompt_ready_vit(visual, clip.name)
-        if class_specific or class_token_position != "end":
-            raise ValueError(
-                f"method={self.name} has one context shared by all classes, before the class name: use "
-                "ctx=unified ctx.class_token_position=end"
-            )
-        text_layers = len(clip.text.tower.transformer.resblocks)
-        image_layers = len(visual.transformer.resblocks)
-        if not 1 <= prompt_depth_text <= text_layers:
-            raise ValueError(
-                f"method.module.prompt_depth_text={prompt_depth_text}: use 1 .. {text_layers} (the text "
-                f"blocks of {clip.name}; 1: the context at the input only)"
-            )
-        if not 0 <= prompt_depth_vision <= image_layers:
-            raise ValueError(
-                f"method.module.prompt_depth_vision={prompt_depth_vision}: use 0 .. {image_layers} (the "
-                f"image blocks of {clip.name}; 0: no image prompts)"
-            )
-        if prompt_depth_vision and n_ctx_vision < 1:
-            raise ValueError(
-                f"method.module.n_ctx_vision={n_ctx_vision}: give at least 1 image prompt token, or "
-                "method.module.prompt_depth_vision=0 for none"
-            )
         if ctx_init and n_ctx > token_count(clip.tokenize, ctx_init.replace("_", " ").strip()):
             # The official code starts from the words only for n_ctx <= 4, the tokens of its phrase.
             log.info("ctx.n_ctx=%d is longer than ctx.init=%r: the context starts random", n_ctx, ctx_init)
@@ -91,6 +72,13 @@ class IVLP(CoOp):
         self.deep_text = nn.Parameter(torch.empty(deep_shape).normal_(std=0.02))
         image_shape = (prompt_depth_vision, n_ctx_vision, visual.transformer.width)
         self.visual_prompts = nn.Parameter(torch.empty(image_shape).normal_(std=0.02))
+
+    @classmethod
+    def check_config(cls, args: dict[str, Any], architecture: Architecture) -> None:
+        super().check_config(args, architecture)
+        depths = (args["prompt_depth_text"], args["prompt_depth_vision"], args["n_ctx_vision"])
+        position = args["class_token_position"]
+        check_ivlp(cls.name, *depths, args["class_specific"], position, architecture)
 
     def make_prompt_learner(self, classnames: list[str], clip: FrozenCLIP, **options: Any) -> PromptLearner:
         # CoOp learns all the words of ctx_init; IVLP only the first n_ctx, as MaPLe.
@@ -123,3 +111,47 @@ class IVLP(CoOp):
             "prompt_depth_vision": len(self.visual_prompts),
             "n_ctx_vision": self.visual_prompts.shape[1],
         }
+
+
+def check_ivlp(
+    method: str,
+    prompt_depth_text: int,
+    prompt_depth_vision: int,
+    n_ctx_vision: int,
+    class_specific: bool,
+    class_token_position: str,
+    architecture: Architecture,
+) -> None:
+    """IVLP's prompts are tokens of a ViT, in the first blocks of each encoder, after one context
+    shared by all classes."""
+    if architecture.image_encoder != "vit":
+        raise ValueError(
+            f"model.name={architecture.name}: its image encoder ({architecture.image_encoder}) has no "
+            f"token sequence to put prompts into; method={method} needs a ViT, e.g. model=vit_b16"
+        )
+    if class_specific or class_token_position != "end":
+        raise ValueError(
+            f"method={method} has one context shared by all classes, before the class name: use "
+            "ctx=unified ctx.class_token_position=end"
+        )
+    depths = (
+        ("text", prompt_depth_text, 1, architecture.text_blocks),
+        ("vision", prompt_depth_vision, 0, architecture.image_blocks),
+    )
+    wrong = [(t, d, low, n) for t, d, low, n in depths if n is not None and not low <= d <= n]
+    if wrong:
+        given = ", ".join(f"method.module.prompt_depth_{t}={d}" for t, d, _, _ in wrong)
+        blocks = " and ".join(f"{n} {t} blocks" for t, _, _, n in wrong)
+        fixes = " ".join(
+            override(f"method.module.prompt_depth_{t}", min(max(d, low), n)) for t, d, low, n in wrong
+        )
+        raise ValueError(
+            f"{given}: {architecture.name} has {blocks}: use {fixes} (text: 1 .. the text blocks, 1 is "
+            "the context at the input only; vision: 0 .. the image blocks, 0 is no image prompts)"
+        )
+    if prompt_depth_vision and n_ctx_vision < 1:
+        raise ValueError(
+            f"method.module.n_ctx_vision={n_ctx_vision}: give at least 1 image prompt token "
+            f"({override('method.module.n_ctx_vision', 1)}), or "
+            f"{override('method.module.prompt_depth_vision', 0)} for none"
+        )

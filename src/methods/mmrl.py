@@ -14,11 +14,12 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.classification import MulticlassAccuracy
 
+from src.cli import override
 from src.methods.base import Method, plain
 from src.methods.coop import check_backbone, warmup_cosine
 from src.methods.zeroshot import HandMadeGuided, template_text_features
 from src.models import rep_tokens
-from src.models.clip import FrozenCLIP
+from src.models.clip import Architecture, FrozenCLIP
 from src.models.prompt_learner import _check_tokenizer
 
 OFFICIAL_REP_LAYERS = (6, 7, 8, 9, 10, 11, 12)  # ViT-B/16's upper 7 of 12 blocks
@@ -61,16 +62,7 @@ class MMRL(Method):
     ) -> None:
         visual = clip.model.visual
         rep_tokens.check_vit(visual, clip.name)
-        blocks = min(len(clip.text.tower.transformer.resblocks), len(visual.transformer.resblocks))
-        rep_tokens.check_rep_layers(rep_layers, clip.name, blocks)
-        HandMadeGuided.check_template(template)
-        if not 0 <= alpha <= 1:
-            raise ValueError(f"method.module.alpha={alpha}: the class-token logits' weight is within 0 .. 1")
-        if n_tokens < 1 or rep_dim < 1:
-            raise ValueError(
-                f"method.module.n_tokens={n_tokens}, rep_dim={rep_dim}: give at least one token "
-                "of at least one dimension"
-            )
+        check_mmrl(template, rep_layers, alpha, n_tokens, rep_dim, Architecture.of(clip.name))
         _check_tokenizer(clip.tokenize)  # the tokens go after the start-of-text token
         super().__init__(clip, classnames)
         self.template = template
@@ -104,6 +96,18 @@ class MMRL(Method):
         self._frozen_text: torch.Tensor | None = None
         self._eval_text_features: torch.Tensor | None = None
         self.val_acc = MulticlassAccuracy(num_classes=len(classnames), average="micro")
+
+    @classmethod
+    def check_config(cls, args: dict[str, Any], architecture: Architecture) -> None:
+        super().check_config(args, architecture)
+        if architecture.image_encoder != "vit":
+            raise ValueError(
+                f"model.name={architecture.name}: its image encoder ({architecture.image_encoder}) has no "
+                "token sequence to put representation tokens into; method=mmrl needs a ViT, e.g. "
+                "model=vit_b16"
+            )
+        tokens = (args["n_tokens"], args["rep_dim"])
+        check_mmrl(args["template"], args["rep_layers"], args["alpha"], *tokens, architecture)
 
     @property
     def start(self) -> int:
@@ -276,3 +280,29 @@ class MMRL(Method):
         module.load_trained_weights(state["weights"], f"the prompt file of {state['method']}")
         module.name = state["method"]
         return module
+
+
+def check_mmrl(
+    template: str,
+    rep_layers: Sequence[int],
+    alpha: float,
+    n_tokens: int,
+    rep_dim: int,
+    architecture: Architecture,
+) -> None:
+    """MMRL's options against each other and the backbone's blocks."""
+    blocks = [b for b in (architecture.image_blocks, architecture.text_blocks) if b is not None]
+    if blocks:
+        rep_tokens.check_rep_layers(rep_layers, architecture.name, min(blocks))
+    HandMadeGuided.check_template(template)
+    if not 0 <= alpha <= 1:
+        raise ValueError(
+            f"method.module.alpha={alpha}: the class-token logits' weight is within 0 .. 1, e.g. "
+            f"{override('method.module.alpha', 0.7)} (the official)"
+        )
+    if n_tokens < 1 or rep_dim < 1:
+        raise ValueError(
+            f"method.module.n_tokens={n_tokens}, rep_dim={rep_dim}: give at least one token of at least "
+            f"one dimension, e.g. {override('method.module.n_tokens', 5)} "
+            f"{override('method.module.rep_dim', 512)} (the official)"
+        )

@@ -21,6 +21,7 @@ import torch
 from open_clip.transformer import VisionTransformer
 from torch import nn
 
+from src.cli import override
 from src.models.text_encoder import TextEncoder
 
 
@@ -35,8 +36,9 @@ def check_rep_layers(rep_layers: Sequence[int], clip_name: str, blocks: int) -> 
     ):
         example = list(range(blocks - blocks * 7 // 12 + 1, blocks + 1))  # the official 7 of 12
         raise ValueError(
-            f"method.module.rep_layers={layers}: give consecutive block numbers within 1 .. {blocks} "
-            f"(the blocks of {clip_name}), e.g. {example}"
+            f"method.module.rep_layers={layers}: {clip_name} has {blocks} blocks: use "
+            f"{override('method.module.rep_layers', example)} (consecutive block numbers within "
+            f"1 .. {blocks}; the official ones are the upper 7 of 12)"
         )
 
 
