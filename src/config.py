@@ -25,14 +25,22 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 # Config groups whose options are numbers (conf/shots/8.yaml). Hydra parses `shots=8` as an integer
 # and refuses integers as group choices, so the command line's numbers are quoted before parsing.
 NUMERIC_GROUPS = ("shots",)
+# Config groups inside another group's folder (conf/method/base/: DePT's base method), which Hydra
+# chooses with a slash (method/base=maple); the dotted spelling (method.base=maple) is taken too.
+NESTED_GROUPS = ("method/base",)
 
 
-def quote_numeric_choices(args: list[str]) -> list[str]:
-    """`shots=8` -> `shots='8'`, `shots=1,2,4` -> `shots='1','2','4'` (for sweeps)."""
-    pattern = re.compile(rf"^((?:\+|~)?(?:{'|'.join(NUMERIC_GROUPS)}))=(\d+(?:,\d+)*)$")
+def as_hydra_overrides(args: list[str]) -> list[str]:
+    """The command line's overrides as Hydra takes them: `shots=8` -> `shots='8'`, `shots=1,2,4` ->
+    `shots='1','2','4'` (for sweeps); `method.base=maple` -> `method/base=maple`."""
+    numeric = re.compile(rf"^((?:\+|~)?(?:{'|'.join(NUMERIC_GROUPS)}))=(\d+(?:,\d+)*)$")
+    dotted = {group.replace("/", "."): group for group in NESTED_GROUPS}
     quoted = []
     for arg in args:
-        match = pattern.match(arg)
+        key, sep, value = arg.partition("=")
+        if sep and key in dotted:
+            arg = f"{dotted[key]}={value}"
+        match = numeric.match(arg)
         if match:
             arg = f"{match[1]}=" + ",".join(f"'{v}'" for v in match[2].split(","))
         quoted.append(arg)
@@ -42,7 +50,7 @@ def quote_numeric_choices(args: list[str]) -> list[str]:
 def compose_config(name: str, overrides: list[str], output_dir: Path | None = None) -> DictConfig:
     """conf/<name>.yaml with `overrides`, as the command line composes it, writing to `output_dir`."""
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(name, overrides=quote_numeric_choices(overrides))
+        cfg = compose(name, overrides=as_hydra_overrides(overrides))
     if output_dir is not None:
         with open_dict(cfg):
             cfg.paths.output_dir = str(output_dir)

@@ -12,7 +12,7 @@ import hydra
 from omegaconf import DictConfig
 
 from src.cli import run, task
-from src.config import quote_numeric_choices
+from src.config import as_hydra_overrides
 from src.training import train
 
 
@@ -23,5 +23,5 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    sys.argv = quote_numeric_choices(sys.argv)
+    sys.argv = as_hydra_overrides(sys.argv)
     run(main)

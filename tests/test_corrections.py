@@ -17,7 +17,7 @@ import torch
 
 from src import eval as eval_command
 from src import train as train_command
-from src.config import quote_numeric_choices
+from src.config import as_hydra_overrides
 from src.files import save_torch
 from src.methods.coop import CoOp
 from src.training import train
@@ -35,7 +35,7 @@ def command(cli, capsys) -> Command:
 
     def errors(main, args: list[str]) -> list[str]:
         try:
-            cli(main, quote_numeric_choices(args))
+            cli(main, as_hydra_overrides(args))
         except SystemExit as exit_info:
             assert exit_info.code == 2
         err = capsys.readouterr().err

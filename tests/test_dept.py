@@ -14,6 +14,7 @@ from src.methods.dept import DePT
 from src.methods.kgcoop import KgCoOp
 from src.methods.maple import MaPLe
 from src.methods.prograd import ProGrad
+from src.methods.promptsrc import PromptSRC, aggregate_name
 from src.prompt_file import load_prompt, method_from_prompt
 from src.report import load_runs
 from src.training import train
@@ -27,6 +28,12 @@ BASES = {
     "coop": (CoOp, {"n_ctx": 4}),
     "kgcoop": (KgCoOp, {"template": TEMPLATE, "weight": 2.0}),
     "maple": (MaPLe, {"prompt_depth": 2}),
+    "promptsrc": (PromptSRC, {"prompt_depth_text": 2, "prompt_depth_vision": 2}),
+}
+# the tiny model's 2 blocks, on the command line
+TINY_DEPTH = {
+    "maple": ["method.module.prompt_depth=2"],
+    "promptsrc": ["method.module.prompt_depth_text=2", "method.module.prompt_depth_vision=2"],
 }
 
 
@@ -153,12 +160,12 @@ def test_bases_that_would_not_train_as_alone_are_refused(tiny_clip):
     with pytest.raises(ValueError, match="base=src.methods.prograd.ProGrad: .* a training step of its own"):
         DePT(tiny_clip, TRAINED, ProGrad(tiny_clip, TRAINED, template=TEMPLATE))
 
-    class Averaged(CoOp):  # e.g. PromptSRC's prompts averaged over the epochs
-        def on_train_epoch_end(self) -> None:
+    class PerBatch(CoOp):  # a hook DePT does not run for its base (it runs the epoch hooks)
+        def on_train_batch_end(self, *args) -> None:
             pass
 
-    with pytest.raises(ValueError, match=r"Lightning hooks of its own \(on_train_epoch_end\)"):
-        DePT(tiny_clip, TRAINED, Averaged(tiny_clip, TRAINED))
+    with pytest.raises(ValueError, match=r"Lightning hooks of its own \(on_train_batch_end\)"):
+        DePT(tiny_clip, TRAINED, PerBatch(tiny_clip, TRAINED))
     with pytest.raises(ValueError, match="not a CoOp-family method"):
         DePT(tiny_clip, TRAINED, "src.methods.zeroshot.ZeroShotCLIP", templates=[TEMPLATE])
     with pytest.raises(ValueError, match="cat_lr_ratio=0: use a weight in"):
@@ -169,11 +176,9 @@ def test_each_base_composes_trains_and_reports_under_its_name(tiny_overrides, tm
     recipes = {}
     for base in BASES:
         args = ["dataset=oxford_pets", "method=dept", f"method/base={base}", "shots=1", *tiny_overrides]
-        cfg = make_cfg([*args, "dataset.subsample=base"], tmp_path / base)
+        cfg = make_cfg([*args, "dataset.subsample=base", *TINY_DEPTH.get(base, [])], tmp_path / base)
         recipes[base] = (cfg.trainer.max_epochs, cfg.data.batch_size, cfg.method.module.lr)
-        cfg.trainer.max_epochs = 1
-        if base == "maple":
-            cfg.method.module.prompt_depth = 2  # the tiny model has 2 blocks
+        cfg.trainer.max_epochs = 2
         results = train(cfg)
         assert results["method"] == f"{base}_dept" and results["base_method"] == base
         assert results["cat_head"] is True and results["method_class"] == "src.methods.dept.DePT"
@@ -181,8 +186,15 @@ def test_each_base_composes_trains_and_reports_under_its_name(tiny_overrides, tm
         assert not [k for k in checkpoint["state_dict"] if "clip." in k]  # CLIP comes from its weights
         cls = BASES[base][0]
         assert load_prompt(tmp_path / base)["dept"]["base_class"] == f"{cls.__module__}.{cls.__name__}"
-    # the official recipe of each pair: 10 epochs, batch 4, lr 0.0035 (KgCoOp: its weight 2.0)
+    # the official recipe of each pair: 10 epochs, batch 4, lr 0.0035 (KgCoOp: its weight 2.0);
+    # PromptSRC, which the official code does not pair: its own (20 epochs, batch 4, lr 0.0025)
+    assert recipes.pop("promptsrc") == (20, 4, 0.0025)
     assert set(recipes.values()) == {(10, 4, 0.0035)}
+    # PromptSRC's prompts under DePT are its Gaussian aggregate over the epochs, as alone
+    checkpoint = torch.load(tmp_path / "promptsrc" / "checkpoints" / "last.ckpt", weights_only=True)
+    state = checkpoint["state_dict"]
+    ctx = state["base.prompt_learner.ctx"]
+    assert torch.equal(ctx, state["base." + aggregate_name("prompt_learner.ctx")]) and ctx.abs().sum() > 0
     kgcoop = make_cfg(["dataset=oxford_pets", "method=dept", "method/base=kgcoop"], tmp_path)
     assert kgcoop.method.module.weight == 2.0
     variants = set(load_runs(tmp_path)["variant"])
@@ -190,6 +202,7 @@ def test_each_base_composes_trains_and_reports_under_its_name(tiny_overrides, tm
         "coop_dept unified end M16",
         "kgcoop_dept unified end M4 init='a photo of a'",
         "maple_dept unified end M2 init='a photo of a'",
+        "promptsrc_dept unified end M4 init='a photo of a'",
     }
 
 

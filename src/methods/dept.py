@@ -18,11 +18,10 @@ from src.models.clip import Architecture, FrozenCLIP
 from src.prompt_file import method_from_prompt
 
 HEAD = "head."  # the state-dict prefix of DePT's own parameters
-# Lightning's training hooks: DePT does not run a base's own (they would see DePT's training only)
+# Lightning's training hooks that DePT does not run for its base (they would see DePT's training
+# only): a base with its own is refused. It runs the base's on_train_start and on_train_epoch_end.
 TRAINING_HOOKS = (
-    "on_train_start",
     "on_train_epoch_start",
-    "on_train_epoch_end",
     "on_train_batch_start",
     "on_train_batch_end",
     "on_before_backward",
@@ -163,6 +162,14 @@ class DePT(Method):
             [{"params": base}, {"params": list(self.head.parameters()), "lr": head_lr}]
         )
 
+    # The base's own epoch hooks (PromptSRC aggregates its prompts over the epochs); the base is
+    # attached to the trainer as a child module (Lightning passes it on).
+    def on_train_start(self) -> None:
+        self.base.on_train_start()
+
+    def on_train_epoch_end(self) -> None:
+        self.base.on_train_epoch_end()
+
     # The base's once-per-evaluation preparation (CoOp encodes its prompts once).
     def on_validation_epoch_start(self) -> None:
         self.base.on_validation_epoch_start()
@@ -252,7 +259,7 @@ def check_base(cls: type[Method]) -> None:
         reason = f"it trains through Lightning hooks of its own ({', '.join(own)})"
     raise ValueError(
         f"method.module.base={class_path(cls)}: DePT cannot train this base as it trains alone: {reason}; "
-        "bases: method/base=coop|kgcoop|maple"
+        "bases: method/base=coop|kgcoop|maple|promptsrc"
     )
 
 

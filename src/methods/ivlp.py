@@ -19,7 +19,40 @@ from src.models.prompt_learner import Position, PromptLearner, token_count
 log = logging.getLogger(__name__)
 
 
-class IVLP(CoOp):
+class DeepPrompts(CoOp):
+    """CoOp's context at the text encoder's input, then learned deep prompts that replace the
+    context positions' hidden states entering text blocks 1 .. J-1 (`deep_text`), and prompts of the
+    image encoder (`image_prompts`, each block's): what IVLP and MaPLe share. With ctx_init, the
+    phrase's first n_ctx tokens are learned and the rest stays words of every prompt."""
+
+    prompts_images = True
+    text_classifier = False  # its logits need its own image features
+    deep_text: nn.Parameter  # [J - 1, n_ctx, text width]
+
+    def make_prompt_learner(self, classnames: list[str], clip: FrozenCLIP, **options: Any) -> PromptLearner:
+        # CoOp learns all the words of ctx_init; these methods only the first n_ctx.
+        return super().make_prompt_learner(classnames, clip, **options, learned_init_tokens=options["n_ctx"])
+
+    def text_features(self) -> torch.Tensor:
+        learner = self.prompt_learner
+        prompts = learner(self.clip.text.prompt_length(learner.max_eos))
+        return deep_prompts.encode_text(self.clip.text, prompts, learner.eos, list(self.deep_text))
+
+    def image_prompts(self) -> list[torch.Tensor]:
+        """The tokens of image blocks 0 .. J_v-1, each [n_v, image width]."""
+        raise NotImplementedError
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The prompted image features of a batch of images [b, 3, h, w]."""
+        if images.ndim != 4:
+            raise ValueError(
+                f"method={self.name} prompts the image encoder, so it takes images, not cached image "
+                "features: use data.cache_features=false data.train_views=0"
+            )
+        return deep_prompts.encode_image(self.clip.model.visual, images, self.image_prompts())
+
+
+class IVLP(DeepPrompts):
     """Text: CoOp's context at the input, then for blocks 1 .. J_t-1 learned deep prompts that
     replace the context positions' hidden states. Image: n_v learned tokens appended after the
     patch tokens at the input (through ln_pre), then for blocks 1 .. J_v-1 learned tokens that
@@ -32,8 +65,6 @@ class IVLP(CoOp):
     """
 
     name = "ivlp"
-    prompts_images = True
-    text_classifier = False  # its logits need its own image features
 
     def __init__(
         self,
@@ -80,29 +111,8 @@ class IVLP(CoOp):
         position = args["class_token_position"]
         check_ivlp(cls.name, *depths, args["class_specific"], position, architecture)
 
-    def make_prompt_learner(self, classnames: list[str], clip: FrozenCLIP, **options: Any) -> PromptLearner:
-        # CoOp learns all the words of ctx_init; IVLP only the first n_ctx, as MaPLe.
-        return super().make_prompt_learner(classnames, clip, **options, learned_init_tokens=options["n_ctx"])
-
-    def text_features(self) -> torch.Tensor:
-        learner = self.prompt_learner
-        prompts = learner(self.clip.text.prompt_length(learner.max_eos))
-        return deep_prompts.encode_text(self.clip.text, prompts, learner.eos, list(self.deep_text))
-
-    def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        if images.ndim != 4:
-            raise ValueError(
-                f"method={self.name} prompts the image encoder, so it takes images, not cached image "
-                "features: use data.cache_features=false data.train_views=0"
-            )
-        return deep_prompts.encode_image(self.clip.model.visual, images, list(self.visual_prompts))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits of a batch of images [b, 3, h, w]."""
-        text = self._eval_text_features
-        if text is None:
-            text = self.text_features()
-        return self.logits(self.image_features(images), text)
+    def image_prompts(self) -> list[torch.Tensor]:
+        return list(self.visual_prompts)
 
     def result_fields(self) -> dict[str, Any]:
         return {

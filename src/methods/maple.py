@@ -10,13 +10,13 @@ import torch
 from torch import nn
 
 from src.cli import override
-from src.methods.coop import CoOp
+from src.methods.ivlp import DeepPrompts
 from src.models import deep_prompts
 from src.models.clip import Architecture, FrozenCLIP
-from src.models.prompt_learner import Position, PromptLearner
+from src.models.prompt_learner import Position
 
 
-class MaPLe(CoOp):
+class MaPLe(DeepPrompts):
     """CoOp's context (layer 0 of the text encoder) plus, for blocks 1 .. J-1, learned deep prompts
     that replace the context positions' hidden states; the image encoder gets, for each of the J
     blocks, as many extra tokens made from that block's text prompts by a coupling function
@@ -28,8 +28,6 @@ class MaPLe(CoOp):
     """
 
     name = "maple"
-    prompts_images = True
-    text_classifier = False  # its logits need its own image features
 
     def __init__(
         self,
@@ -62,28 +60,13 @@ class MaPLe(CoOp):
         super().check_config(args, architecture)
         check_maple(args["prompt_depth"], args["class_specific"], args["class_token_position"], architecture)
 
-    def make_prompt_learner(self, classnames: list[str], clip: FrozenCLIP, **options: Any) -> PromptLearner:
-        # CoOp learns all the words of ctx_init; MaPLe only the first n_ctx.
-        return super().make_prompt_learner(classnames, clip, **options, learned_init_tokens=options["n_ctx"])
-
     def text_prompts(self) -> list[torch.Tensor]:
         """The text prompts of blocks 0 .. J-1, each [n_ctx, text width]."""
         return [self.prompt_learner.ctx, *self.deep_text]
 
-    def text_features(self) -> torch.Tensor:
-        learner = self.prompt_learner
-        prompts = learner(self.clip.text.prompt_length(learner.max_eos))
-        return deep_prompts.encode_text(self.clip.text, prompts, learner.eos, list(self.deep_text))
-
-    def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        """The prompted image features of a batch of images [b, 3, h, w]."""
-        if images.ndim != 4:
-            raise ValueError(
-                "method=maple prompts the image encoder, so it takes images, not cached image "
-                "features: use data.cache_features=false data.train_views=0"
-            )
-        coupled = [coupling(p) for coupling, p in zip(self.couplings, self.text_prompts(), strict=True)]
-        return deep_prompts.encode_image(self.clip.model.visual, images, coupled)
+    def image_prompts(self) -> list[torch.Tensor]:
+        """Each block's image tokens, coupled to its text prompts."""
+        return [coupling(p) for coupling, p in zip(self.couplings, self.text_prompts(), strict=True)]
 
     def result_fields(self) -> dict[str, Any]:
         return {**super().result_fields(), "prompt_depth": len(self.couplings)}

@@ -86,7 +86,10 @@ class PromptSRC(IVLP):
         self.image_loss_weight = image_loss_weight
         self.templates = list(templates or IMAGENET_TEMPLATES)
         self._frozen_text: torch.Tensor | None = None
-        self._aggregate: dict[str, torch.Tensor] | None = None
+        # The running aggregate of each learned prompt, in fp32: buffers, so that a checkpoint holds
+        # it (a resumed run goes on aggregating where it stopped), also within another module (DePT).
+        for name, param in self.learned_prompts().items():
+            self.register_buffer(aggregate_name(name), torch.zeros_like(param, dtype=torch.float32))
 
     # -- self-consistency with the frozen CLIP -----------------------------------------------
     def frozen_text_features(self) -> torch.Tensor:
@@ -123,10 +126,17 @@ class PromptSRC(IVLP):
             "logits": kl / logits.numel(),
         }
 
+    def regulariser(
+        self, images: torch.Tensor, image_features: torch.Tensor, text_features: torch.Tensor
+    ) -> torch.Tensor:
+        """The self-consistency terms of a batch, summed: what a method built on this one (DePT) adds
+        to its loss, as the training step does."""
+        logits = self.logits(image_features, text_features)
+        return sum(self.self_consistency(images, text_features, image_features, logits).values())
+
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch
-        text = self.text_features()
-        image = self.image_features(images)
+        image, text = self.features(images)
         logits = self.logits(image, text)
         ce = F.cross_entropy(logits, labels)
         terms = self.self_consistency(images, text, image, logits)
@@ -158,37 +168,25 @@ class PromptSRC(IVLP):
                 epochs,
             )
         if self.current_epoch == 0:  # a resumed run has its aggregate from the checkpoint
-            self._aggregate = None
+            for name in self.learned_prompts():
+                self.get_buffer(aggregate_name(name)).zero_()
 
     def on_train_epoch_end(self) -> None:
         epochs = self.trainer.max_epochs
         weight = float(gpa_weights(self.hparams.gpa_mean, self.hparams.gpa_std, epochs)[self.current_epoch])
         prompts = self.learned_prompts()
-        aggregate = self._aggregate if self._aggregate is not None else {}
         for name, param in prompts.items():
-            weighted = weight * param.detach().float()
-            previous = aggregate.get(name)  # on the CPU when read back from a checkpoint
-            aggregate[name] = weighted if previous is None else previous.to(param.device) + weighted
-        self._aggregate = aggregate
+            self.get_buffer(aggregate_name(name)).add_(weight * param.detach().float())
         if self.current_epoch == epochs - 1:
             with torch.no_grad():
                 for name, param in prompts.items():
-                    param.copy_(self._aggregate[name])
+                    param.copy_(self.get_buffer(aggregate_name(name)))
             log.info(
                 "prompts: the Gaussian-weighted mean over the %d epochs (mean %s, std %s)",
                 epochs,
                 self.hparams.gpa_mean,
                 self.hparams.gpa_std,
             )
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        if self._aggregate is not None:  # a resumed run goes on aggregating where it stopped
-            checkpoint["gpa_aggregate"] = {name: t.detach().cpu() for name, t in self._aggregate.items()}
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)
-        self._aggregate = checkpoint.get("gpa_aggregate")
 
     def result_fields(self) -> dict[str, Any]:
         return {
@@ -199,3 +197,8 @@ class PromptSRC(IVLP):
             "gpa_std": self.hparams.gpa_std,
             "teacher_templates": len(self.templates),
         }
+
+
+def aggregate_name(prompt: str) -> str:
+    """The buffer of a learned prompt's running aggregate (buffer names hold no dots)."""
+    return "gpa_" + prompt.replace(".", "__")
