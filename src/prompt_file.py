@@ -148,7 +148,12 @@ def method_class(state: dict[str, Any], file: str | Path = "the prompt file") ->
 
 
 def method_from_prompt(
-    state: dict[str, Any], clip: FrozenCLIP, classnames: list[str] | None = None, file: str | Path = ""
+    state: dict[str, Any],
+    clip: FrozenCLIP,
+    classnames: list[str] | None = None,
+    file: str | Path = "",
+    template: str | None = None,
 ) -> Method:
-    """The method a prompt file holds, rebuilt on `clip` for its own classes or `classnames`."""
-    return method_class(state, file or "the prompt file").from_prompt(state, clip, classnames)
+    """The method a prompt file holds, rebuilt on `clip` for its own classes or `classnames` (and
+    `template`, the tested dataset's hand-made template: `Method.from_prompt`)."""
+    return method_class(state, file or "the prompt file").from_prompt(state, clip, classnames, template)

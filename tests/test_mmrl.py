@@ -172,6 +172,10 @@ def test_fused_logits_on_the_trained_classes_the_class_tokens_on_others(tiny_cli
             load_prompt(save_torch(tmp_path / "b.pt", other.prompt_state())), tiny_clip
         )
         assert again.classnames == ["dog", "plane"] and not again.fuse
+        # on a transfer target, the prompts are the target dataset's template, as the official code
+        pets = method_from_prompt(state, tiny_clip, ["dog", "plane"], template="a photo of a {}, a pet.")
+        assert pets.template == "a photo of a {}, a pet." and module.template != pets.template
+        assert not torch.allclose(pets.text_features(), other.text_features())
 
 
 def test_loss_is_the_official_sum_of_its_parts(tiny_clip):

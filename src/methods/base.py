@@ -97,9 +97,15 @@ class Method(pl.LightningModule):
 
     @classmethod
     def from_prompt(
-        cls, state: dict[str, Any], clip: FrozenCLIP, classnames: list[str] | None = None
+        cls,
+        state: dict[str, Any],
+        clip: FrozenCLIP,
+        classnames: list[str] | None = None,
+        template: str | None = None,
     ) -> Method:
-        """The method rebuilt from a prompt file's state, for its own class list (None) or another."""
+        """The method rebuilt from a prompt file's state, for its own class list (None) or another;
+        `template` is the hand-made template of the dataset it is tested on, for a method whose
+        prompts are made from its dataset's (MMRL); None: the one it was trained with."""
         raise ValueError(f"{class_path(cls)} writes no prompt file and cannot be rebuilt from one")
 
     def prompt_state(self) -> dict[str, Any] | None:

@@ -350,7 +350,11 @@ class CLIPLoRA(Method):
 
     @classmethod
     def from_prompt(
-        cls, state: dict[str, Any], clip: FrozenCLIP, classnames: list[str] | None = None
+        cls,
+        state: dict[str, Any],
+        clip: FrozenCLIP,
+        classnames: list[str] | None = None,
+        template: str | None = None,
     ) -> CLIPLoRA:
         """The adapted CLIP rebuilt from its prompt file, for its own class list or another (the
         adapters do not depend on the classes)."""

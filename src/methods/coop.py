@@ -189,7 +189,11 @@ class CoOp(Method):
 
     @classmethod
     def from_prompt(
-        cls, state: dict[str, Any], clip: FrozenCLIP, classnames: list[str] | None = None
+        cls,
+        state: dict[str, Any],
+        clip: FrozenCLIP,
+        classnames: list[str] | None = None,
+        template: str | None = None,
     ) -> CoOp:
         """The method rebuilt from its prompt file, for its own class list or, with a unified
         context, for another one (a class-specific context only exists for the classes it was

@@ -215,13 +215,17 @@ class DePT(Method):
 
     @classmethod
     def from_prompt(
-        cls, state: dict[str, Any], clip: FrozenCLIP, classnames: list[str] | None = None
+        cls,
+        state: dict[str, Any],
+        clip: FrozenCLIP,
+        classnames: list[str] | None = None,
+        template: str | None = None,
     ) -> DePT:
         """The base rebuilt from its state (for `classnames`, as its own class allows) and the head
         of the trained classes."""
         dept = state["dept"]
         base_state = {**state, "class": dept["base_class"], "method": dept["base_method"]}
-        base = method_from_prompt(base_state, clip, classnames)
+        base = method_from_prompt(base_state, clip, classnames, template=template)
         module = cls(
             clip,
             base.classnames,

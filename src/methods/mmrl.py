@@ -271,12 +271,18 @@ class MMRL(Method):
 
     @classmethod
     def from_prompt(
-        cls, state: dict[str, Any], clip: FrozenCLIP, classnames: list[str] | None = None
+        cls,
+        state: dict[str, Any],
+        clip: FrozenCLIP,
+        classnames: list[str] | None = None,
+        template: str | None = None,
     ) -> MMRL:
         """The method rebuilt for the classes it was trained on (fused logits) or others (the
-        class token's logits), with its dataset's template."""
+        class token's logits), with the template of the dataset it is tested on (the official code's
+        on transfer targets) or else of the one it was trained on."""
         check_backbone(state, clip)
-        module = cls(clip, list(classnames or state["classnames"]), **state["hparams"])
+        hparams = {**state["hparams"], **({"template": template} if template else {})}
+        module = cls(clip, list(classnames or state["classnames"]), **hparams)
         module.load_trained_weights(state["weights"], f"the prompt file of {state['method']}")
         module.name = state["method"]
         return module
