@@ -6,18 +6,27 @@ for: an unknown config option (with the valid ones), an error this project raise
 file or folder (each message names the option and the fix), a job that sbatch refuses (with the
 hydra.launcher option that changes it), and a file the system refuses. Anything
 else is a bug and keeps its traceback; HYDRA_FULL_ERROR=1 shows the traceback of every error.
+
+The fixes a message prints are command-line overrides that work when pasted as printed
+(`override`, `one_of`). A sweep's failed runs are each one line naming the run
+(hydra_plugins/coop_grid_sweeper); the others run to the end and keep their results.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import re
+import shlex
 import sys
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
-from omegaconf.errors import OmegaConfBaseException
+from hydra.types import RunMode
+from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
 
 from src.cluster import sbatch_refusal
 
@@ -29,22 +38,59 @@ PROJECT_ERRORS = (ValueError, OSError)
 
 
 def run(hydra_main: Callable[[], Any]) -> None:
-    """Runs a `@hydra.main` function, reporting errors as the module docstring says."""
+    """Runs a `@hydra.main` function (whose task is decorated with `task`), reporting errors as the
+    module docstring says."""
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         hydra_main()
         return
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra then raises errors instead of printing them
+    error = None
     try:
         hydra_main()
+    except _RunFailed as failed:
+        error = failed.error
     except Exception as err:
-        message = user_error(err, task=getattr(hydra_main, "__wrapped__", None))
-        if message is None:
-            raise
-        for line in message.splitlines():
-            sys.stderr.write(f"error: {line}\n")
-        raise SystemExit(EXIT_USAGE) from None
+        error = err
     finally:
         del os.environ["HYDRA_FULL_ERROR"]
+    if error is None:
+        return
+    message = user_error(error, task=getattr(hydra_main, "__wrapped__", None))
+    if message is None:
+        raise error
+    for line in message.splitlines():
+        sys.stderr.write(f"error: {line}\n")
+    raise SystemExit(EXIT_USAGE)
+
+
+class _RunFailed(BaseException):  # noqa: N818  (not an error of its own: it carries one)
+    """A single run's error on its way to `run`. Hydra's run_job catches every Exception of a task
+    and raises it again after printing "Error executing job with overrides: [...]"; this one passes
+    through, so the error's own line is the only one."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+Task = TypeVar("Task", bound=Callable[..., Any])
+
+
+def task(function: Task) -> Task:
+    """The task function of an entry point, under its `@hydra.main`: in a single run its error
+    reaches `run` without Hydra's line before it; in a sweep it stays the run's error, which the
+    sweeper reports (hydra_plugins/coop_grid_sweeper)."""
+
+    @functools.wraps(function)
+    def reported(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except Exception as err:
+            if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.RUN:
+                raise _RunFailed(err) from None
+            raise
+
+    return reported  # type: ignore[return-value]
 
 
 class UserErrors(ValueError):
@@ -55,13 +101,34 @@ class UserErrors(ValueError):
         self.messages = messages
 
 
+class FailedRuns(Exception):  # noqa: N818  (named as the user reads it)
+    """Runs of a sweep that failed, each with its error; the sweep's other runs ran to the end."""
+
+    def __init__(self, failures: list[tuple[str, BaseException]], total: int) -> None:
+        self.failures = failures
+        self.total = total
+        lines = [f"run {name}: {_one_line(str(err)) or type(err).__name__}" for name, err in failures]
+        super().__init__("\n".join([*lines, self.summary]))
+
+    @property
+    def summary(self) -> str:
+        failed = len(self.failures)
+        return f"{failed} of {self.total} runs failed; the other {self.total - failed} kept their results"
+
+
 def user_error(err: BaseException, task: Callable | None = None) -> str | None:
-    """The one-line message for an error the user can fix (a line each for UserErrors), None for
-    anything else (a bug)."""
+    """The one-line message for an error the user can fix (a line each for UserErrors and for the
+    failed runs of a sweep), None for anything else (a bug)."""
+    if isinstance(err, FailedRuns):
+        messages = [(name, user_error(error)) for name, error in err.failures]
+        if any(message is None for _, message in messages):
+            return None  # a bug in a run: its traceback (FailedRuns is raised from it)
+        lines = [f"run {name}: {line}" for name, message in messages for line in message.splitlines()]
+        return "\n".join([*lines, err.summary])
     for cause in _chain(err):
         if isinstance(cause, UserErrors):
             return "\n".join(cause.messages)
-        if _project_class(cause) or (isinstance(cause, PROJECT_ERRORS) and _raised_by_project(cause)):
+        if _project_class(cause) or _raised_on_purpose(cause):
             return _one_line(str(cause))
         refused = sbatch_refusal(cause)
         if refused is not None:
@@ -92,7 +159,9 @@ def user_error(err: BaseException, task: Callable | None = None) -> str | None:
 def _chain(err: BaseException) -> Iterator[BaseException]:
     while err is not None:
         yield err
-        err = err.__cause__
+        # OmegaConf raises a resolver's error as the context of its own error, not as its cause
+        resolving = isinstance(err, InterpolationResolutionError)
+        err = err.__cause__ or (err.__context__ if resolving else None)
 
 
 def _frames(err: BaseException) -> Iterator[Any]:
@@ -111,6 +180,12 @@ def _raised_by_project(err: BaseException) -> bool:
     return (spec.name if spec else frames[-1].f_globals.get("__name__", "")).startswith("src.")
 
 
+def _raised_on_purpose(err: BaseException) -> bool:
+    # OmegaConf's errors are ValueErrors too, re-raised with the traceback of the error they wrap
+    wrapper = isinstance(err, (OmegaConfBaseException, HydraException))
+    return isinstance(err, PROJECT_ERRORS) and not wrapper and _raised_by_project(err)
+
+
 def _project_class(err: BaseException) -> bool:
     return type(err).__module__.startswith("src.")
 
@@ -121,3 +196,34 @@ def _raised_within(err: BaseException, function: Callable) -> bool:
 
 def _one_line(text: str) -> str:
     return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def override(key: str, value: Any) -> str:
+    """`key=value` as it is typed in a shell, so that a printed fix works when pasted: None is
+    `null`, text that Hydra would read as something else (a number, true, a list) is quoted for
+    Hydra, and spaces or quotes for the shell."""
+    if value is None or isinstance(value, bool):
+        text = {None: "null", True: "true", False: "false"}[value]
+    else:
+        text = str(value)
+        if isinstance(value, str) and _parsed(key, text) != text:
+            text = "'" + text.replace("'", "\\'") + "'"
+    arg = f"{key}={text}"
+    if shlex.quote(arg) == arg or any(c in arg for c in '"$`\\!'):
+        return shlex.quote(arg)
+    return f'"{arg}"'  # reads better than shlex's quoting of single quotes
+
+
+def _parsed(key: str, text: str) -> Any:
+    try:
+        return OverridesParser.create().parse_override(f"{key}={text}").value()
+    except HydraException:
+        return None
+
+
+def one_of(key: str, value: Any, choices: Sequence[Any], why: str = "") -> str:
+    """The message for an option outside its few choices, each choice an override to paste:
+    "data.fewshot_sampler='x': use data.fewshot_sampler=reference or data.fewshot_sampler=sorted"."""
+    options = [override(key, choice) for choice in choices]
+    listed = options[0] if len(options) == 1 else f"{', '.join(options[:-1])} or {options[-1]}"
+    return f"{key}={value!r}: use {listed}{f' ({why})' if why else ''}"

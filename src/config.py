@@ -6,6 +6,7 @@ Every entry point imports this module, which registers the resolvers once.
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 from pathlib import Path
@@ -24,14 +25,22 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 # Config groups whose options are numbers (conf/shots/8.yaml). Hydra parses `shots=8` as an integer
 # and refuses integers as group choices, so the command line's numbers are quoted before parsing.
 NUMERIC_GROUPS = ("shots",)
+# Config groups inside another group's folder (conf/method/base/: DePT's base method), which Hydra
+# chooses with a slash (method/base=maple); the dotted spelling (method.base=maple) is taken too.
+NESTED_GROUPS = ("method/base",)
 
 
-def quote_numeric_choices(args: list[str]) -> list[str]:
-    """`shots=8` -> `shots='8'`, `shots=1,2,4` -> `shots='1','2','4'` (for sweeps)."""
-    pattern = re.compile(rf"^((?:\+|~)?(?:{'|'.join(NUMERIC_GROUPS)}))=(\d+(?:,\d+)*)$")
+def as_hydra_overrides(args: list[str]) -> list[str]:
+    """The command line's overrides as Hydra takes them: `shots=8` -> `shots='8'`, `shots=1,2,4` ->
+    `shots='1','2','4'` (for sweeps); `method.base=maple` -> `method/base=maple`."""
+    numeric = re.compile(rf"^((?:\+|~)?(?:{'|'.join(NUMERIC_GROUPS)}))=(\d+(?:,\d+)*)$")
+    dotted = {group.replace("/", "."): group for group in NESTED_GROUPS}
     quoted = []
     for arg in args:
-        match = pattern.match(arg)
+        key, sep, value = arg.partition("=")
+        if sep and key in dotted:
+            arg = f"{dotted[key]}={value}"
+        match = numeric.match(arg)
         if match:
             arg = f"{match[1]}=" + ",".join(f"'{v}'" for v in match[2].split(","))
         quoted.append(arg)
@@ -41,7 +50,7 @@ def quote_numeric_choices(args: list[str]) -> list[str]:
 def compose_config(name: str, overrides: list[str], output_dir: Path | None = None) -> DictConfig:
     """conf/<name>.yaml with `overrides`, as the command line composes it, writing to `output_dir`."""
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(name, overrides=quote_numeric_choices(overrides))
+        cfg = compose(name, overrides=as_hydra_overrides(overrides))
     if output_dir is not None:
         with open_dict(cfg):
             cfg.paths.output_dir = str(output_dir)
@@ -68,6 +77,16 @@ def prompt_field(path: str | ListConfig, field: str) -> Any:
     return load_prompt(prompt_paths(path)[0])[field]
 
 
+def run_dir(ckpt: str | ListConfig) -> str:
+    """Where outputs "beside the prompt" go: the run folder, whether ckpt= names it, its prompt.pt or
+    its last.ckpt (the first prompt's, for an ensemble). Every prompt is read first, so that a
+    mistyped or unreadable ckpt= stops the command before Hydra makes a folder from it."""
+    paths = prompt_paths(ckpt)
+    for path in paths:
+        load_prompt(path)
+    return str(run_folder(paths[0]))
+
+
 def ensemble_suffix(ckpt: str | ListConfig, mode: str) -> str:
     """The evaluation folder's suffix: none for one prompt file, `_ensemble<n>_<mode>` for a list."""
     return f"_ensemble{len(ckpt)}_{mode}" if isinstance(ckpt, (ListConfig, list)) else ""
@@ -79,7 +98,7 @@ OmegaConf.register_new_resolver("shipped_weights", shipped_weights, replace=True
 # Progress bars only where someone watches them: not in SLURM logs, CI or redirected output.
 OmegaConf.register_new_resolver("isatty", lambda: sys.stdout.isatty(), replace=True)
 OmegaConf.register_new_resolver("prompt_field", prompt_field, replace=True)
-# Outputs "beside the prompt" go to the run folder, whether ckpt= names it, its prompt.pt or its
-# last.ckpt (the first prompt's, for an ensemble).
-OmegaConf.register_new_resolver("run_dir", lambda path: str(run_folder(prompt_paths(path)[0])), replace=True)
+OmegaConf.register_new_resolver("run_dir", run_dir, replace=True)
 OmegaConf.register_new_resolver("ensemble_suffix", ensemble_suffix, replace=True)
+# A recipe's count from another setting (method=clip_lora: trainer.max_steps=${mul:500,${shots}}).
+OmegaConf.register_new_resolver("mul", lambda *factors: math.prod(factors), replace=True)

@@ -13,11 +13,12 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from src.cli import run
+from src.cli import run, task
 from src.evaluation import evaluate
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
+@task
 def main(cfg: DictConfig) -> float:
     return evaluate(cfg)["test_acc"]
 

@@ -42,7 +42,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         image_size=clip.image_size,
     )
     classnames = datamodule.classnames
-    members = [method_from_prompt(s, clip, classnames, path) for s, path in zip(states, paths, strict=True)]
+    template = cfg.dataset.get("template")  # for methods whose prompts are made from it (MMRL)
+    members = [
+        method_from_prompt(s, clip, classnames, path, template) for s, path in zip(states, paths, strict=True)
+    ]
     if any(member.prompts_images for member in members):
         datamodule.cache = None  # their image features depend on their prompts: never read from the cache
     ensemble = isinstance(cfg.ckpt, ListConfig)

@@ -1,5 +1,5 @@
 """Writing files (and folders) so that a crash never leaves a truncated one: write a temp one, then
-rename."""
+rename (or link, to create a file only where none exists)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,32 @@ import torch
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
     """Calls `write(f)` on a temporary file beside `path`, then renames it onto `path`."""
     path = Path(path)
+    tmp = _written_beside(path, write)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def exclusive_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> bool:
+    """Creates `path` complete, written by `write(f)`, unless it exists: False then, and `path` is
+    left as it is. Of processes creating the same file at once, exactly one does (a hard link fails
+    where its target exists; a rename would replace it)."""
+    path = Path(path)
+    tmp = _written_beside(path, write)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
+    return True
+
+
+def _written_beside(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
+    """A temporary file beside `path` (on its file system), written by `write(f)` and on disk."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -25,11 +51,31 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+    return Path(tmp)
+
+
+def unwritable(folder: str | Path) -> str | None:
+    """Why files cannot be written in `folder` (made if missing), or None if they can; nothing is
+    created to find out."""
+    existing = Path(folder).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
+
+
+def check_output(path: str | Path, option: str) -> None:
+    """Before the work whose result goes to the file `path`: ValueError naming `option` if that file
+    could not be written."""
+    reason = unwritable(Path(path).parent)
+    if reason is not None:
+        raise ValueError(f"{option}={path} cannot be written ({reason}): give another with {option}=<file>")
 
 
 def atomic_folder(folder: str | Path, fill: Callable[[Path], None]) -> Path:

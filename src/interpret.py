@@ -27,8 +27,8 @@ from rich.console import Console
 from rich.table import Table
 
 import src.config  # noqa: F401  (the resolvers of conf/)
-from src.cli import run
-from src.files import write_json
+from src.cli import run, task
+from src.files import check_output, write_json
 from src.models.clip import FrozenCLIP
 from src.prompt_file import load_prompt, method_class
 
@@ -136,6 +136,7 @@ def interpret_file(cfg: DictConfig) -> dict[str, Any]:
             f"ckpt={cfg.ckpt}: method {state['method']!r} learns no prompt context, so there are no "
             "context vectors to read as words; give the prompt of a method such as coop"
         )
+    check_output(cfg.out, "out")
     pl.seed_everything(cfg.seed, verbose=False)  # a random-weight backbone is a function of the seed
     clip = instantiate(cfg.model)
     words = {"ckpt": str(cfg.ckpt), **interpret(state, clip, cfg.topk)}
@@ -151,6 +152,7 @@ def interpret_file(cfg: DictConfig) -> dict[str, Any]:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="interpret")
+@task
 def main(cfg: DictConfig) -> None:
     interpret_file(cfg)
 

@@ -45,14 +45,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from src.callbacks import NonFiniteLossError, StopOnNonFiniteLoss
-from src.data.datamodule import FewShotDataModule
 from src.files import save_torch
 from src.methods.base import Method, build_method
 from src.models.clip import FrozenCLIP
 from src.pack_jobs import check_pack, logging_to, member_configs
-from src.precheck import check_training_run
+from src.precheck import CheckedRun, check_training_run
 from src.quiet import silence_known_warnings
-from src.resume import RandomState, prepare_run_dir
+from src.resume import RandomState, prepare_run_dir, read_checkpoint
 from src.training import (
     describe_backbone,
     describe_devices,
@@ -109,10 +108,10 @@ class PackedRun:
     """One run of a pack: its config and folder, data, method, optimiser, schedule, random stream,
     loggers and progress (Lightning's counters of the run trained alone)."""
 
-    def __init__(self, cfg: DictConfig, datamodule: FewShotDataModule) -> None:
+    def __init__(self, cfg: DictConfig, checked: CheckedRun) -> None:
         self.cfg = cfg
         self.out = Path(cfg.paths.output_dir)
-        self.datamodule = datamodule
+        self.datamodule = checked.datamodule
         self.last: Path | None = None  # the checkpoint it continues from
         self.module: Method | None = None
         self.stream: RandomStream | None = None
@@ -122,8 +121,9 @@ class PackedRun:
         self.start_epoch = 0  # the first epoch to train (after a checkpoint's)
         self.steps = 0  # optimiser steps so far (Lightning's global step)
         self.epoch_steps = 0
-        self.loggers: list[Logger] = [instantiate(c) for c in cfg.get("logger", {}).values()]
-        callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values()]
+        # the run's own trainer (the checks built it) is not run: its loggers and callbacks' settings
+        self.loggers: list[Logger] = checked.trainer.loggers
+        callbacks = checked.trainer.callbacks
         self.checkpoint = next((c for c in callbacks if isinstance(c, ModelCheckpoint)), None)
         self.lr_monitor = any(isinstance(c, LearningRateMonitor) for c in callbacks)
         self.stop_on_non_finite = any(isinstance(c, StopOnNonFiniteLoss) for c in callbacks)
@@ -483,7 +483,7 @@ def build_runs(runs: list[PackedRun]) -> FrozenCLIP:
         run.scheduler = optimization["lr_scheduler"]["scheduler"]
         if run.last is not None:
             log.info("%s: resuming from %s", run.out, run.last)
-            run.restore(torch.load(run.last, map_location="cpu", weights_only=True))
+            run.restore(read_checkpoint(run.last))
     return clip
 
 

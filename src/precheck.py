@@ -1,22 +1,30 @@
-"""What a training run checks before anything slow (loading or downloading CLIP's weights, reading
-the images): its run folder, its options, its data folder and split file, whether its weights can
-be had. Every check runs, and every mistake found is reported at once, a line each."""
+"""What a training run checks before it claims its run folder and before anything slow (loading or
+downloading CLIP's weights, training): the folder and its checkpoint, the options, the method
+against the backbone's architecture, the weights, the devices, the data (its folder, split file,
+few-shot subsets and images) and the feature cache. Every check runs, and every mistake found is
+reported at once, a line each; the folder stays unclaimed, so the corrected command runs there."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+import pytorch_lightning as pl
+import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning_fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig
 
-from src.cli import UserErrors, user_error
+from src.cli import UserErrors, one_of, override, user_error
 from src.data.datamodule import FewShotDataModule
-from src.models.clip import check_architecture
-from src.models.prompt_learner import check_context
+from src.methods.base import Method, method_arguments, method_class
+from src.models.clip import Architecture
+from src.models.text_encoder import check_text_path
 from src.models.weights import check_weights
-from src.resume import check_run_dir
+from src.resume import AtomicCheckpointIO, check_run_dir
 
 T = TypeVar("T")
 
@@ -45,26 +53,77 @@ class Checks:
             raise UserErrors([message for _, message in self.mistakes]) from self.mistakes[0][0]
 
 
-def check_training_run(cfg: DictConfig, out: Path) -> FewShotDataModule:
-    """The data module of the run, once the run folder, options, data and weights pass their checks.
+@dataclass
+class CheckedRun:
+    """What the checks built on the way, for the run to use: the data module, its few-shot subsets
+    selected (image size the default until the backbone is built: only the loaders use it), and
+    the trainer."""
 
-    Its image size is the default until the backbone is built (`image_size` is only used by the
-    loaders)."""
+    datamodule: FewShotDataModule
+    trainer: pl.Trainer
+
+
+def check_training_run(cfg: DictConfig, out: Path) -> CheckedRun:
+    """The run's data module and trainer, once every check has passed (else its mistakes, at once)."""
     checks = Checks()
     checks.run(lambda: check_run_dir(cfg, out))
-    module = cfg.method.get("module") or {}
-    if "n_ctx" in module:
-        position = module.get("class_token_position", "end")
-        checks.run(lambda: check_context(module.n_ctx, module.get("ctx_init"), position))
+    checks.run(lambda: check_baseline(cfg.get("baseline")))
     model = cfg.model
-
-    def check_backbone() -> None:  # the weights of a known architecture only
-        check_architecture(model.name)
-        check_weights(model.name, model.get("pretrained"), model.get("cache_dir"))
-
-    checks.run(check_backbone)
+    architecture = checks.run(lambda: Architecture.of(model.name))
+    method = checks.run(lambda: method_class(cfg.method))
+    if method is not None and architecture is not None:
+        checks.run(lambda: method.check_config(method_arguments(method, cfg.method.module), architecture))
+    if architecture is not None:  # the weights of a known architecture only
+        checks.run(lambda: check_weights(model.name, model.get("pretrained"), model.get("cache_dir")))
+    checks.run(lambda: check_text_path(model.get("text_path", "auto")))
+    trainer = checks.run(lambda: build_trainer(cfg))
     datamodule = checks.run(lambda: instantiate(cfg.data, dataset=instantiate(cfg.dataset.reader)))
     if datamodule is not None:
-        checks.run(lambda: datamodule.classnames)  # reads the data folder and its split file
+        checks.run(lambda: check_data(datamodule, method))
+        if datamodule.cache is not None:
+            checks.run(datamodule.cache.check_writable)
     checks.raise_mistakes()
-    return datamodule
+    return CheckedRun(datamodule, trainer)
+
+
+def check_baseline(baseline: str | None) -> None:
+    if baseline not in (None, "zeroshot"):
+        raise ValueError(one_of("baseline", baseline, ("zeroshot", None), "null: no baseline"))
+
+
+def check_data(datamodule: FewShotDataModule, method: type[Method] | None) -> None:
+    """The data folder, its split file, the few-shot subsets (drawn, or read from data.fewshot_file
+    or the reference's pickle) and their images: what `setup` would refuse once training starts."""
+    datamodule.select()
+    if method is None or method.fits:
+        datamodule.require_training_images()
+
+
+def build_trainer(cfg: DictConfig) -> pl.Trainer:
+    """The run's Lightning Trainer, with its callbacks and loggers; devices that Lightning cannot
+    use here are one line naming the trainer options and what to use instead."""
+    callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values()]
+    loggers = [instantiate(c) for c in cfg.get("logger", {}).values()]
+    try:
+        trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    except InstantiationException as err:
+        if not isinstance(err.__cause__, (MisconfigurationException, ValueError)):
+            raise
+        raise ValueError(device_mistake(cfg.trainer, err.__cause__)) from err
+    trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+    return trainer
+
+
+DEVICE_OPTIONS = ("accelerator", "devices", "strategy", "precision")
+
+
+def device_mistake(trainer: DictConfig, err: Exception) -> str:
+    settings = " ".join(
+        override(f"trainer.{key}", trainer[key]) for key in DEVICE_OPTIONS if trainer.get(key) is not None
+    )
+    reason = " ".join(str(err).split())
+    if str(trainer.get("accelerator")) in ("gpu", "cuda") and not torch.cuda.is_available():
+        fix = "this machine has no GPU: use trainer=cpu, or trainer=default (a GPU where there is one)"
+    else:
+        fix = "change them (conf/trainer/ has a preset for each kind of machine: trainer=cpu, gpu, ddp)"
+    return f"{settings}: Lightning cannot run with these ({reason}); {fix}"

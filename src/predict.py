@@ -29,10 +29,10 @@ from rich.console import Console
 from rich.table import Table
 
 import src.config  # noqa: F401  (the resolvers of conf/)
-from src.cli import run
+from src.cli import run, task
 from src.data.datasets.base import IMAGE_SUFFIXES
 from src.data.transforms import eval_transform
-from src.files import atomic_write
+from src.files import atomic_write, check_output
 from src.methods.base import Method
 from src.prompt_file import load_prompt, method_from_prompt
 
@@ -133,6 +133,7 @@ def predict(cfg: DictConfig) -> pd.DataFrame:
     """Predicts the classes of `cfg.input`, prints them and writes the CSV `cfg.out`."""
     files = image_files(cfg.input)
     state = load_prompt(cfg.ckpt)
+    check_output(cfg.out, "out")
     pl.seed_everything(cfg.seed, verbose=False)  # a random-weight backbone is a function of the seed
     clip = instantiate(cfg.model)
     module = method_from_prompt(state, clip, state["classnames"], cfg.ckpt)
@@ -161,6 +162,7 @@ def predict(cfg: DictConfig) -> pd.DataFrame:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="predict")
+@task
 def main(cfg: DictConfig) -> None:
     predict(cfg)
 

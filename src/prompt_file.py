@@ -11,6 +11,7 @@ the class was recorded name their method only: the project's own methods of that
 from __future__ import annotations
 
 import importlib
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -87,7 +88,17 @@ def load_prompt(path: str | Path) -> dict[str, Any]:
         state = state[CHECKPOINT_PROMPT]
     if not isinstance(state, dict) or state.get("format") != PROMPT_FORMAT:
         raise ValueError(f"{file} is not a prompt file of this project (format {PROMPT_FORMAT}): {FIX}")
-    return upgrade(state, file)
+    return {**upgrade(state, file), "trained_on": trained_on(file)}
+
+
+def trained_on(file: Path) -> dict[str, str] | None:
+    """The dataset and subsample (all, base, new) of the run that wrote a prompt file, from its run
+    folder's fingerprint.json; None for a file away from its run folder."""
+    try:
+        config = json.loads((run_folder(file) / "fingerprint.json").read_text())["config"]
+        return {"dataset": config["dataset.name"], "subsample": config.get("dataset.subsample", "all")}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def upgrade(state: dict[str, Any], file: str | Path = "the prompt file") -> dict[str, Any]:
@@ -137,7 +148,12 @@ def method_class(state: dict[str, Any], file: str | Path = "the prompt file") ->
 
 
 def method_from_prompt(
-    state: dict[str, Any], clip: FrozenCLIP, classnames: list[str] | None = None, file: str | Path = ""
+    state: dict[str, Any],
+    clip: FrozenCLIP,
+    classnames: list[str] | None = None,
+    file: str | Path = "",
+    template: str | None = None,
 ) -> Method:
-    """The method a prompt file holds, rebuilt on `clip` for its own classes or `classnames`."""
-    return method_class(state, file or "the prompt file").from_prompt(state, clip, classnames)
+    """The method a prompt file holds, rebuilt on `clip` for its own classes or `classnames` (and
+    `template`, the tested dataset's hand-made template: `Method.from_prompt`)."""
+    return method_class(state, file or "the prompt file").from_prompt(state, clip, classnames, template)

@@ -26,6 +26,8 @@ KNOWN_WARNINGS = (
     # a few-shot epoch is often shorter than the log interval; the loss is then logged every n
     # steps across epochs, which is the intent
     r"The number of training batches \(\d+\) is smaller than",
+    # a method that validates nothing (method=clip_lora: its official code tests the last model)
+    r"You passed in a `val_dataloader` but have no `validation_step`",
 )
 
 

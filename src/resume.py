@@ -11,16 +11,20 @@ like an uninterrupted one:
   a kill during a write leaves the previous checkpoint, never a truncated one;
 - the folder remembers the configuration it was started with (`fingerprint.json`); a
   later run there with another one stops with the keys that differ (`prepare_run_dir`) instead of
-  mixing two recipes in one run.
+  mixing two recipes in one run. The file is created exclusively: of two runs started together in
+  one folder, one claims it and the other compares with it.
+
+A checkpoint that cannot be resumed from (truncated, holding pickled code, not this project's) stops
+the run with one line naming it, before the folder is used (`check_run_dir`).
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import pickle
 import random
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +34,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-from src.files import save_torch, write_json
+from src.files import exclusive_write, save_torch, unwritable
+from src.prompt_file import LAST_CHECKPOINT
 
 FINGERPRINT = "fingerprint.json"
 
@@ -62,31 +67,70 @@ class RunDirError(ValueError):
 
 
 def prepare_run_dir(cfg: DictConfig, out: Path) -> Path | None:
-    """Checks the run folder, makes it this configuration's, and returns the checkpoint to continue
-    from, if any.
+    """Claims the run folder for this configuration (unless it is already this configuration's) and
+    returns the checkpoint to continue from, if any.
 
-    Raises RunDirError when `out` is not writable or holds a run of another configuration.
+    Raises RunDirError when `out` is not writable or holds (or was claimed a moment ago by) a run
+    of another configuration.
     """
-    check_run_dir(cfg, out)
-    stored_file = out / FINGERPRINT
-    if not stored_file.exists():
-        write_json(stored_file, {"config": fingerprint(cfg)})
-    last = out / "checkpoints" / "last.ckpt"
+    _check_writable(out)
+    text = json.dumps({"config": fingerprint(cfg)}, indent=2) + "\n"
+    if not exclusive_write(out / FINGERPRINT, lambda f: f.write(text.encode())):
+        _check_same_configuration(cfg, out)  # the folder's own, or the winner's of a concurrent start
+    last = out / LAST_CHECKPOINT
     return last if last.exists() else None
 
 
-def check_run_dir(cfg: DictConfig, out: Path) -> None:
-    """Raises RunDirError when `out` is not writable or holds a run of another configuration."""
+def check_run_dir(cfg: DictConfig, out: Path, resuming: bool = True) -> None:
+    """Raises RunDirError when `out` is not writable, holds a run of another configuration, or (when
+    `resuming` from it) a checkpoint that cannot be resumed from."""
     _check_writable(out)
+    if (out / FINGERPRINT).exists():
+        _check_same_configuration(cfg, out)
+    last = out / LAST_CHECKPOINT
+    if resuming and last.exists():
+        read_checkpoint(last)
+
+
+def _check_same_configuration(cfg: DictConfig, out: Path) -> None:
     stored_file = out / FINGERPRINT
-    if stored_file.exists():
+    try:
         stored = upgrade_fingerprint(json.loads(stored_file.read_text())["config"])
-        changed = differences(stored, fingerprint(cfg))
-        if changed:
-            raise RunDirError(
-                f"{out} holds a run with another configuration ({changed}): delete that folder to "
-                "start again, or give this run its own folder with hydra.run.dir=<folder>"
-            )
+    except (ValueError, KeyError, TypeError) as err:
+        raise RunDirError(
+            f"{stored_file} is not a run's fingerprint ({type(err).__name__}): delete that folder to "
+            "start again, or give this run its own folder with hydra.run.dir=<folder>"
+        ) from err
+    changed = differences(stored, fingerprint(cfg))
+    if changed:
+        raise RunDirError(
+            f"{out} holds a run with another configuration ({changed}): delete that folder to "
+            "start again, or give this run its own folder with hydra.run.dir=<folder>"
+        )
+
+
+def read_checkpoint(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """A run's Lightning checkpoint, read without unpickling code; RunDirError names the file and
+    what to do when it cannot be resumed from (torch's own message would advise loading it with
+    weights_only=False, which runs whatever code the file holds)."""
+    fix = (
+        "delete it to start the run over, or keep this folder as it is and give the run another one "
+        "with hydra.run.dir=<folder>"
+    )
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except OSError:
+        raise
+    except pickle.UnpicklingError as err:
+        raise RunDirError(
+            f"{path} holds more than tensors and plain data, which is not loaded (that could run "
+            f"code): it is not a checkpoint of this project; {fix}"
+        ) from err
+    except Exception as err:  # torch raises many kinds for a truncated or foreign file
+        raise RunDirError(f"{path} is damaged or not a checkpoint ({type(err).__name__}): {fix}") from err
+    if not (isinstance(checkpoint, dict) and {"state_dict", "epoch"} <= checkpoint.keys()):
+        raise RunDirError(f"{path} is not a Lightning checkpoint (no state_dict and epoch): {fix}")
+    return checkpoint
 
 
 # Folders started before the methods moved to src/methods/ (and their classes, not their configs,
@@ -144,15 +188,12 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def _check_writable(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as err:
+    reason = unwritable(out)
+    if reason is not None:
         raise RunDirError(
-            f"paths.output_dir={out} is not writable ({err.strerror or err}): choose a writable folder "
+            f"paths.output_dir={out} is not writable ({reason}): choose a writable folder "
             "with hydra.run.dir=<folder> (or paths.log_dir=<folder> for every run)"
-        ) from err
+        )
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -166,7 +207,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         save_torch(path, checkpoint)
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict:
-        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+        return read_checkpoint(Path(path), map_location or "cpu")
 
 
 class RandomState(pl.Callback):
@@ -200,9 +241,17 @@ class PeriodicCheckpoint(ModelCheckpoint):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         every = self._every_n_epochs
-        if trainer.current_epoch + 1 >= (trainer.max_epochs or 0) and every >= 1:
+        if _last_epoch(trainer) and every >= 1:
             self._every_n_epochs = 1
         try:
             super().on_train_epoch_end(trainer, pl_module)
         finally:
             self._every_n_epochs = every
+
+
+def _last_epoch(trainer: pl.Trainer) -> bool:
+    """Whether the epoch that ends is the run's last: by its epochs, or by its steps (a recipe that
+    counts iterations, as method=clip_lora's, runs max_epochs=-1 and stops within an epoch)."""
+    max_epochs = trainer.max_epochs or 0
+    by_epochs = 0 < max_epochs <= trainer.current_epoch + 1
+    return by_epochs or 0 < trainer.max_steps <= trainer.global_step

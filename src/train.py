@@ -11,14 +11,15 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from src.cli import run
-from src.config import quote_numeric_choices
+from src.cli import run, task
+from src.config import as_hydra_overrides
 from src.pack_jobs import PACKED_RUNS
 from src.packing import train_packed_job
 from src.training import train
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@task
 def main(cfg: DictConfig) -> float | list[float]:
     if PACKED_RUNS in cfg:  # a pack of a multirun's runs (pack=true)
         return [results["test_acc"] for results in train_packed_job(cfg)]
@@ -26,5 +27,5 @@ def main(cfg: DictConfig) -> float | list[float]:
 
 
 if __name__ == "__main__":
-    sys.argv = quote_numeric_choices(sys.argv)
+    sys.argv = as_hydra_overrides(sys.argv)
     run(main)

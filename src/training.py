@@ -24,7 +24,7 @@ from src.precheck import check_training_run
 from src.prompt_file import PROMPT_FILE
 from src.quiet import silence_known_warnings
 from src.results import evaluation_fields, method_fields
-from src.resume import AtomicCheckpointIO, check_run_dir, prepare_run_dir
+from src.resume import check_run_dir, prepare_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -36,16 +36,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     done = finished_run(cfg, out)
     if done is not None:
         return done
-    datamodule = check_training_run(cfg, out)  # every mistake at once, before the slow weights
+    # Every mistake at once, before the folder is claimed (the corrected command runs there) and
+    # before the slow weights load.
+    checked = check_training_run(cfg, out)
+    datamodule, trainer = checked.datamodule, checked.trainer
     last = prepare_run_dir(cfg, out)  # the folder remembers this configuration
     clip = build_backbone(cfg, datamodule)
     module = build_method(cfg.method, clip, datamodule.classnames)
-    trainer: pl.Trainer = instantiate(
-        cfg.trainer,
-        callbacks=[instantiate(c) for c in cfg.get("callbacks", {}).values()],
-        logger=[instantiate(c) for c in cfg.get("logger", {}).values()],
-    )
-    trainer.strategy.checkpoint_io = AtomicCheckpointIO()
     log.info("%s with %s on %s", cfg.method.name, describe_backbone(clip), describe_devices(trainer))
     if trainer.is_global_zero:
         write_config(cfg, out)
@@ -81,7 +78,7 @@ def finished_run(cfg: DictConfig, out: Path) -> dict[str, Any] | None:
     if not (cfg.get("skip_done", False) and done.exists()):
         return None
     # A re-launched sweep runs only what is missing (results.json is written last, atomically).
-    check_run_dir(cfg, out)  # the results of this configuration
+    check_run_dir(cfg, out, resuming=False)  # the results of this configuration
     log.info("%s exists: skipping this run (skip_done=false runs it again)", done)
     return json.loads(done.read_text())
 

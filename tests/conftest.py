@@ -35,10 +35,10 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def make_cfg(overrides: list[str], output_dir: Path) -> DictConfig:
     """The training config as `python -m src.train <overrides>` would compose it."""
-    from src.config import quote_numeric_choices  # also registers the config resolvers
+    from src.config import as_hydra_overrides  # also registers the config resolvers
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=quote_numeric_choices(overrides))
+        cfg = compose("train", overrides=as_hydra_overrides(overrides))
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir)
     return cfg

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from src.cli import user_error
-from src.config import quote_numeric_choices
+from src.config import as_hydra_overrides
 from src.data.datamodule import FewShotDataModule
 from src.data.datasets.base import DatasetError
 from src.data.datasets.oxford_pets import OxfordPets
@@ -29,7 +29,7 @@ def train_error(cli, capsys) -> Callable[[list[str]], str]:
 
     def error_line(args: list[str]) -> str:
         with pytest.raises(SystemExit) as exit_info:
-            cli(main, quote_numeric_choices(args))
+            cli(main, as_hydra_overrides(args))
         assert exit_info.value.code == 2
         assert "HYDRA_FULL_ERROR" not in os.environ
         errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
@@ -100,7 +100,7 @@ def test_every_cheap_mistake_is_reported_at_once_before_any_weights_load(cli, ca
         f"model.cache_dir={tmp_path / 'weights'}",
     ]
     with pytest.raises(SystemExit) as exit_info:
-        cli(main, quote_numeric_choices([*args, "shots=8", f"hydra.run.dir={run}"]))
+        cli(main, as_hydra_overrides([*args, "shots=8", f"hydra.run.dir={run}"]))
     assert exit_info.value.code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 4, errors

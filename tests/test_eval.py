@@ -61,13 +61,15 @@ def test_class_specific_prompt_only_evaluates_on_its_own_classes(tiny_clip, eval
 
 def test_eval_command_writes_beside_the_prompt(tiny_clip, tmp_path):
     names = ["abyssinian", "american_bulldog", "basset_hound", "bengal"]
-    save_torch(tmp_path / "prompt.pt", CoOp(tiny_clip, names, n_ctx=4).prompt_state())
+    module = CoOp(tiny_clip, names, n_ctx=4)
+    save_torch(tmp_path / "prompt.pt", module.prompt_state())
     overrides = [f"ckpt={tmp_path / 'prompt.pt'}", "dataset=oxford_pets", "dataset.subsample=new"]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("eval", overrides=overrides, return_hydra_config=True)
     assert cfg.hydra.run.dir == str(tmp_path / "eval" / "oxford_pets_new")
-    (tmp_path / "checkpoints").mkdir()
-    save_torch(tmp_path / "checkpoints" / "last.ckpt", {})  # only its path matters here
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)  # what Lightning's last.ckpt holds
+    save_torch(tmp_path / "checkpoints" / "last.ckpt", checkpoint)
     for ckpt in (tmp_path, tmp_path / "checkpoints" / "last.ckpt"):  # a run's folder or its last.ckpt
         overrides[0] = f"ckpt={ckpt}"
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):

@@ -106,7 +106,7 @@ def test_sorted_sampler_does_not_depend_on_the_list_order(shuffled_pets, tmp_pat
         assert by_sorted[0] == by_sorted[1]
     # the reference sampler follows the list order, as the original code does
     assert chosen(setup(ordered, shots=2)) != chosen(setup(shuffled_pets, shots=2))
-    with pytest.raises(ValueError, match="data.fewshot_sampler='random': use reference or sorted"):
+    with pytest.raises(ValueError, match="'random': use data.fewshot_sampler=reference or data.fewshot"):
         setup(ordered, fewshot_sampler="random")
 
 

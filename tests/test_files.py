@@ -9,12 +9,13 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 
-from src.files import atomic_folder, save_torch, write_json
+from src.files import atomic_folder, exclusive_write, save_torch, unwritable, write_json
 from src.prompt_file import load_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,6 +88,36 @@ def test_a_folder_appears_complete_or_not_at_all(tmp_path):
     atomic_folder(tmp_path / "made", fill)  # made already: left as it is
     assert [p.name for p in tmp_path.iterdir()] == ["made"]
     assert (tmp_path / "made" / "a.txt").read_text() == "a"
+
+
+def test_of_writers_creating_one_file_at_once_exactly_one_does(tmp_path):
+    path = tmp_path / "claim" / "fingerprint.json"
+    start = threading.Barrier(8, timeout=60)
+    won: list[int] = []
+
+    def claim(writer: int) -> None:
+        def write(f) -> None:
+            start.wait()  # every writer has its temporary file: all link at once
+            f.write(json.dumps({"writer": writer, "padding": "x" * 100_000}).encode())
+
+        if exclusive_write(path, write):
+            won.append(writer)
+
+    threads = [threading.Thread(target=claim, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(won) == 1 and json.loads(path.read_text())["writer"] == won[0]  # whole, the winner's
+    assert [p.name for p in path.parent.iterdir()] == ["fingerprint.json"]  # no temporary left
+    assert not exclusive_write(path, lambda f: f.write(b"{}"))  # exists: left as it is
+    assert json.loads(path.read_text())["writer"] == won[0]
+
+
+def test_unwritable_says_why_without_creating_anything(tmp_path):
+    assert unwritable(tmp_path / "new" / "folder") is None and not (tmp_path / "new").exists()
+    (tmp_path / "a_file").write_text("")
+    assert unwritable(tmp_path / "a_file" / "sub") == f"{tmp_path / 'a_file'} is a file"
 
 
 def test_prompt_files_load_without_unpickling_code(tmp_path):

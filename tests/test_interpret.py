@@ -90,3 +90,28 @@ def test_a_last_checkpoint_writes_into_its_run_folder(cli, tiny_clip, tmp_path):
     cli(main, [f"ckpt={last}", "topk=2", "seed=0"])
     written = json.loads((tmp_path / "run" / "nearest_words.json").read_text())
     assert written == {**interpret(module.prompt_state(), tiny_clip, topk=2), "ckpt": str(last)}
+
+
+def test_mistakes_stop_it_before_the_backbone_is_built(cli, capsys, tiny_clip, tmp_path, monkeypatch):
+    """A mistyped ckpt= and an out= that cannot be written are one line each, found before the
+    backbone loads; nothing is written."""
+    import open_clip
+
+    ckpt = save_torch(tmp_path / "run" / "prompt.pt", prompt_with_words(tiny_clip, ["photo"], False))
+    (tmp_path / "a_file").write_text("")
+
+    def no_backbone(*args, **kwargs):
+        raise AssertionError("the backbone was built")
+
+    monkeypatch.setattr(open_clip, "create_model", no_backbone)
+    typo, blocked = tmp_path / "rn" / "prompt.pt", tmp_path / "a_file" / "w.json"
+    for args, expected in [
+        ([f"ckpt={typo}"], f"ckpt={typo}: no such file"),
+        ([f"ckpt={ckpt}", f"out={blocked}"], f"out={blocked} cannot be written ({blocked.parent} is a file)"),
+    ]:
+        with pytest.raises(SystemExit):
+            cli(main, args)
+        (error,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+        assert error.startswith(f"error: {expected}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "run"]
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["prompt.pt"]

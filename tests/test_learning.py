@@ -85,8 +85,9 @@ def test_the_quick_start_passes_the_checks_made_before_any_weights_load(tmp_path
     """Offline, on a fresh cache folder: the weights are a shipped file, the data folder is made."""
     cfg = make_cfg(["experiment=quickstart", f"paths.cache_dir={tmp_path / 'cache'}"], tmp_path / "run")
     assert cfg.model.pretrained == WEIGHTS and Path(WEIGHTS).is_file()
-    datamodule = check_training_run(cfg, tmp_path / "run")
+    datamodule = check_training_run(cfg, tmp_path / "run").datamodule
     assert datamodule.classnames == CLASSNAMES and (tmp_path / "cache" / "digits" / "notepad" / "9").is_dir()
+    assert len(datamodule.train_items) == 160 and not (tmp_path / "run").exists()  # nothing written
 
 
 def test_shipped_weights_load_as_an_open_clip_checkpoint():

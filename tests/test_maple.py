@@ -85,7 +85,7 @@ def test_deep_prompts_change_both_towers_and_train(tiny_clip):
 
 
 def test_refusals(tiny_clip):
-    with pytest.raises(ValueError, match="prompt_depth=3: use 1 .. 2"):
+    with pytest.raises(ValueError, match="prompt_depth=3: .* 2 blocks .*: use method.module.prompt_depth=2 "):
         MaPLe(tiny_clip, CLASSNAMES, prompt_depth=3)
     with pytest.raises(ValueError, match="ctx=unified"):
         MaPLe(tiny_clip, CLASSNAMES, class_specific=True, prompt_depth=2)

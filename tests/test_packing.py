@@ -23,7 +23,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from hydra_plugins.coop_grid_sweeper.grid_sweeper import drop_repeats
 from src import packing
-from src.config import quote_numeric_choices
+from src.config import as_hydra_overrides
 from src.pack_jobs import PACKED_RUNS, group_jobs, member_overrides, pack_refusal, packed_jobs
 from src.packing import train_packed
 from src.report import write_report
@@ -288,7 +288,7 @@ def test_a_packed_multirun_writes_each_runs_folder_then_the_report(cli, digits, 
         "hydra/sweeper=grid",
         f"hydra.sweep.dir={sweep}",
     ]
-    args = quote_numeric_choices(args)  # as src.train's command line does
+    args = as_hydra_overrides(args)  # as src.train's command line does
     cli(main, args)
     runs = folders(sweep)
     assert len(runs) == 4

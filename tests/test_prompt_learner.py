@@ -123,7 +123,7 @@ def test_word_init_learns_one_vector_per_word_or_per_token(tiny_clip, words, n_w
     assert learner_for(tiny_clip, ctx_init=words, ctx_init_count="tokens").n_ctx == n_tokens
     phrase = tiny_clip.token_embedding(tiny_clip.tokenize([words]))[0]
     torch.testing.assert_close(learner_for(tiny_clip, ctx_init=words).ctx.data, phrase[1 : 1 + n_words])
-    with pytest.raises(ValueError, match="ctx.init_count='letters': use words"):
+    with pytest.raises(ValueError, match="'letters': use ctx.init_count=words or ctx.init_count=tokens"):
         learner_for(tiny_clip, ctx_init=words, ctx_init_count="letters")
 
 

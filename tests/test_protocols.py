@@ -36,7 +36,7 @@ def test_base_is_the_first_half_of_the_sorted_labels_new_the_rest():
     assert len(subsample_classes(splits_of(4), "base").classnames) == 2
     with pytest.raises(ValueError, match="dataset.subsample=new keeps 1 of 3 classes"):
         subsample_classes(splits_of(3), "new")
-    with pytest.raises(ValueError, match="use all, base or new"):
+    with pytest.raises(ValueError, match="use dataset.subsample=all, dataset.subsample=base or dataset"):
         subsample_classes(splits, "novel")
 
 
@@ -104,9 +104,18 @@ def test_transfer_protocols_from_an_imagenet_prompt(all_data, cache_dir, tmp_pat
 
 
 @pytest.mark.parametrize(
-    ("method", "extra"), [("coop", []), ("zeroshot", []), ("maple", ["method.module.prompt_depth=2"])]
+    ("method", "extra", "name"),
+    [
+        ("coop", [], "coop"),
+        ("zeroshot", [], "zeroshot"),
+        ("maple", ["method.module.prompt_depth=2"], "maple"),
+        ("promptsrc", [f"method.module.prompt_depth_{tower}=2" for tower in ("text", "vision")], "promptsrc"),
+        ("mmrl", ["method.module.rep_layers=[2]", "method.module.rep_dim=16"], "mmrl"),
+        ("clip_lora", [], "clip_lora"),
+        ("dept", ["method/base=coop"], "coop_dept"),
+    ],
 )
-def test_base_to_new_trains_on_base_and_tests_on_new(all_data, cache_dir, tmp_path, method, extra):
+def test_base_to_new_trains_on_base_and_tests_on_new(all_data, cache_dir, tmp_path, method, extra, name):
     args = [
         "datasets=oxford_pets",
         "seeds=1",
@@ -120,7 +129,9 @@ def test_base_to_new_trains_on_base_and_tests_on_new(all_data, cache_dir, tmp_pa
     run = tmp_path / "oxford_pets" / "seed1"
     base = json.loads((run / "base" / "results.json").read_text())
     new = json.loads((run / "new" / "results.json").read_text())
-    assert base["subsample"] == "base" and new["subsample"] == "new" and new["method"] == method
+    assert base["subsample"] == "base" and new["subsample"] == "new" and new["method"] == name
+    if method == "dept":  # its head on the base classes, CoOp's logits alone on the new ones
+        assert base["cat_head"] and not new["cat_head"]
     assert base["num_classes"] == new["num_classes"] == 2 and base["num_test"] == new["num_test"] == 8
     result = summary["datasets"]["oxford_pets"]
     assert (result["base"], result["new"]) == (base["test_acc"], new["test_acc"])

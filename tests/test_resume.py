@@ -164,8 +164,9 @@ def test_checkpoints_are_written_atomically_and_loaded_weights_only(tmp_path, mo
     assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]
 
     torch.save({"epoch": 5, "code": Path("pickled")}, path)  # a pickled object, not plain data
-    with pytest.raises(Exception, match="[Ww]eights only load failed"):
+    with pytest.raises(RunDirError, match="holds more than tensors and plain data") as refused:
         io.load_checkpoint(path)
+    assert "weights_only" not in str(refused.value) and "\n" not in str(refused.value)
 
 
 def test_a_folder_started_before_the_methods_moved_continues(tmp_path):
@@ -181,3 +182,57 @@ def test_a_folder_started_before_the_methods_moved_continues(tmp_path):
     (tmp_path / "fingerprint.json").write_text(json.dumps({"config": {**former, "seed": 2}}))
     with pytest.raises(RunDirError, match="seed: 2 -> 1"):
         prepare_run_dir(cfg, tmp_path)
+
+
+def test_two_runs_started_together_in_one_folder_one_trains(tiny_overrides, tmp_path, monkeypatch):
+    """Both pass their checks while the folder is unclaimed, then claim it at the same moment:
+    exactly one trains, the other refuses, naming the setting that differs."""
+    import src.training
+
+    claim, together = src.training.prepare_run_dir, threading.Barrier(2, timeout=120)
+
+    def claim_together(cfg, out):
+        together.wait()
+        return claim(cfg, out)
+
+    monkeypatch.setattr(src.training, "prepare_run_dir", claim_together)
+    args = ["dataset=oxford_pets", *tiny_overrides, "shots=1", "trainer.max_epochs=1"]
+    cfgs = {seed: make_cfg([*args, f"seed={seed}"], tmp_path) for seed in (1, 2)}
+    outcomes: dict[int, object] = {}
+
+    def start(seed: int) -> None:
+        try:
+            outcomes[seed] = train(cfgs[seed])
+        except Exception as err:
+            outcomes[seed] = err
+
+    runs = [threading.Thread(target=start, args=(seed,)) for seed in (1, 2)]
+    for run in runs:
+        run.start()
+    for run in runs:
+        run.join()
+    (refused,) = [seed for seed, outcome in outcomes.items() if isinstance(outcome, RunDirError)]
+    (trained,) = {1, 2} - {refused}
+    assert f"seed: {trained} -> {refused}" in str(outcomes[refused])
+    assert json.loads((tmp_path / "results.json").read_text())["seed"] == trained == outcomes[trained]["seed"]
+
+
+def test_a_checkpoint_without_the_methods_tensors_is_refused_on_resume(tiny_overrides, tmp_path):
+    """A Lightning checkpoint of another method (or version) in the run's folder: loaded
+    non-strictly, its missing tensors would silently stay as initialised."""
+    args = ["dataset=oxford_pets", *tiny_overrides, "shots=1", "trainer.max_epochs=2"]
+    cfg = make_cfg(args, tmp_path)
+    train(cfg)
+    (tmp_path / "results.json").unlink()
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=True)
+    del checkpoint["state_dict"]["prompt_learner.ctx"]
+    torch.save(checkpoint, last)
+    with pytest.raises(ValueError, match=r"last.ckpt does not fit src.methods.coop.CoOp \(it lacks "):
+        train(cfg)
+
+
+def test_a_damaged_fingerprint_is_refused(tiny_overrides, tmp_path):
+    (tmp_path / "fingerprint.json").write_text('{"config": ')
+    with pytest.raises(RunDirError, match="fingerprint.json is not a run's fingerprint"):
+        prepare_run_dir(make_cfg(["dataset=oxford_pets", *tiny_overrides], tmp_path), tmp_path)

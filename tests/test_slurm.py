@@ -18,7 +18,7 @@ import torch
 from submitit.core.utils import FailedJobError
 
 from src.cli import user_error
-from src.config import quote_numeric_choices
+from src.config import as_hydra_overrides
 from src.train import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,7 +131,7 @@ def test_a_job_the_cluster_refuses_is_one_line_naming_the_option(slurm, cli, cap
     """The local cluster has no GPUs: sbatch refuses --gpus-per-node=1 before anything runs."""
     args = ["-m", "experiment=quickstart", f"hydra.sweep.dir={tmp_path}", "hydra/launcher=slurm"]
     with pytest.raises(SystemExit) as exit_info:
-        cli(main, quote_numeric_choices([*args, "hydra.launcher.gpus_per_node=1"]))
+        cli(main, as_hydra_overrides([*args, "hydra.launcher.gpus_per_node=1"]))
     assert exit_info.value.code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert errors == [

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from src.config import quote_numeric_choices
+from src.config import as_hydra_overrides
 from src.training import train
 from tests.conftest import make_cfg
 
@@ -103,6 +103,11 @@ def test_quickstart_trains_offline_on_textile(cache_dir, tmp_path):
 
 
 def test_numeric_shots_select_the_shots_files():
-    assert quote_numeric_choices(["shots=8", "seed=2"]) == ["shots='8'", "seed=2"]
-    assert quote_numeric_choices(["shots=1,2,16"]) == ["shots='1','2','16'"]
-    assert quote_numeric_choices(["data.shots=8"]) == ["data.shots=8"]
+    assert as_hydra_overrides(["shots=8", "seed=2"]) == ["shots='8'", "seed=2"]
+    assert as_hydra_overrides(["shots=1,2,16"]) == ["shots='1','2','16'"]
+    assert as_hydra_overrides(["data.shots=8"]) == ["data.shots=8"]
+    # DePT's base, a group inside method/: the dotted spelling chooses it as the slash does
+    assert as_hydra_overrides(["method.base=maple", "method.module.lr=1"]) == [
+        "method/base=maple",
+        "method.module.lr=1",
+    ]

@@ -1,4 +1,5 @@
-"""`hydra/sweeper=grid`: Hydra's basic sweeper without the runs that would repeat another run.
+"""`hydra/sweeper=grid`: Hydra's basic sweeper without the runs that would repeat another run, and
+whose failed runs do not stop the sweep.
 
 A benchmark grid sweeps keys that some methods do not depend on (zero-shot CLIP gives the same
 result for every shot count, seed and context variant) or whose other values do not apply to
@@ -15,17 +16,26 @@ its runs are launched only at the first value of each:
 With `pack=true` (the presets' setting), the runs that differ only in seed and context settings
 are launched as one job per pack (src/pack_jobs.py), trained together (src/packing.py).
 
+Hydra's basic sweeper stops at the first batch with a failed run and reports that run only. Here
+every batch runs; the sweep then ends with one line per failed run, naming it by its number and
+swept values, and the others keep their results (src.cli.FailedRuns).
+
 (Hydra loads sweepers only from the `hydra_plugins` package, hence this one's place.)
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from pathlib import Path
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
-from omegaconf import DictConfig
+from hydra.core.utils import JobReturn, JobStatus
+from omegaconf import DictConfig, OmegaConf
 
+from src.cli import FailedRuns, user_error
 from src.pack_jobs import group_jobs
 
 log = logging.getLogger(__name__)
@@ -59,6 +69,50 @@ class GridSweeper(BasicSweeper):
     def _compose(self, job: list[str]) -> DictConfig:
         """A job's config, as the launcher will compose it."""
         return self.hydra_context.config_loader.load_sweep_config(self.config, job)
+
+    def sweep(self, arguments: list[str]) -> list[Sequence[JobReturn]]:
+        """BasicSweeper.sweep, except that a batch with a failed run does not end the sweep."""
+        assert self.config is not None and self.launcher is not None and self.hydra_context is not None
+        params = self._parse_config() + list(arguments)
+        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
+        self.overrides = self.split_arguments(parser.parse_overrides(params), self.max_batch_size)
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        swept = swept_keys([job for batch in self.overrides for job in batch])
+        returns: list[Sequence[JobReturn]] = []
+        failures: list[tuple[str, BaseException]] = []
+        first = 0
+        while not self.is_done():
+            batch = self.get_job_batch()
+            self.validate_batch_is_legal(batch)
+            results = self.launcher.launch(batch, initial_job_idx=first)
+            for index, (job, result) in enumerate(zip(batch, results, strict=True), first):
+                if result.status == JobStatus.FAILED:
+                    # the error itself: `return_value` would print Hydra's line and raise it
+                    failures.append((run_name(index, job, swept), result._return_value))
+            first += len(batch)
+            returns.append(results)
+        if failures:
+            bugs = [err for _, err in failures if user_error(err) is None]
+            raise FailedRuns(failures, first) from (bugs or [failures[0][1]])[0]
+        return returns
+
+
+def swept_keys(jobs: list[list[str]]) -> list[str]:
+    """The keys whose values differ between the jobs (lists of `key=value`), in their order."""
+    values: dict[str, set[str]] = {}
+    for job in jobs:
+        for item in job:
+            key, _, value = item.partition("=")
+            values.setdefault(key, set()).add(value)
+    return [key for key, seen in values.items() if len(seen) > 1]
+
+
+def run_name(index: int, job: Sequence[str], swept: list[str]) -> str:
+    """'#3 (shots=4 seed=2)': the run's number in the sweep and its swept values."""
+    shown = [item for item in job if item.partition("=")[0] in swept] or list(job)
+    return f"#{index} ({' '.join(shown)})"
 
 
 def drop_repeats(jobs: list[list[str]], once: dict[str, list[str]]) -> list[list[str]]:

@@ -14,6 +14,7 @@ from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 from torchvision.transforms import Compose
 
+from src.cli import one_of
 from src.data.datasets.base import DatasetError, DatasetReader
 from src.data.feature_cache import FeatureCache, RandomView, SeededViews, extract_features, feature_key
 from src.data.fewshot import FewShotSampler, draw_fewshot, load_fewshot, save_fewshot
@@ -26,7 +27,7 @@ from src.data.in_memory import (
     finish_augmentation,
     fits_in_memory,
 )
-from src.data.label_noise import flip_labels, record_in_fewshot_file
+from src.data.label_noise import check_rate, flip_labels, record_in_fewshot_file
 from src.data.reference_fewshot import read_reference_fewshot, reference_fewshot_file
 from src.data.samples import Sample, Splits
 from src.data.subsample import Subsample, subsample_classes
@@ -95,14 +96,17 @@ class FewShotDataModule(pl.LightningDataModule):
         in_memory_max_gb: float = 16.0,
         label_noise: float = 0.0,
         test_transform: Callable[[int], Callable] | None = None,
+        drop_last: bool | None = None,
     ) -> None:
         """`test_transform`: makes the test images' transform from the image size, instead of the
-        eval transform (test-time prompt tuning: augmented views of each image)."""
+        eval transform (test-time prompt tuning: augmented views of each image). `drop_last`:
+        whether each epoch drops its last partial train batch; None: the reference's rule."""
         super().__init__()
         if shots < 1:
             raise ValueError(f"shots={shots}: the number of images per class must be at least 1")
         if fewshot_sampler not in ("reference", "sorted"):
-            raise ValueError(f"data.fewshot_sampler={fewshot_sampler!r}: use reference or sorted")
+            raise ValueError(one_of("data.fewshot_sampler", fewshot_sampler, ("reference", "sorted")))
+        check_rate(label_noise)
         self.dataset = dataset
         self.shots = shots
         self.seed = seed
@@ -126,16 +130,19 @@ class FewShotDataModule(pl.LightningDataModule):
         # how the subsets were made: the sampler that drew them, the file they were read from
         self.fewshot_origin: dict[str, str | None] = {"sampler": None, "source": None}
         if train_augment not in ("auto", "pil", "device"):
-            raise ValueError(f"data.train_augment={train_augment!r}: use auto, pil or device")
+            raise ValueError(one_of("data.train_augment", train_augment, ("auto", "pil", "device")))
         self.train_in_memory = train_in_memory
         self.train_augment = train_augment
         self.in_memory_max_gb = in_memory_max_gb
         self.label_noise = label_noise
         self.flipped: list[tuple[Sample, int]] = []  # (clean item, noisy label) of the noisy labels
         self.test_transform = test_transform
-        self.train_items: list[Sample] | None = None
+        self.drop_last = drop_last
+        self.train_items: list[Sample] | None = None  # None until `select`
         self.val_items: list[Sample] = []
         self.test_items: list[Sample] = []
+        self._drawn: tuple[list[Sample], list[Sample]] = ([], [])
+        self._published = False
 
     @cached_property
     def all_splits(self) -> Splits:
@@ -151,77 +158,80 @@ class FewShotDataModule(pl.LightningDataModule):
         return self.splits.classnames
 
     def setup(self, stage: str | None = None) -> None:
-        if self.train_items is None:
-            self._select()
+        self.select()
+        if not self._published:
+            self._publish()
         if stage in (None, "fit"):
-            self._require_training_images()
+            self.require_training_images()
 
-    def _select(self) -> None:
+    def select(self) -> None:
         """The few-shot train/val subsets (the given `fewshot_file`, the reference's pickle, or drawn)
-        over all classes, then subsampled, and the test split, with every image checked; the
-        subsets are saved to `save_fewshot_to`."""
+        over all classes, then subsampled, and the test split, with every image checked and the
+        label noise applied; once. Writes nothing (src.train runs it before claiming the run
+        folder); `setup` then saves the subsets to `save_fewshot_to`."""
+        if self.train_items is not None:
+            return
         splits, everything = self.splits, self.all_splits
         check = ImageCheck(skip_bad=self.skip_bad_images)
         pickled = reference_fewshot_file(self.dataset.root, self.shots, self.seed)
         if self.fewshot_file:
             train, val, sampler = load_fewshot(self.fewshot_file, self.dataset.root, everything)
-            self.fewshot_origin = {"sampler": sampler, "source": str(self.fewshot_file)}
+            origin = {"sampler": sampler, "source": str(self.fewshot_file)}
             train, val = check.keep_good(train), check.keep_good(val)
         elif self.fewshot_sampler == "reference" and pickled.is_file():
             train, val = read_reference_fewshot(pickled, self.dataset.root, everything)
             if val is None:  # ImageNet: the reference has no val draw; ours, as if drawn here
                 val = self._draw(everything, check, check_train=False)[1]
-            self.fewshot_origin = {"sampler": "reference", "source": str(pickled)}
+            origin = {"sampler": "reference", "source": str(pickled)}
             train, val = check.keep_good(train), check.keep_good(val)
         else:
             train, val = self._draw(everything, check)
-            self.fewshot_origin = {"sampler": self.fewshot_sampler, "source": None}
-        if self.fewshot_origin["source"]:
-            log.info("few-shot subsets from %s", self.fewshot_origin["source"])
+            origin = {"sampler": self.fewshot_sampler, "source": None}
         subsets = subsample_classes(Splits(train, val, [], everything.classnames), self.subsample)
-        self.train_items, self.val_items = subsets.train, subsets.val
-        self.test_items = check.keep_good(splits.test)
+        test_items = check.keep_good(splits.test)
         check.report()
-        if not self.test_items:  # before any training: every run ends with the test
+        if not test_items:  # before any training: every run ends with the test
             skipped = " (all skipped as unreadable: data.skip_bad_images=true)" if splits.test else ""
             raise DatasetError(
                 f"{self.dataset.root}: no test images{skipped}; check the split's test list and its images"
             )
+        train_items, flipped = subsets.train, []
+        if self.label_noise and train_items:
+            # after sampling: the images drawn are those of the clean run (src/data/label_noise.py)
+            train_items, flipped = flip_labels(train_items, self.label_noise, self.seed, self.classnames)
+        self._drawn = (train, val)  # what the saved list holds: the draw over all classes, clean
+        self.fewshot_origin, self.val_items, self.test_items = origin, subsets.val, test_items
+        self.train_items, self.flipped = train_items, flipped
+
+    def _publish(self) -> None:
+        """Saves the subsets to `save_fewshot_to` (the noisy labels added to the clean list) and
+        logs where they come from."""
+        origin = self.fewshot_origin
+        if origin["source"]:
+            log.info("few-shot subsets from %s", origin["source"])
         if self.save_fewshot_to and self.train_items:
             path = save_fewshot(
-                self.save_fewshot_to,
-                self.dataset.root,
-                train,
-                val,
-                self.shots,
-                self.seed,
-                **self.fewshot_origin,
+                self.save_fewshot_to, self.dataset.root, *self._drawn, self.shots, self.seed, **origin
             )
             log.info("few-shot subsets saved to %s (rerun on them with data.fewshot_file=%s)", path, path)
+            if self.label_noise:
+                root = self.dataset.root
+                record_in_fewshot_file(self.save_fewshot_to, self.label_noise, self.flipped, root)
         if self.label_noise and self.train_items:
-            self._flip_labels()
+            flipped, total = len(self.flipped), len(self.train_items)
+            log.info("label noise %g: %d of %d train labels flipped", self.label_noise, flipped, total)
         log.info(
             "%s: %d train (%d-shot, seed %d, %s sampler), %d val, %d test images, %d classes",
             self.dataset.root,
             len(self.train_items),
             self.shots,
             self.seed,
-            self.fewshot_origin["sampler"] or "unknown",
+            origin["sampler"] or "unknown",
             len(self.val_items),
             len(self.test_items),
-            len(splits.classnames),
+            len(self.classnames),
         )
-
-    def _flip_labels(self) -> None:
-        """`label_noise` of the train labels flipped (src/data/label_noise.py), after sampling and
-        saving the clean list; the flips are added to the saved list."""
-        self.train_items, self.flipped = flip_labels(
-            self.train_items, self.label_noise, self.seed, self.classnames
-        )
-        if self.save_fewshot_to:
-            record_in_fewshot_file(self.save_fewshot_to, self.label_noise, self.flipped, self.dataset.root)
-        flipped, total = len(self.flipped), len(self.train_items)
-        log.info("label noise %g: %d of %d train labels flipped", self.label_noise, flipped, total)
+        self._published = True
 
     def _draw(
         self, splits: Splits, check: ImageCheck, check_train: bool = True
@@ -246,7 +256,8 @@ class FewShotDataModule(pl.LightningDataModule):
                 return train, val
             bad |= {item.path for item in chosen} - {item.path for item in good}
 
-    def _require_training_images(self) -> None:
+    def require_training_images(self) -> None:
+        """A method that trains needs training images of every class."""
         splits = self.splits
         if not splits.train:
             raise DatasetError(
@@ -286,7 +297,7 @@ class FewShotDataModule(pl.LightningDataModule):
             self.batch_size,
             shuffle=True,
             # the reference drops the last partial batch only when there is a full one
-            drop_last=len(self.train_items) >= self.batch_size,
+            drop_last=len(self.train_items) >= self.batch_size if self.drop_last is None else self.drop_last,
         )
 
     def train_transform(self) -> Compose:

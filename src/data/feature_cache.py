@@ -30,7 +30,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch.utils.data import DataLoader, Dataset
 
 from src.data.samples import Sample
-from src.files import atomic_write
+from src.files import atomic_write, unwritable
 from src.models.clip import FrozenCLIP
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,16 @@ class FeatureCache:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
+
+    def check_writable(self) -> None:
+        """Before a run starts: its features are written at its test, after training."""
+        reason = unwritable(self.root)
+        if reason is not None:
+            raise ValueError(
+                f"paths.cache_dir={self.root} (the feature cache) is not writable ({reason}): set "
+                "COOP_CACHE=<folder> or paths.cache_dir=<folder> to a writable folder, or "
+                "data.cache_features=false to encode the images in every run"
+            )
 
     def path(self, key: dict[str, str]) -> Path:
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]

@@ -19,6 +19,11 @@ def flip_count(rate: float, n: int) -> int:
     return math.floor(rate * n + 0.5)
 
 
+def check_rate(rate: float) -> None:
+    if not 0 <= rate <= 1:
+        raise ValueError(f"data.label_noise={rate}: give the fraction of flipped labels, from 0 to 1")
+
+
 def flip_labels(
     items: list[Sample], rate: float, seed: int, classnames: list[str]
 ) -> tuple[list[Sample], list[tuple[Sample, int]]]:
@@ -28,8 +33,7 @@ def flip_labels(
     Returns the new list and the flipped items as (original item, noisy label). Per class, so
     every class keeps the same share of clean labels. A function of (items, rate, seed) only.
     """
-    if not 0 <= rate <= 1:
-        raise ValueError(f"data.label_noise={rate}: give the fraction of flipped labels, from 0 to 1")
+    check_rate(rate)
     if rate > 0 and len(classnames) < 2:
         raise ValueError("data.label_noise > 0 needs at least 2 classes to flip labels between")
     by_label: dict[int, list[int]] = defaultdict(list)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
+from src.cli import one_of
 from src.data.samples import Sample, Splits
 
 Subsample = Literal["all", "base", "new"]
@@ -17,7 +18,7 @@ def subsample_classes(splits: Splits, subsample: Subsample) -> Splits:
     their union is the whole class list.
     """
     if subsample not in ("all", "base", "new"):
-        raise ValueError(f"dataset.subsample={subsample!r}: use all, base or new")
+        raise ValueError(one_of("dataset.subsample", subsample, ("all", "base", "new")))
     if subsample == "all":
         return splits
     labels = list(range(len(splits.classnames)))

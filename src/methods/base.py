@@ -9,6 +9,7 @@ method like the project's own (README, "Add a method").
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, ClassVar
 
 import pytorch_lightning as pl
@@ -16,7 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torchmetrics.classification import MulticlassAccuracy
 
-from src.models.clip import FrozenCLIP
+from src.models.clip import Architecture, FrozenCLIP
 
 PROMPT_FORMAT = 1  # prompt.pt's format; keys were added since, none changed meaning
 CHECKPOINT_PROMPT = "prompt"  # the key of the prompt file's contents in a Lightning checkpoint
@@ -52,6 +53,16 @@ class Method(pl.LightningModule):
     # logits, `CoOp.text_inputs`, `logits`, `loss`). A subclass that changes the training step (an
     # extra loss term, a per-image prompt, a gradient projection) sets it False.
     packable: ClassVar[bool] = False
+
+    @classmethod
+    def check_config(cls, args: dict[str, Any], architecture: Architecture) -> None:
+        """Raises ValueError, one line naming the option and a fix to paste (src.cli.override), when
+        the method's arguments do not fit each other or the backbone: what the constructor would
+        refuse, found before the run folder is claimed and before any weights load
+        (src/precheck.py). `args` are `method.module`'s values with the constructors' defaults
+        filled in (`method_arguments`); `architecture` is read from open_clip's config of
+        `model.name`. An override checks its own arguments and calls super()'s; accepting
+        everything (here) leaves the checks to the constructor."""
 
     def __init__(self, clip: FrozenCLIP, classnames: list[str]) -> None:
         super().__init__()
@@ -92,9 +103,15 @@ class Method(pl.LightningModule):
 
     @classmethod
     def from_prompt(
-        cls, state: dict[str, Any], clip: FrozenCLIP, classnames: list[str] | None = None
+        cls,
+        state: dict[str, Any],
+        clip: FrozenCLIP,
+        classnames: list[str] | None = None,
+        template: str | None = None,
     ) -> Method:
-        """The method rebuilt from a prompt file's state, for its own class list (None) or another."""
+        """The method rebuilt from a prompt file's state, for its own class list (None) or another;
+        `template` is the hand-made template of the dataset it is tested on, for a method whose
+        prompts are made from its dataset's (MMRL); None: the one it was trained with."""
         raise ValueError(f"{class_path(cls)} writes no prompt file and cannot be rebuilt from one")
 
     def prompt_state(self) -> dict[str, Any] | None:
@@ -125,6 +142,17 @@ class Method(pl.LightningModule):
                 prompt["weights"][key] = state.get(key, tensor)
             checkpoint[CHECKPOINT_PROMPT] = prompt
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A resumed run's checkpoint must hold every trained tensor: Lightning loads it non-strictly
+        # (CLIP's weights are not in it) and would otherwise leave missing ones as initialised.
+        problem = self._unfitting(checkpoint["state_dict"])
+        if problem:
+            raise ValueError(
+                f"{self.trainer.ckpt_path} does not fit {class_path(type(self))} ({problem}): it was "
+                "written by another method or version; delete it to start the run over, or keep this "
+                "folder as it is and give the run another one with hydra.run.dir=<folder>"
+            )
+
     # -- the trained tensors, by name, for prompt files -----------------------------------------
     def trained_weights(self, exclude: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
         """Every parameter that trains (CLIP's never do), on the CPU, by its state-dict name."""
@@ -138,18 +166,25 @@ class Method(pl.LightningModule):
         self, weights: dict[str, torch.Tensor], source: str, exclude: tuple[str, ...] = ()
     ) -> None:
         """Loads what `trained_weights` saved; every trained parameter must be there, in its shape."""
+        problem = self._unfitting(weights, exclude)
+        if problem:
+            raise ValueError(
+                f"{source} does not fit {class_path(type(self))}: {problem}; it was saved by another "
+                "version of the method: train it again"
+            )
+        with torch.no_grad():
+            for name, param in self.named_parameters():
+                if param.requires_grad and name not in exclude:
+                    param.copy_(weights[name])
+
+    def _unfitting(self, weights: dict[str, torch.Tensor], exclude: tuple[str, ...] = ()) -> str:
+        """What keeps `weights` from loading into the trained parameters ('' when nothing does)."""
         params = {n: p for n, p in self.named_parameters() if p.requires_grad and n not in exclude}
         missing = sorted(set(params) - set(weights))
         wrong = sorted(n for n in set(params) & set(weights) if weights[n].shape != params[n].shape)
-        if missing or wrong:
-            raise ValueError(
-                f"{source} does not fit {class_path(type(self))}: "
-                + (f"it lacks {missing[:5]}" if missing else f"{wrong[:5]} have other shapes")
-                + "; it was saved by another version of the method: train it again"
-            )
-        with torch.no_grad():
-            for name, param in params.items():
-                param.copy_(weights[name])
+        if missing:
+            return f"it lacks {missing[:5]}"
+        return f"{wrong[:5]} have other shapes" if wrong else ""
 
 
 def class_path(cls: type) -> str:
@@ -157,16 +192,45 @@ def class_path(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+def method_class(method_cfg: DictConfig) -> type[Method]:
+    """The class of a run's method (`method.module._target_`), imported as Hydra imports a target."""
+    from hydra.utils import get_class  # noqa: PLC0415  (Hydra only where a config is read)
+
+    target = method_cfg.module._target_
+    try:
+        cls = get_class(target)
+    except (ImportError, ValueError) as err:
+        raise ValueError(
+            f"method={method_cfg.name}: method.module._target_={target} cannot be imported "
+            f"({err}): put the folder that holds its package on PYTHONPATH"
+        ) from err
+    if not issubclass(cls, Method):
+        raise ValueError(
+            f"method={method_cfg.name}: method.module._target_={target} is not a subclass of "
+            "src.methods.base.Method; a method's class extends Method (or CoOp)"
+        )
+    return cls
+
+
+def method_arguments(cls: type[Method], module_cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
+    """The arguments a method's constructor gets from `method.module` (resolved), with the defaults
+    of its signature and of the constructors it forwards the rest to (`**coop_args`) filled in:
+    what `Method.check_config` checks."""
+    args = {k: v for k, v in plain(module_cfg).items() if not k.startswith("_")}
+    for klass in cls.__mro__:
+        if issubclass(klass, Method) and "__init__" in vars(klass):
+            for name, param in inspect.signature(klass.__init__).parameters.items():
+                if param.default is not inspect.Parameter.empty:
+                    args.setdefault(name, param.default)
+    return args
+
+
 def build_method(method_cfg: DictConfig, clip: FrozenCLIP, classnames: list[str]) -> Method:
     """The method of a run's config (`method.module`, named `method.name`)."""
     from hydra.utils import instantiate  # noqa: PLC0415  (Hydra only where a config is built)
 
+    method_class(method_cfg)
     module = instantiate(method_cfg.module, clip=clip, classnames=classnames)
-    if not isinstance(module, Method):
-        raise ValueError(
-            f"method={method_cfg.name}: method.module._target_={method_cfg.module._target_} is not a "
-            "subclass of src.methods.base.Method; a method's class extends Method (or CoOp)"
-        )
     module.name = method_cfg.name
     return module
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from src.methods.coop import CoOp
-from src.models.clip import FrozenCLIP
+from src.models.clip import Architecture, FrozenCLIP
 
 
 class CoCoOp(CoOp):
@@ -35,11 +35,7 @@ class CoCoOp(CoOp):
         class_specific: bool = False,
         **coop_args: Any,
     ) -> None:
-        if class_specific:
-            raise ValueError(
-                "method=cocoop has one context shared by all classes (the meta-net's bias is per "
-                "image): use ctx=unified"
-            )
+        check_shared_context(class_specific)
         super().__init__(clip, classnames, **coop_args)
         vis_dim = clip.model.visual.output_dim
         width = clip.token_embedding.weight.shape[1]
@@ -57,6 +53,11 @@ class CoCoOp(CoOp):
         ctx_mask = (order >= 1) & (order <= self.prompt_learner.n_ctx)
         self.register_buffer("ctx_mask", ctx_mask[..., None].float(), persistent=False)
         self.prompts_per_pass = prompts_per_pass
+
+    @classmethod
+    def check_config(cls, args: dict[str, Any], architecture: Architecture) -> None:
+        super().check_config(args, architecture)
+        check_shared_context(args["class_specific"])
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits of a batch of images [b, 3, h, w] or of their image features [b, d]."""
@@ -84,3 +85,11 @@ class CoCoOp(CoOp):
 
     def on_test_epoch_start(self) -> None:
         pass
+
+
+def check_shared_context(class_specific: bool) -> None:
+    if class_specific:
+        raise ValueError(
+            "method=cocoop has one context shared by all classes (the meta-net's bias is per "
+            "image): use ctx=unified"
+        )

@@ -10,9 +10,10 @@ import torch.nn.functional as F
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.classification import MulticlassAccuracy
 
+from src.cli import override
 from src.methods.base import CHECKPOINT_PROMPT, Method, plain
-from src.models.clip import FrozenCLIP
-from src.models.prompt_learner import InitCount, Position, PromptLearner
+from src.models.clip import Architecture, FrozenCLIP
+from src.models.prompt_learner import InitCount, Position, PromptLearner, check_context
 
 CTX = "prompt_learner.ctx"  # the context's state-dict name; prompt.pt holds it as `ctx`
 
@@ -59,6 +60,11 @@ class CoOp(Method):
         self.val_acc = MulticlassAccuracy(num_classes=len(classnames), average="micro")
         self._eval_text_features: torch.Tensor | None = None
 
+    @classmethod
+    def check_config(cls, args: dict[str, Any], architecture: Architecture) -> None:
+        super().check_config(args, architecture)
+        check_context(args["n_ctx"], args["ctx_init"], args["class_token_position"], args["ctx_init_count"])
+
     # -- the method -------------------------------------------------------------------------
     def make_prompt_learner(self, classnames: list[str], clip: FrozenCLIP, **options: Any) -> PromptLearner:
         return PromptLearner(classnames, clip.token_embedding, clip.tokenize, **options)
@@ -78,14 +84,21 @@ class CoOp(Method):
         text_features = F.normalize(text_features, dim=-1)
         return self.clip.logit_scale * image_features @ text_features.t()
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits of a batch of images [b, 3, h, w] or of their image features [b, d] (the data
-        module's batches when image features are cached)."""
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.clip.image_features(images)
+
+    def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The unnormalised image features of a batch [b, d] and class text features [n_cls, d] whose
+        `logits` are the method's: what a method built on this one (DePT) adds its own head to."""
         text = self._eval_text_features
         if text is None:
             text = self.text_features()
-        features = self.clip.image_features(images)
-        return self.logits(features, text)
+        return self.image_features(images), text
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits of a batch of images [b, 3, h, w] or of their image features [b, d] (the data
+        module's batches when image features are cached)."""
+        return self.logits(*self.features(images))
 
     # -- Lightning hooks --------------------------------------------------------------------
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -97,6 +110,14 @@ class CoOp(Method):
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The training loss of a batch's logits: CoOp's cross-entropy."""
         return F.cross_entropy(logits, labels)
+
+    def regulariser(
+        self, images: torch.Tensor, image_features: torch.Tensor, text_features: torch.Tensor
+    ) -> torch.Tensor:
+        """What a successor adds, weighted, to the loss of its logits (KgCoOp: the distance to the
+        hand-made prompt's text features); none for CoOp. A method built on this one (DePT) adds it
+        to its own loss."""
+        return image_features.new_zeros(())
 
     def _start_eval(self) -> None:
         # The prompts do not change during evaluation: encode them once, not once per batch.
@@ -123,23 +144,25 @@ class CoOp(Method):
         self.val_acc(self(images), labels)
         self.log("val/acc", self.val_acc, prog_bar=True, batch_size=len(labels))
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        return self.optimization(self.trainer.max_epochs)
+    def configure_optimizers(self, groups: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        return self.optimization(self.trainer.max_epochs, groups)
 
-    def optimization(self, max_epochs: int) -> dict[str, Any]:
-        """The optimiser and its schedule over `max_epochs` epochs, as configure_optimizers gives them
-        to Lightning."""
+    def optimization(self, max_epochs: int, groups: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """SGD over every parameter that trains, at `lr`, or over parameter `groups` (those of a
+        method built on this one: DePT's own layers at an lr of their own); every group warms up at
+        `warmup_lr`, then follows the cosine from its own lr over `max_epochs` epochs: what
+        configure_optimizers gives Lightning (a pack asks for it without a trainer, src/packing.py)."""
         hp = self.hparams
-        optimizer = torch.optim.SGD(
-            [p for p in self.parameters() if p.requires_grad],  # CLIP's are frozen
-            lr=hp.lr,
-            momentum=hp.momentum,
-            weight_decay=hp.weight_decay,
-        )
-        schedule = warmup_cosine(hp.lr, hp.warmup_lr, hp.warmup_epochs, max_epochs)
+        if groups is None:
+            groups = [{"params": [p for p in self.parameters() if p.requires_grad]}]  # CLIP's are frozen
+        optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+        schedules = [
+            warmup_cosine(group["lr"], hp.warmup_lr, hp.warmup_epochs, max_epochs)
+            for group in optimizer.param_groups
+        ]
         return {
             "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": LambdaLR(optimizer, schedule), "interval": "epoch"},
+            "lr_scheduler": {"scheduler": LambdaLR(optimizer, schedules), "interval": "epoch"},
         }
 
     # -- results and the learned prompt, as a small portable file ---------------------------
@@ -176,7 +199,11 @@ class CoOp(Method):
 
     @classmethod
     def from_prompt(
-        cls, state: dict[str, Any], clip: FrozenCLIP, classnames: list[str] | None = None
+        cls,
+        state: dict[str, Any],
+        clip: FrozenCLIP,
+        classnames: list[str] | None = None,
+        template: str | None = None,
     ) -> CoOp:
         """The method rebuilt from its prompt file, for its own class list or, with a unified
         context, for another one (a class-specific context only exists for the classes it was
@@ -186,7 +213,8 @@ class CoOp(Method):
         if state["class_specific"] and classnames != state["classnames"]:
             raise ValueError(
                 "a class-specific context only applies to the class list it was trained on "
-                f"({len(state['classnames'])} classes); evaluate it on that dataset or train a unified one"
+                f"({len(state['classnames'])} classes{_of_dataset(state.get('trained_on'))}); evaluate "
+                "it on that dataset or train a unified one"
             )
         module = cls(
             clip,
@@ -213,14 +241,22 @@ class CoOp(Method):
         return module
 
 
+def _of_dataset(trained_on: dict[str, str] | None) -> str:
+    """' of oxford_pets, dataset.subsample=base': where a prompt was trained, when known."""
+    if trained_on is None:
+        return ""
+    subsample = trained_on["subsample"]
+    classes = "" if subsample == "all" else f", {override('dataset.subsample', subsample)}"
+    return f" of {trained_on['dataset']}{classes}"
+
+
 def check_backbone(state: dict[str, Any], clip: FrozenCLIP) -> None:
     """A prompt file is used on the backbone it was learned on."""
     if (clip.name, clip.pretrained) != (state["backbone"], state["pretrained"]):
-        pretrained = "null" if state["pretrained"] is None else state["pretrained"]
         raise ValueError(
-            f"the prompt was learned on {state['backbone']} ({state['pretrained']}), not "
-            f"{clip.name} ({clip.pretrained}): use model.name={state['backbone']} "
-            f"model.pretrained={pretrained}"
+            f"the prompt was learned on {state['backbone']} ({state['pretrained'] or 'random weights'}), "
+            f"not {clip.name} ({clip.pretrained or 'random weights'}): use "
+            f"{override('model.name', state['backbone'])} {override('model.pretrained', state['pretrained'])}"
         )
 
 

@@ -44,15 +44,19 @@ class KgCoOp(HandMadeGuided, CoOp):
         cos = F.cosine_similarity(text_features.float(), self.hand_made_features(), dim=-1, eps=1e-7)
         return 1 - cos.mean()
 
+    def regulariser(
+        self, images: torch.Tensor, image_features: torch.Tensor, text_features: torch.Tensor
+    ) -> torch.Tensor:
+        return self.weight * self.knowledge_distance(text_features)
+
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch
-        text = self.text_features()
-        features = self.clip.image_features(images)
+        features, text = self.features(images)
         ce = F.cross_entropy(self.logits(features, text), labels)
-        distance = self.knowledge_distance(text)
-        loss = ce + self.weight * distance
+        regulariser = self.regulariser(images, features, text)
+        loss = ce + regulariser
         self.log("train/loss", loss, prog_bar=True, batch_size=len(labels))
-        self.log("train/kg_distance", distance, batch_size=len(labels))
+        self.log("train/kg_loss", regulariser, batch_size=len(labels))
         return loss
 
     def result_fields(self) -> dict[str, Any]:

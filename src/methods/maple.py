@@ -9,13 +9,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from src.methods.coop import CoOp
+from src.cli import override
+from src.methods.ivlp import DeepPrompts
 from src.models import deep_prompts
-from src.models.clip import FrozenCLIP
-from src.models.prompt_learner import Position, PromptLearner
+from src.models.clip import Architecture, FrozenCLIP
+from src.models.prompt_learner import Position
 
 
-class MaPLe(CoOp):
+class MaPLe(DeepPrompts):
     """CoOp's context (layer 0 of the text encoder) plus, for blocks 1 .. J-1, learned deep prompts
     that replace the context positions' hidden states; the image encoder gets, for each of the J
     blocks, as many extra tokens made from that block's text prompts by a coupling function
@@ -27,9 +28,6 @@ class MaPLe(CoOp):
     """
 
     name = "maple"
-    prompts_images = True
-    text_classifier = False  # its logits need its own image features
-    packable = False  # its prompts enter the image encoder: no image pass to share
 
     def __init__(
         self,
@@ -44,17 +42,8 @@ class MaPLe(CoOp):
         **coop_args: Any,
     ) -> None:
         visual = clip.model.visual
+        check_maple(prompt_depth, class_specific, class_token_position, Architecture.of(clip.name))
         deep_prompts.check_prompt_ready_vit(visual, clip.name)
-        if class_specific or class_token_position != "end":
-            raise ValueError(
-                "method=maple has one context shared by all classes, before the class name: use "
-                "ctx=unified ctx.class_token_position=end"
-            )
-        layers = min(len(clip.text.tower.transformer.resblocks), len(visual.transformer.resblocks))
-        if not 1 <= prompt_depth <= layers:
-            raise ValueError(
-                f"method.module.prompt_depth={prompt_depth}: use 1 .. {layers} (the blocks of {clip.name})"
-            )
         super().__init__(clip, classnames, n_ctx=n_ctx, ctx_init=ctx_init, lr=lr, **coop_args)
         n_ctx = self.prompt_learner.n_ctx
         text_width = clip.token_embedding.weight.shape[1]
@@ -66,34 +55,40 @@ class MaPLe(CoOp):
             + [copy.deepcopy(deep_coupling) for _ in range(prompt_depth - 1)]
         )
 
-    def make_prompt_learner(self, classnames: list[str], clip: FrozenCLIP, **options: Any) -> PromptLearner:
-        # CoOp learns all the words of ctx_init; MaPLe only the first n_ctx.
-        return super().make_prompt_learner(classnames, clip, **options, learned_init_tokens=options["n_ctx"])
+    @classmethod
+    def check_config(cls, args: dict[str, Any], architecture: Architecture) -> None:
+        super().check_config(args, architecture)
+        check_maple(args["prompt_depth"], args["class_specific"], args["class_token_position"], architecture)
 
     def text_prompts(self) -> list[torch.Tensor]:
         """The text prompts of blocks 0 .. J-1, each [n_ctx, text width]."""
         return [self.prompt_learner.ctx, *self.deep_text]
 
-    def text_features(self) -> torch.Tensor:
-        learner = self.prompt_learner
-        prompts = learner(self.clip.text.prompt_length(learner.max_eos))
-        return deep_prompts.encode_text(self.clip.text, prompts, learner.eos, list(self.deep_text))
-
-    def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        coupled = [coupling(p) for coupling, p in zip(self.couplings, self.text_prompts(), strict=True)]
-        return deep_prompts.encode_image(self.clip.model.visual, images, coupled)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits of a batch of images [b, 3, h, w]."""
-        if images.ndim != 4:
-            raise ValueError(
-                "method=maple prompts the image encoder, so it takes images, not cached image "
-                "features: use data.cache_features=false data.train_views=0"
-            )
-        text = self._eval_text_features
-        if text is None:
-            text = self.text_features()
-        return self.logits(self.image_features(images), text)
+    def image_prompts(self) -> list[torch.Tensor]:
+        """Each block's image tokens, coupled to its text prompts."""
+        return [coupling(p) for coupling, p in zip(self.couplings, self.text_prompts(), strict=True)]
 
     def result_fields(self) -> dict[str, Any]:
         return {**super().result_fields(), "prompt_depth": len(self.couplings)}
+
+
+def check_maple(prompt_depth: int, class_specific: bool, position: str, architecture: Architecture) -> None:
+    """MaPLe's prompts are tokens of a ViT, in its first `prompt_depth` blocks (and the text
+    encoder's), after one context shared by all classes."""
+    if architecture.image_encoder != "vit":
+        raise ValueError(
+            f"model.name={architecture.name}: its image encoder ({architecture.image_encoder}) has no "
+            "token sequence to put prompts into; multi-modal prompts need a ViT, e.g. model=vit_b16"
+        )
+    if class_specific or position != "end":
+        raise ValueError(
+            "method=maple has one context shared by all classes, before the class name: use "
+            "ctx=unified ctx.class_token_position=end"
+        )
+    blocks = min(b for b in (architecture.image_blocks, architecture.text_blocks) if b is not None)
+    if not 1 <= prompt_depth <= blocks:
+        raise ValueError(
+            f"method.module.prompt_depth={prompt_depth}: {architecture.name} has {blocks} blocks per "
+            f"encoder: use {override('method.module.prompt_depth', min(max(prompt_depth, 1), blocks))} "
+            "(prompts in that many blocks)"
+        )

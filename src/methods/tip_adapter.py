@@ -230,7 +230,11 @@ class TipAdapter(Method):
 
     @classmethod
     def from_prompt(
-        cls, state: dict[str, Any], clip: FrozenCLIP, classnames: list[str] | None = None
+        cls,
+        state: dict[str, Any],
+        clip: FrozenCLIP,
+        classnames: list[str] | None = None,
+        template: str | None = None,
     ) -> TipAdapter:
         """Rebuilds a (fine-tuned) Tip-Adapter for its own or another class list: the cache votes
         for the classes of the list that it holds (matched by name); for the others (new classes,

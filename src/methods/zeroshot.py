@@ -67,14 +67,16 @@ class ZeroShotCLIP(FrozenClassifier):
 
 @torch.no_grad()
 def template_text_features(
-    clip: FrozenCLIP, classnames: list[str], templates: list[str]
+    clip: FrozenCLIP, classnames: list[str], templates: list[str], normalize_each: bool = True
 ) -> torch.Tensor:
     """Normalised class text features [n_cls, d] of hand-made prompts: per class the mean of the
-    normalised features of its prompts, one per template, normalised again."""
+    normalised features of its prompts, one per template, normalised again (`normalize_each=False`:
+    the mean of the raw features, normalised, as PromptSRC's frozen teacher)."""
     names = [name.replace("_", " ") for name in classnames]
     total = 0
     for template in templates:
         tokens = clip.tokenize([template.format(name) for name in names])
         tokens = tokens.to(clip.token_embedding.weight.device)  # the backbone's, wherever built
-        total = total + F.normalize(clip.model.encode_text(tokens).float(), dim=-1)
+        features = clip.model.encode_text(tokens).float()
+        total = total + (F.normalize(features, dim=-1) if normalize_each else features)
     return F.normalize(total / len(templates), dim=-1)

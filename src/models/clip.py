@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
@@ -42,6 +43,40 @@ def check_architecture(name: str) -> None:
         raise ValueError(
             f"model.name={name!r} is not an open_clip architecture; pick one of "
             f"open_clip.list_models() (e.g. RN50-quickgelu, ViT-B-32) or {_project_models()}"
+        )
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What a method may check of a backbone before it is built (`Method.check_config`), read from
+    open_clip's JSON config of the architecture: no weights are loaded.
+
+    `image_encoder` is the kind open_clip builds from the config: "vit" (its VisionTransformer, a
+    sequence of tokens), "resnet" (its ModifiedResNet) or "timm" (a timm model). Block counts are
+    None where the config does not give them (a timm image encoder, a Hugging Face text encoder).
+    """
+
+    name: str
+    image_encoder: str
+    image_blocks: int | None
+    text_blocks: int | None
+
+    @classmethod
+    def of(cls, name: str) -> Architecture:
+        """The architecture `model.name=<name>` (ValueError naming the option if unknown)."""
+        check_architecture(name)
+        config = open_clip.get_model_config(name)
+        vision, text = config["vision_cfg"], config["text_cfg"]
+        layers = vision.get("layers")
+        if vision.get("timm_model_name"):
+            kind = "timm"
+        else:
+            kind = "resnet" if isinstance(layers, (list, tuple)) else "vit"
+        return cls(
+            name=name,
+            image_encoder=kind,
+            image_blocks=layers if kind == "vit" else None,
+            text_blocks=None if text.get("hf_model_name") else text.get("layers"),
         )
 
 

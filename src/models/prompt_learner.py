@@ -8,18 +8,26 @@ from typing import Literal
 import torch
 from torch import nn
 
+from src.cli import one_of
+
 log = logging.getLogger(__name__)
 
 Position = Literal["end", "middle", "front"]
 # How many vectors a context initialised from words has: one per word, the phrase's leading tokens
 # (the reference), or one per BPE token of the phrase.
 InitCount = Literal["words", "tokens"]
+POSITIONS = ("end", "middle", "front")
+INIT_COUNTS = ("words", "tokens")
 
 
-def check_context(n_ctx: int, ctx_init: str | None, class_token_position: str) -> None:
+def check_context(
+    n_ctx: int, ctx_init: str | None, class_token_position: str, ctx_init_count: str = "words"
+) -> None:
     """The context options' mistakes (src.train checks them before loading CLIP's weights)."""
-    if class_token_position not in ("end", "middle", "front"):
-        raise ValueError(f"ctx.class_token_position={class_token_position!r}: use end, middle or front")
+    if class_token_position not in POSITIONS:
+        raise ValueError(one_of("ctx.class_token_position", class_token_position, POSITIONS))
+    if ctx_init_count not in INIT_COUNTS:
+        raise ValueError(one_of("ctx.init_count", ctx_init_count, INIT_COUNTS, "words: the reference"))
     if not ctx_init and n_ctx < 1:
         raise ValueError(f"ctx.n_ctx={n_ctx}: the context needs at least 1 vector")
 
@@ -53,9 +61,7 @@ class PromptLearner(nn.Module):
         """`learned_init_tokens`: with `ctx_init`, only its first tokens are learned and the rest stay
         fixed words of every prompt (MaPLe learns "a photo" of "a photo of a {class}.")."""
         super().__init__()
-        check_context(n_ctx, ctx_init, class_token_position)
-        if ctx_init_count not in ("words", "tokens"):
-            raise ValueError(f"ctx.init_count={ctx_init_count!r}: use words (the reference) or tokens")
+        check_context(n_ctx, ctx_init, class_token_position, ctx_init_count)
         _check_tokenizer(tokenize)
         names = [name.replace("_", " ") for name in classnames]
         n_cls = len(names)

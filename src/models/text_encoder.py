@@ -43,10 +43,17 @@ from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 from torch.utils.checkpoint import checkpoint
 
+from src.cli import one_of
+
 log = logging.getLogger(__name__)
 
 TextPath = Literal["auto", "grouped", "batched", "reference"]
 TEXT_PATHS = ("auto", "grouped", "batched", "reference")
+
+
+def check_text_path(path: str) -> None:
+    if path not in TEXT_PATHS:
+        raise ValueError(one_of("model.text_path", path, TEXT_PATHS))
 
 
 class TextEncoder(nn.Module):
@@ -60,8 +67,7 @@ class TextEncoder(nn.Module):
         prefix_min_tokens: int = 4096,
     ) -> None:
         super().__init__()
-        if path not in TEXT_PATHS:
-            raise ValueError(f"model.text_path={path!r}: use one of {', '.join(TEXT_PATHS)}")
+        check_text_path(path)
         tower = getattr(clip_model, "text", clip_model)
         if not hasattr(tower, "token_embedding"):
             raise ValueError(

@@ -160,13 +160,19 @@ def read_split_json(path: Path, image_dir: Path) -> Splits:
         raise DatasetError(
             f"{path} is not a valid split file ({err}): delete it to have it made again"
         ) from err
-    return Splits(**splits, classnames=classnames_of(splits["train"] + splits["test"]))
+    try:
+        classnames = classnames_of(splits["train"] + splits["test"])
+    except DatasetError as err:
+        raise DatasetError(f"{path}: {err}: fix its labels, or delete it to have it made again") from err
+    return Splits(**splits, classnames=classnames)
 
 
 def classnames_of(items: list[Sample]) -> list[str]:
     names = {item.label: item.classname for item in items}
     if sorted(names) != list(range(len(names))):
-        raise DatasetError(f"labels must be 0..{len(names) - 1}; found {sorted(names)[:10]} ...")
+        found = sorted(names)
+        shown = f"{found[:10]}"[:-1] + (", ...]" if len(found) > 10 else "]")
+        raise DatasetError(f"labels must be 0..{len(names) - 1}, one per class; found {shown}")
     return [names[label] for label in range(len(names))]
 
 

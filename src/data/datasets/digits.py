@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageOps
 from sklearn.datasets import load_digits
 
+from src.cli import one_of
 from src.data.datasets.base import DatasetReader, images_in_class_folders, split_off, split_per_class
 from src.data.samples import Sample, Splits
 from src.files import atomic_folder
@@ -52,9 +53,7 @@ def read_digits(root: Path, look: str = PRETRAINING_LOOK) -> tuple[list[Sample],
     """(held out, pre-training), rendered in `look` under root/<look>/: each class split in half,
     deterministically (the same scans whatever the look)."""
     if look not in LOOKS:
-        raise ValueError(
-            f"dataset.reader.look={look!r} is not a look of the digits: choose one of {sorted(LOOKS)}"
-        )
+        raise ValueError(one_of("dataset.reader.look", look, sorted(LOOKS)))
     folder = atomic_folder(Path(root) / look, lambda tmp: write_scans(tmp, look))
     items = images_in_class_folders(folder, [str(label) for label in range(len(CLASSNAMES))], CLASSNAMES)
     return split_off(items, fraction=PRETRAIN_FRACTION)

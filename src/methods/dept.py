@@ -1,0 +1,271 @@
+"""DePT (Zhang et al., "DePT: Decoupled Prompt Tuning", CVPR 2024): a CoOp-family method plus a
+channel-adjusted transfer (CAT) head on its features, trained together, used on the trained classes."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from hydra.utils import get_class
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from src.methods.base import Method, class_path, method_arguments
+from src.methods.coop import CoOp
+from src.models.clip import Architecture, FrozenCLIP
+from src.prompt_file import method_from_prompt
+
+HEAD = "head."  # the state-dict prefix of DePT's own parameters
+# Lightning's training hooks that DePT does not run for its base (they would see DePT's training
+# only): a base with its own is refused. It runs the base's on_train_start and on_train_epoch_end.
+TRAINING_HOOKS = (
+    "on_train_epoch_start",
+    "on_train_batch_start",
+    "on_train_batch_end",
+    "on_before_backward",
+    "on_after_backward",
+    "on_before_optimizer_step",
+    "on_save_checkpoint",
+    "on_load_checkpoint",
+)
+
+
+class ChannelWise(nn.Module):
+    """The channel-wise transformation (cwT): a learned scale (from 1) and shift (from 0) per
+    feature channel, on unnormalised features."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(dim))
+        self.shift = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features * self.scale + self.shift
+
+
+class CATHead(nn.Module):
+    """Image and text features, each through its own cwT, classified by one linear layer over the
+    trained classes (PyTorch's default init, as the reference)."""
+
+    def __init__(self, dim: int, n_classes: int) -> None:
+        super().__init__()
+        self.image_cwt = ChannelWise(dim)
+        self.text_cwt = ChannelWise(dim)
+        self.linear = nn.Linear(dim, n_classes)
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.image_cwt(image_features))
+
+    def training_logits(
+        self, image_features: torch.Tensor, text_features: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits [2b, n_cls] and labels [2b]: each image's ground-truth class text feature is a
+        sample too, before the images (the reference's order)."""
+        samples = torch.cat([self.text_cwt(text_features)[labels], self.image_cwt(image_features)])
+        return self.linear(samples), torch.cat([labels, labels])
+
+
+class DePT(Method):
+    """A base method (`base`: a CoOp-family class path, built with `base_args`, or a built one)
+    whose unnormalised image and class text features also feed a CAT head over its classes.
+
+    Training: loss = (1 - cat_weight) * the base's loss of its logits + cat_weight * cross-entropy
+    of the CAT head on images and text features + the base's regulariser, unscaled (KgCoOp's); the
+    head's layers learn at `cat_lr_ratio` times the base's lr. Test on classes the head knows
+    (`head_classnames`, the trained ones; any subset of them): (1 - cat_weight) * the base's logits
+    + cat_weight * the head's, raw logits fused as the official code does; on any other class list
+    (new classes, another dataset): the base's logits alone.
+    """
+
+    name = "dept"
+    learns_context = True
+
+    def __init__(
+        self,
+        clip: FrozenCLIP,
+        classnames: list[str],
+        base: str | CoOp,
+        cat_weight: float = 0.7,
+        cat_lr_ratio: float = 6.5,
+        head_classnames: list[str] | None = None,
+        **base_args: Any,
+    ) -> None:
+        super().__init__(clip, classnames)
+        if not 0 <= cat_weight <= 1 or cat_lr_ratio <= 0:
+            raise ValueError(
+                f"method.module.cat_weight={cat_weight}, method.module.cat_lr_ratio={cat_lr_ratio}: "
+                "use a weight in [0, 1] and a positive ratio"
+            )
+        if isinstance(base, str):
+            base = build_base(base, clip, classnames, base_args)
+        check_base(type(base))
+        self.base = base
+        self.prompts_images = base.prompts_images
+        self.cat_weight = cat_weight
+        self.cat_lr_ratio = cat_lr_ratio
+        self.head_classnames = list(head_classnames or classnames)
+        # Its init draws from a fork of the random stream: the rest of the run (batches, crops) draws
+        # what it would for the base alone, so that cat_weight=0 is exactly the base's run.
+        with torch.random.fork_rng(devices=[]):
+            self.head = CATHead(clip.model.visual.output_dim, len(self.head_classnames))
+        # The head's rows of the tested classes: all of them in training; None when some tested
+        # class is not one the head was trained on (the base's logits alone).
+        known = set(self.head_classnames)
+        rows = [self.head_classnames.index(c) for c in classnames] if known.issuperset(classnames) else None
+        self.register_buffer("head_rows", None if rows is None else torch.tensor(rows), persistent=False)
+        self.val_acc = MulticlassAccuracy(num_classes=len(classnames), average="micro")
+
+    @classmethod
+    def check_config(cls, args: dict[str, Any], architecture: Architecture) -> None:
+        """DePT's own options, then its base's, as the base checks them alone."""
+        super().check_config(args, architecture)
+        base = get_class(args["base"])
+        check_base(base)
+        own = inspect.signature(cls.__init__).parameters
+        base_args = method_arguments(base, {k: v for k, v in args.items() if k not in own})
+        base.check_config(base_args, architecture)
+
+    # -- the method ---------------------------------------------------------------------------
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits of a batch of images [b, 3, h, w] or of their image features [b, d]."""
+        if self.head_rows is None:
+            return self.base(images)
+        image_features, text_features = self.base.features(images)
+        base_logits = self.base.logits(image_features, text_features)
+        head_logits = self.head(image_features)[:, self.head_rows]
+        return (1 - self.cat_weight) * base_logits + self.cat_weight * head_logits
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        image_features, text_features = self.base.features(images)
+        base_loss = self.base.loss(self.base.logits(image_features, text_features), labels)
+        head_logits, head_labels = self.head.training_logits(image_features, text_features, labels)
+        cat_loss = F.cross_entropy(head_logits, head_labels)
+        regulariser = self.base.regulariser(images, image_features, text_features)
+        loss = (1 - self.cat_weight) * base_loss + self.cat_weight * cat_loss + regulariser
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(labels))
+        self.log("train/cat_loss", cat_loss, batch_size=len(labels))
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        images, labels = batch
+        self.val_acc(self(images), labels)
+        self.log("val/acc", self.val_acc, prog_bar=True, batch_size=len(labels))
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """The base's optimiser and schedule, the head's layers at `cat_lr_ratio` times its lr."""
+        base = [p for p in self.base.parameters() if p.requires_grad]
+        head_lr = self.base.hparams.lr * self.cat_lr_ratio
+        return self.base.configure_optimizers(
+            [{"params": base}, {"params": list(self.head.parameters()), "lr": head_lr}]
+        )
+
+    # The base's own epoch hooks (PromptSRC aggregates its prompts over the epochs); the base is
+    # attached to the trainer as a child module (Lightning passes it on).
+    def on_train_start(self) -> None:
+        self.base.on_train_start()
+
+    def on_train_epoch_end(self) -> None:
+        self.base.on_train_epoch_end()
+
+    # The base's once-per-evaluation preparation (CoOp encodes its prompts once).
+    def on_validation_epoch_start(self) -> None:
+        self.base.on_validation_epoch_start()
+
+    def on_validation_epoch_end(self) -> None:
+        self.base.on_validation_epoch_end()
+
+    def on_test_epoch_start(self) -> None:
+        self.base.on_test_epoch_start()
+
+    def on_test_epoch_end(self) -> None:
+        self.base.on_test_epoch_end()
+
+    # -- results and the prompt file ------------------------------------------------------------
+    def result_fields(self) -> dict[str, Any]:
+        return {
+            **self.base.result_fields(),
+            "base_method": self.base.name,
+            "cat_weight": self.cat_weight,
+            "cat_lr_ratio": self.cat_lr_ratio,
+            "cat_head": self.head_rows is not None,  # False: the base's logits alone (other classes)
+        }
+
+    def method_state(self) -> dict[str, Any]:
+        # The base's own state at the top, as in its own prompt file (src.interpret reads the
+        # context there), and the head beside it.
+        head = {n: t for n, t in self.trained_weights().items() if n.startswith(HEAD)}
+        dept = {
+            "base_class": class_path(type(self.base)),
+            "base_method": self.base.name,
+            "cat_weight": self.cat_weight,
+            "cat_lr_ratio": self.cat_lr_ratio,
+            "head_classnames": self.head_classnames,
+            "head": head,
+        }
+        return {**self.base.method_state(), "dept": dept}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith("base.clip.")]:  # the base's CLIP: the same
+            del state[key]
+
+    @classmethod
+    def from_prompt(
+        cls,
+        state: dict[str, Any],
+        clip: FrozenCLIP,
+        classnames: list[str] | None = None,
+        template: str | None = None,
+    ) -> DePT:
+        """The base rebuilt from its state (for `classnames`, as its own class allows) and the head
+        of the trained classes."""
+        dept = state["dept"]
+        base_state = {**state, "class": dept["base_class"], "method": dept["base_method"]}
+        base = method_from_prompt(base_state, clip, classnames, template=template)
+        module = cls(
+            clip,
+            base.classnames,
+            base,
+            cat_weight=dept["cat_weight"],
+            cat_lr_ratio=dept["cat_lr_ratio"],
+            head_classnames=dept["head_classnames"],
+        )
+        base_params = tuple(n for n, p in module.named_parameters() if not n.startswith(HEAD))
+        module.load_trained_weights(dept["head"], f"the prompt file of {state['method']}", base_params)
+        module.name = state["method"]
+        return module
+
+
+def build_base(target: str, clip: FrozenCLIP, classnames: list[str], args: dict[str, Any]) -> Method:
+    """The base method of a config. Built here, outside DePT's __init__, so that its saved
+    hyper-parameters (Lightning reads them from the __init__ frames above) are its own only."""
+    return get_class(target)(clip, classnames, **args)
+
+
+def check_base(cls: type[Method]) -> None:
+    """DePT trains and tests its base through CoOp's hooks only (`features`, `logits`, `loss`,
+    `regulariser`, `configure_optimizers`): a base that predicts or trains through code of its own
+    elsewhere would run otherwise than alone, and is refused."""
+    if not issubclass(cls, CoOp):
+        reason = "it is not a CoOp-family method (a subclass of src.methods.coop.CoOp)"
+    elif _overrides(cls, "forward") and not _overrides(cls, "features"):
+        reason = "its logits come from a forward of its own, not from its `features` (CoCoOp's: per image)"
+    elif _overrides(cls, "training_step") and not _overrides(cls, "regulariser"):
+        reason = "its loss is a training step of its own, not its logits' plus a `regulariser`"
+    else:
+        own = [hook for hook in TRAINING_HOOKS if _overrides(cls, hook)]
+        if not own:
+            return
+        reason = f"it trains through Lightning hooks of its own ({', '.join(own)})"
+    raise ValueError(
+        f"method.module.base={class_path(cls)}: DePT cannot train this base as it trains alone: {reason}; "
+        "bases: method/base=coop|kgcoop|maple|promptsrc"
+    )
+
+
+def _overrides(cls: type, name: str) -> bool:
+    return getattr(cls, name) is not getattr(CoOp, name)
