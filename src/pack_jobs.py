@@ -39,6 +39,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from src.methods.coop import CoOp
 from src.resume import differences
 
 log = logging.getLogger(__name__)
@@ -63,11 +64,43 @@ PACKED_CALLBACKS = (
 PACKED_LOGGERS = ("pytorch_lightning.loggers.CSVLogger",)
 
 
+# CoOp's hooks that a pack does not call: it trains each run with CoOp's step (the method's
+# `text_inputs`, `logits`, `loss` and `optimization`), so a packable method keeps these as CoOp's.
+STEP_HOOKS = (
+    "training_step",
+    "forward",
+    "features",
+    "image_features",
+    "text_features",
+    "regulariser",
+    "configure_optimizers",
+    "optimizer_step",
+    "setup",
+    "on_fit_start",
+    "on_train_start",
+    "on_train_epoch_start",
+    "on_train_batch_start",
+    "on_before_backward",
+    "on_after_backward",
+    "on_before_optimizer_step",
+    "on_train_batch_end",
+    "on_train_epoch_end",
+)
+
+
 def pack_refusal(cfg: DictConfig) -> str | None:
     """Why the run of `cfg` is trained alone, None when it can be packed."""
     method = _locate(cfg.method.module._target_)
     if not getattr(method, "packable", False):
         return f"method={cfg.method.name} ({method.__name__}) trains each run on its own (packable is False)"
+    if not issubclass(method, CoOp):
+        return f"method={cfg.method.name} ({method.__name__}) says packable, but a pack trains CoOp's step"
+    changed = [hook for hook in STEP_HOOKS if getattr(method, hook) is not getattr(CoOp, hook)]
+    if changed:  # a subclass that inherited `packable` and changed the step (a pack would not run it)
+        return (
+            f"method={cfg.method.name} ({method.__name__}) overrides {', '.join(changed)}, which a pack "
+            "does not run: its runs train alone"
+        )
     trainer = cfg.trainer
     if trainer.get("devices", 1) != 1 or trainer.get("num_nodes", 1) != 1:
         return "several devices: each run trains on them alone (trainer.devices, trainer.num_nodes)"

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -24,6 +25,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra_plugins.coop_grid_sweeper.grid_sweeper import drop_repeats
 from src import packing
 from src.config import as_hydra_overrides
+from src.methods.coop import CoOp
 from src.pack_jobs import PACKED_RUNS, group_jobs, member_overrides, pack_refusal, packed_jobs
 from src.packing import train_packed
 from src.report import write_report
@@ -258,6 +260,30 @@ def test_runs_the_pack_cannot_reproduce_are_refused(tmp_path):
             else []
         )
         assert reason in pack_refusal(make_cfg([*base, override, *extra], tmp_path)), override
+
+
+class SmoothedCoOp(CoOp):
+    """Changes CoOp's loss only: its runs pack (the pack calls the method's loss)."""
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, labels, label_smoothing=0.1)
+
+
+class SteppedCoOp(CoOp):
+    """Inherits CoOp's `packable` but changes the training step, which a pack would not run."""
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return 2 * super().training_step(batch, batch_idx)
+
+
+def test_a_subclass_that_changes_coops_training_step_is_not_packed(tmp_path):
+    base = ["dataset=textile", "model=tiny"]
+    target = "method.module._target_=tests.test_packing."
+    assert pack_refusal(make_cfg([*base, target + "SmoothedCoOp"], tmp_path)) is None
+    reason = pack_refusal(make_cfg([*base, target + "SteppedCoOp"], tmp_path))
+    assert reason == (
+        "method=coop (SteppedCoOp) overrides training_step, which a pack does not run: its runs train alone"
+    )
 
 
 def test_runs_that_differ_in_more_than_seed_and_context_are_not_packed(digits, tmp_path):

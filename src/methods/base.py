@@ -51,7 +51,9 @@ class Method(pl.LightningModule):
     # frozen encoders' passes (`pack=true`, src/packing.py), each its own context, optimiser and
     # data stream: for a method whose training step is CoOp's (the loss of its text features'
     # logits, `CoOp.text_inputs`, `logits`, `loss`). A subclass that changes the training step (an
-    # extra loss term, a per-image prompt, a gradient projection) sets it False.
+    # extra loss term, a per-image prompt, a gradient projection) sets it False; one that inherits
+    # it but overrides a hook of CoOp's step that a pack does not call trains alone all the same
+    # (src/pack_jobs.py, STEP_HOOKS).
     packable: ClassVar[bool] = False
 
     @classmethod
