@@ -80,3 +80,35 @@ def test_targets_name_each_figure_with_its_threshold(bench):
     assert checked["step_RN50-quickgelu_37_speedup"]["met"] is True
     assert checked["e2e_overhead_1000"] == {"value": None, "target": "<= 1.2", "met": None}
     assert set(checked) >= {"text1000_unified_speedup", "text1000_csc_speedup", "grid_speedup"}
+
+
+def test_methods_training_cost_per_image_against_coop(bench):
+    args = "--methods cocoop,dept --methods-only --methods-backbone coop-tiny --classes 3"
+    line = bench.main([*args.split(), "--methods-batch", "2", "--repeats", "1", "--warmup", "1"])
+    assert (line["methods_backbone"], line["methods_batch"], line["methods_steps"]) == ("coop-tiny", 2, 1)
+    coop = line["method_coop_ms_per_image"]
+    for name in ("coop", "cocoop", "dept"):  # CoOp, every ratio's reference, measured unasked
+        ms, step_s = line[f"method_{name}_ms_per_image"], line[f"method_{name}_step_s"]
+        assert ms > 0 and ms == pytest.approx(1000 * step_s / 2, abs=0.03)  # the line's 4 decimals
+        assert line[f"method_{name}_vs_coop"] == pytest.approx(ms / coop, abs=1e-3)
+    assert line["method_coop_vs_coop"] == 1.0
+    assert "step_reference_s" not in line  # --methods-only: nothing else measured
+
+
+def test_methods_not_timed_step_by_step_or_not_fitting_the_backbone_are_refused(bench, capsys):
+    for argv, says in (
+        (["--methods", "tpt"], "not trained step by step"),  # tuned at test time
+        (["--methods", "coop,linear_probe"], "--methods linear_probe: not trained step by step"),
+        (["--methods", "cocop"], "no method=cocop"),  # a typo
+        (["--methods", "foo_dept"], "no method.base=foo"),
+        (["--methods", "maple", "--methods-backbone", "coop-tiny"], "prompt_depth=9: coop-tiny has 2 blocks"),
+        (["--methods", "coop", "--methods-backbone", "ViT-X"], "--methods-backbone ViT-X: not an open_clip"),
+        (["--methods-only"], "--methods-only: name the methods"),
+    ):
+        with pytest.raises(SystemExit):
+            bench.parse_args(argv)
+        assert says in capsys.readouterr().err.splitlines()[-1]
+    args = bench.parse_args(["--methods", "maple_dept,kgcoop"])  # ViT-B-16: MaPLe's 9 of 12 blocks
+    assert bench.method_names(args) == ["coop", "maple_dept", "kgcoop"]
+    assert args.method_configs["maple_dept"].method.name == "maple_dept"
+    assert args.method_configs["maple_dept"].method.module.base == "src.methods.maple.MaPLe"

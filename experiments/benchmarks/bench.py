@@ -25,7 +25,17 @@ Measures, in one process and on the same inputs:
     `--pack-only` measures nothing else (with `--grid`: the grid too);
   - with `--pack-memory C`: the activations a step of each of the grid's 4 context variants keeps
     for backward at C classes (`--grid-backbone`, fp32, forward only), and a pack of the grid's 12
-    runs (3 seeds x 4 variants) from them: a pack's grow linearly in its runs (`--pack`'s ratio).
+    runs (3 seeds x 4 variants) from them: a pack's grow linearly in its runs (`--pack`'s ratio);
+  - with `--methods NAMES`: each gradient-trained method's training cost per image against CoOp's
+    (`method_<name>_ms_per_image`, `method_<name>_vs_coop`): the method built as a run builds it
+    (its `method=` config composed as the command line composes it, `build_method`) on
+    `--methods-backbone` with random weights and `--classes` classes, trained by a Lightning Trainer
+    on random images in batches of `--methods-batch` (every method on images, as the published
+    figures: the original code encodes the images in every step), `--warmup` + `--repeats` steps,
+    the median of the timed ones; DePT on another base as `<base>_dept` (maple_dept, ...). Not
+    here: the methods not trained step by step on images (linear_probe, tip_adapter,
+    tip_adapter_f: cached features of the data module; tpt: tuned at test time; zeroshot,
+    zeroshot_ensemble: no training). `--methods-only` measures nothing else.
 Prints a table, then one JSON line with the figures, the ratios and the targets of the device.
 """
 
@@ -33,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import statistics
 import subprocess
@@ -40,21 +51,30 @@ import sys
 import tempfile
 import threading
 import time
-from contextlib import nullcontext
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import open_clip  # noqa: E402
+import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
+from src.config import CONF_DIR, compose_config  # noqa: E402
+from src.methods.base import build_method, method_arguments, method_class  # noqa: E402
 from src.methods.coop import CoOp  # noqa: E402
-from src.models.clip import FrozenCLIP  # noqa: E402
+from src.models.clip import Architecture, FrozenCLIP, register_project_configs  # noqa: E402
 from src.models.text_encoder import TextEncoder  # noqa: E402
 from src.packing import packed_losses, stack_key  # noqa: E402
+from src.quiet import silence_known_warnings  # noqa: E402
 
 # The paper's few-shot grid (REFERENCE.md, conf/experiment/fewshot_grid.yaml): classes and test
 # images per dataset; shots 1, 2, 4, 8, 16 with 50, 100, 100, 200, 200 epochs (ImageNet: 50);
@@ -77,6 +97,9 @@ GRID_SEEDS = 3
 GRID_VARIANTS = [(False, "end"), (False, "middle"), (True, "end"), (True, "middle")]
 GRID_CLASS_COUNTS = (10, 100, 400, 1000)  # step times measured here, interpolated in between
 GRID_PACK = [v for _ in range(GRID_SEEDS) for v in GRID_VARIANTS]  # one pack per dataset and shots
+
+# Methods `--methods` cannot time step by step (the docstring says why).
+NOT_STEP_TRAINED = ("linear_probe", "tip_adapter", "tip_adapter_f", "tpt", "zeroshot", "zeroshot_ensemble")
 
 # (figure, comparison, threshold) per device kind; {t} is --text-classes, {x} each extra step's tag
 CPU_TARGETS = [
@@ -224,6 +247,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="C",
         help="memory of a pack of the grid's 12 runs at C classes",
     )
+    parser.add_argument(
+        "--methods",
+        default="",
+        metavar="NAMES",
+        help="each method's training cost per image against CoOp's (comma list of method= names)",
+    )
+    parser.add_argument("--methods-backbone", default="ViT-B-16", help="their backbone (random weights)")
+    parser.add_argument("--methods-batch", type=int, default=4, help="the methods' common batch")
+    parser.add_argument("--methods-only", action="store_true", help="only --methods (and --pack, --grid)")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON line to this file")
     args = parser.parse_args(argv)
     if args.text_classes is None:
@@ -236,7 +268,57 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.pack_classes = [int(c) for c in str(args.pack_classes).split(",")]
     if args.pack_only and not (args.pack or args.pack_memory):
         parser.error("--pack-only: give the pack's size with --pack R (or --pack-memory C)")
+    args.methods = [name.strip() for name in args.methods.split(",") if name.strip()]
+    if args.methods_only and not args.methods:
+        parser.error("--methods-only: name the methods with --methods NAMES (e.g. coop,cocoop)")
+    # every method's config composed and checked against the backbone before anything is measured
+    args.method_configs = {}
+    if args.methods:
+        register_project_configs()  # the tiny architectures of src/models/configs too
+        if args.methods_backbone not in open_clip.list_models():
+            parser.error(
+                f"--methods-backbone {args.methods_backbone}: not an open_clip architecture (ViT-B-16)"
+            )
+    for name in method_names(args) if args.methods else []:
+        try:
+            args.method_configs[name] = method_config(name, args.methods_backbone)
+        except ValueError as err:
+            parser.error(f"--methods {name}: {err}")
     return args
+
+
+def method_overrides(name: str) -> list[str]:
+    """The command line's overrides that choose `name` of `--methods`: `method=<name>`, or for
+    `<base>_dept`, DePT on that base."""
+    base, _, suffix = name.rpartition("_")
+    if suffix == "dept" and base:
+        return ["method=dept", f"method.base={base}"]
+    return [f"method={name}"]
+
+
+def method_config(name: str, backbone: str) -> DictConfig:
+    """The run config of `name` of `--methods` (its recipe, as the command line composes it; the
+    dataset's template is Oxford Pets', the 37 classes of `--classes`' default), checked against
+    `backbone` as src.train checks it (`Method.check_config`); ValueError saying why it cannot be
+    timed."""
+    if name in NOT_STEP_TRAINED:
+        raise ValueError("not trained step by step on images; --methods times the gradient-trained methods")
+    folders = {"method": Path(CONF_DIR) / "method", "method.base": Path(CONF_DIR) / "method" / "base"}
+    for override in method_overrides(name):
+        key, _, choice = override.partition("=")
+        if not (folders[key] / f"{choice}.yaml").is_file():
+            known = sorted(p.stem for p in folders[key].glob("*.yaml") if p.stem not in NOT_STEP_TRAINED)
+            raise ValueError(f"no {key}={choice} in {folders[key]}; one of {known}")
+    cfg = compose_config("train", [*method_overrides(name), "dataset=oxford_pets"])
+    cls = method_class(cfg.method)
+    try:
+        cls.check_config(method_arguments(cls, cfg.method.module), Architecture.of(backbone))
+    except ValueError as err:
+        raise ValueError(
+            f"{err} (--methods builds each method with its recipe; --methods-backbone "
+            "picks a backbone it fits, e.g. ViT-B-16)"
+        ) from err
+    return cfg
 
 
 class Bench:
@@ -251,6 +333,7 @@ class Bench:
         self.rows: list[tuple[str, float, int]] = []
         self.figures: dict[str, float | int | str | bool] = {}
         self.last_step = None  # the step function measured last (its memory is counted apart)
+        self.method_runs: dict[str, str] = {}  # --methods: each name's run name (dept: coop_dept)
 
     def clip(self, backbone: str) -> FrozenCLIP:
         if backbone not in self.clips:
@@ -389,6 +472,58 @@ class Bench:
             self.rows.append((f"{name} (activations, fp32)", 0.0, int(megabytes * 2**20)))
             total += megabytes
         self.figures[f"pack_memory_grid{len(GRID_PACK)}_{args.pack_memory}_mb"] = GRID_SEEDS * total
+
+    def methods(self) -> None:
+        """Each method's training cost per image (ms) and its ratio to CoOp's, CoOp measured first."""
+        args = self.args
+        names = method_names(args)
+        with quiet_trainer():
+            for name in names:
+                seconds = self.method_step_time(name)
+                self.figures[f"method_{name}_step_s"] = seconds
+                self.figures[f"method_{name}_ms_per_image"] = 1000 * seconds / args.methods_batch
+        coop = self.figures["method_coop_ms_per_image"]
+        for name in names:
+            self.figures[f"method_{name}_vs_coop"] = self.figures[f"method_{name}_ms_per_image"] / coop
+        self.figures.update(
+            methods_backbone=args.methods_backbone,
+            methods_batch=args.methods_batch,
+            methods_steps=args.repeats,
+        )
+
+    def method_step_time(self, name: str) -> float:
+        """Median seconds of a training step of `name` (`--methods`), built as src.train builds it and
+        trained by a Lightning Trainer, after `--warmup` untimed steps."""
+        args = self.args
+        cfg = args.method_configs[name]
+        clip = self.clip(args.methods_backbone)
+        clip.text = TextEncoder(clip.model, path="auto")  # the run's default (other figures change it)
+        classnames = open_clip.IMAGENET_CLASSNAMES[: args.classes]
+        torch.manual_seed(0)
+        module = build_method(cfg.method, clip, classnames)
+        steps = args.warmup + args.repeats
+        generator = torch.Generator().manual_seed(0)
+        size = clip.image_size
+        images = torch.randn(steps * args.methods_batch, 3, size, size, generator=generator)
+        labels = torch.arange(len(images)) % len(classnames)
+        loader = DataLoader(TensorDataset(images, labels), batch_size=args.methods_batch)
+        timer = StepTimer(self.device)
+        on_gpu = self.device.type == "cuda"
+        trainer = pl.Trainer(
+            max_epochs=1,
+            limit_train_batches=steps,
+            accelerator="gpu" if on_gpu else "cpu",
+            devices=[self.device.index or 0] if on_gpu else 1,
+            precision={"bf16": "bf16-mixed", "fp16": "16-mixed"}.get(args.precision, "32-true"),
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[timer],
+        )
+        trainer.fit(module, train_dataloaders=loader)
+        self.method_runs[name] = cfg.method.name
+        return statistics.median(timer.times[args.warmup :])
 
     def steps(self, backbone: str, classes: int, tag: str = "") -> None:
         names = open_clip.IMAGENET_CLASSNAMES[:classes]
@@ -592,6 +727,49 @@ class Bench:
                 self.figures[f"grid_step_{name}_{classes}_s"] = seconds
 
 
+def method_names(args: argparse.Namespace) -> list[str]:
+    """`--methods`, CoOp first (every ratio's reference, measured even when not named)."""
+    return ["coop", *(name for name in args.methods if name != "coop")]
+
+
+@contextmanager
+def quiet_trainer() -> Iterator[None]:
+    """Lightning's device lines and the warnings of a Trainer fitted on a plain loader of random
+    tensors (no workers, no validation) left out of the benchmark's output."""
+    logger = logging.getLogger("pytorch_lightning")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            silence_known_warnings()
+            warnings.filterwarnings("ignore", message=r".*does not have many workers")
+            warnings.filterwarnings("ignore", message=r"You defined a `validation_step` but have no")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+class StepTimer(pl.Callback):
+    """Seconds of each training step of a Trainer: forward, backward and the optimiser's step
+    (Lightning runs them all between the batch's start and end hooks)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.times: list[float] = []
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, module: pl.LightningModule, *_: Any) -> None:
+        self._sync()
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, *_: Any) -> None:
+        self._sync()
+        self.times.append(time.perf_counter() - self.start)
+
+
 def interpolate(counts: list[int], times: list[float], classes: int) -> float:
     """Step time at `classes`, piecewise linear between measured class counts; below them the
     smallest count's, above them the last segment's slope (never decreasing)."""
@@ -705,7 +883,7 @@ def main(argv: list[str] | None = None) -> dict:
     bench = Bench(args)
     device = bench.device
     extra_tags = []
-    if not args.pack_only:
+    if not (args.pack_only or args.methods_only):
         bench.steps(args.backbone, args.classes)
         for spec in args.extra_step:
             backbone, _, classes = spec.rpartition(":")
@@ -724,8 +902,10 @@ def main(argv: list[str] | None = None) -> dict:
         bench.pack_memory()
     if args.grid:
         bench.grid()
-    if args.e2e and not args.pack_only:
+    if args.e2e and not (args.pack_only or args.methods_only):
         bench.e2e()
+    if args.methods:
+        bench.methods()
     figures = bench.figures
     figures.update(
         backbone=args.backbone,
@@ -755,7 +935,21 @@ def main(argv: list[str] | None = None) -> dict:
     for name, seconds, peak in bench.rows:
         table.add_row(name, f"{seconds:.4f}", f"{peak / 2**20:.0f}" if peak else "")
     console = Console(stderr=True)
-    console.print(table)
+    if bench.rows:
+        console.print(table)
+    if args.methods:
+        title = (
+            f"Training cost per image, {args.methods_backbone} random weights, {args.classes} classes, "
+            f"batch {args.methods_batch}, {args.device} {args.precision}"
+        )
+        table = Table(title=title)
+        for column in ("method", "run", "ms per step", "ms per image", "vs CoOp"):
+            table.add_column(column, justify="left" if column in ("method", "run") else "right")
+        for name in method_names(args):
+            step_ms = 1000 * figures[f"method_{name}_step_s"]
+            ms, ratio = figures[f"method_{name}_ms_per_image"], figures[f"method_{name}_vs_coop"]
+            table.add_row(name, bench.method_runs[name], f"{step_ms:.0f}", f"{ms:.1f}", f"{ratio:.2f}")
+        console.print(table)
     text = json.dumps(line)
     print(text, flush=True)
     if args.out:
