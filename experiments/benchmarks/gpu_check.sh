@@ -3,9 +3,9 @@
 # one H200; give it 10): the training step (ViT-B/16 at 1000 classes, RN50 at 37), the text side
 # per path at 1000 classes, peak memory, fp32 exactness on the device, the whole-run overhead of
 # the quick start and of a 1000-class run, 6 runs trained as one pack against one alone (37 and
-# 1000 classes, images and cached features), and the few-shot grid's GPU hours, unpacked and
-# packed. The last line of the output (and $OUT/bench.json) is the JSON line, with "targets" and
-# "all_targets_met".
+# 1000 classes, images and cached features), the few-shot grid's GPU hours, unpacked and packed,
+# and each method's training cost per image against CoOp's (--methods). The last line of the
+# output (and $OUT/bench.json) is the JSON line, with "targets" and "all_targets_met".
 #
 #   bash experiments/benchmarks/gpu_check.sh [OUT_DIR]      # default outputs/bench_gpu
 #
@@ -30,7 +30,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 $PY -c "import torch, open_clip, hydra, pytorch_lightning as pl; print('torch', torch.__version__, \
 'open_clip', open_clip.__version__, 'lightning', pl.__version__, 'cuda', torch.cuda.is_available())"
 
-BENCH_ARGS="--device cuda --precision bf16 --backbone ViT-B-16-quickgelu --classes 1000 --extra-step RN50-quickgelu:37 --repeats 10 --warmup 3 --e2e --grid --pack 6"
+BENCH_ARGS="--device cuda --precision bf16 --backbone ViT-B-16-quickgelu --classes 1000 --extra-step RN50-quickgelu:37 --repeats 10 --warmup 3 --e2e --grid --pack 6 --methods coop,cocoop,kgcoop,prograd,maple,ivlp,promptsrc,mmrl,clip_lora,dept"
 # shellcheck disable=SC2086
 timeout 570 $PY experiments/benchmarks/bench.py $BENCH_ARGS --out "$OUT_DIR/bench.json" \
     2> >(tee "$OUT_DIR/bench.log" >&2)
