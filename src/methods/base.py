@@ -189,6 +189,33 @@ class Method(pl.LightningModule):
         return f"{wrong[:5]} have other shapes" if wrong else ""
 
 
+class TextOncePerEvaluation:
+    """For a method (listed before `Method` in its bases) whose class text features change only
+    while it trains: they are encoded once at the start of each validation and test pass, into
+    `_eval_text_features`, which its forward reads instead of encoding them for every batch."""
+
+    _eval_text_features: torch.Tensor | None = None
+
+    def _start_eval(self) -> None:
+        with torch.no_grad():
+            self._eval_text_features = self.text_features()
+
+    def _end_eval(self) -> None:
+        self._eval_text_features = None
+
+    def on_validation_epoch_start(self) -> None:
+        self._start_eval()
+
+    def on_validation_epoch_end(self) -> None:
+        self._end_eval()
+
+    def on_test_epoch_start(self) -> None:
+        self._start_eval()
+
+    def on_test_epoch_end(self) -> None:
+        self._end_eval()
+
+
 def class_path(cls: type) -> str:
     """`package.module.Class`: where a prompt file's method class is imported from."""
     return f"{cls.__module__}.{cls.__qualname__}"

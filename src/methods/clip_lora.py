@@ -27,7 +27,7 @@ from torch import nn
 from torch.optim.lr_scheduler import CosineAnnealingLR
 
 from src.cli import override
-from src.methods.base import Method, plain
+from src.methods.base import Method, TextOncePerEvaluation, plain
 from src.methods.coop import check_backbone
 from src.methods.zeroshot import HandMadeGuided
 from src.models.clip import Architecture, FrozenCLIP
@@ -147,7 +147,7 @@ def transformers_to_adapt(model: nn.Module, encoder: Encoder, model_name: str) -
     return found
 
 
-class CLIPLoRA(Method):
+class CLIPLoRA(TextOncePerEvaluation, Method):
     """LoRA on the q, k, v projections of every attention block (or of `layers`) of both encoders
     (or of `encoder`): rank `rank`, scaling alpha / sqrt(rank) (the official code's, rsLoRA's),
     dropout on the adapters' input, A kaiming-uniform and B zero, so an untrained model is CLIP.
@@ -218,7 +218,6 @@ class CLIPLoRA(Method):
         # the project's exact text encoder (cut at the EOS), run on the adapted text tower
         self.text = TextEncoder(self.model, path=clip.text.path, chunk=clip.text.chunk)
         self.iterations: int | None = None  # of a rebuilt method: those it was trained for
-        self._eval_text_features: torch.Tensor | None = None
 
 
     @classmethod
@@ -279,14 +278,6 @@ class CLIPLoRA(Method):
         loss = F.cross_entropy(self(images), labels)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(labels))
         return loss
-
-    def on_test_epoch_start(self) -> None:
-        # the adapters do not change while testing: the class prompts are encoded once
-        with torch.no_grad():
-            self._eval_text_features = self.text_features()
-
-    def on_test_epoch_end(self) -> None:
-        self._eval_text_features = None
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams

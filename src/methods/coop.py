@@ -11,14 +11,14 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.classification import MulticlassAccuracy
 
 from src.cli import override
-from src.methods.base import CHECKPOINT_PROMPT, Method, plain
+from src.methods.base import CHECKPOINT_PROMPT, Method, TextOncePerEvaluation, plain
 from src.models.clip import Architecture, FrozenCLIP
 from src.models.prompt_learner import InitCount, Position, PromptLearner, check_context
 
 CTX = "prompt_learner.ctx"  # the context's state-dict name; prompt.pt holds it as `ctx`
 
 
-class CoOp(Method):
+class CoOp(TextOncePerEvaluation, Method):
     """Learns the prompt context from few labelled images; CLIP itself never changes.
 
     A successor extends it (`class KgCoOp(CoOp)`): its own arguments, CoOp's forwarded
@@ -58,7 +58,6 @@ class CoOp(Method):
             ctx_init_count=ctx_init_count,
         )
         self.val_acc = MulticlassAccuracy(num_classes=len(classnames), average="micro")
-        self._eval_text_features: torch.Tensor | None = None
 
     @classmethod
     def check_config(cls, args: dict[str, Any], architecture: Architecture) -> None:
@@ -118,26 +117,6 @@ class CoOp(Method):
         hand-made prompt's text features); none for CoOp. A method built on this one (DePT) adds it
         to its own loss."""
         return image_features.new_zeros(())
-
-    def _start_eval(self) -> None:
-        # The prompts do not change during evaluation: encode them once, not once per batch.
-        with torch.no_grad():
-            self._eval_text_features = self.text_features()
-
-    def _end_eval(self) -> None:
-        self._eval_text_features = None
-
-    def on_validation_epoch_start(self) -> None:
-        self._start_eval()
-
-    def on_validation_epoch_end(self) -> None:
-        self._end_eval()
-
-    def on_test_epoch_start(self) -> None:
-        self._start_eval()
-
-    def on_test_epoch_end(self) -> None:
-        self._end_eval()
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         images, labels = batch

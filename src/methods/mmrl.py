@@ -15,7 +15,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.classification import MulticlassAccuracy
 
 from src.cli import override
-from src.methods.base import Method, plain
+from src.methods.base import Method, TextOncePerEvaluation, plain
 from src.methods.coop import check_backbone, warmup_cosine
 from src.methods.zeroshot import HandMadeGuided, template_text_features
 from src.models import rep_tokens
@@ -25,7 +25,7 @@ from src.models.prompt_learner import _check_tokenizer
 OFFICIAL_REP_LAYERS = (6, 7, 8, 9, 10, 11, 12)  # ViT-B/16's upper 7 of 12 blocks
 
 
-class MMRL(Method):
+class MMRL(TextOncePerEvaluation, Method):
     """Representation tokens R [K, rep_dim] (normal, std 0.02), shared by both encoders; for each
     block of `rep_layers` one Linear per encoder maps R to that block's K tokens (image width, text
     width), put after the class token and after the start-of-text token of the dataset's hand-made
@@ -94,7 +94,6 @@ class MMRL(Method):
         self.register_buffer("eos", eos.to(tokens.device), persistent=False)
         self._text_prefix: torch.Tensor | None = None
         self._frozen_text: torch.Tensor | None = None
-        self._eval_text_features: torch.Tensor | None = None
         self.val_acc = MulticlassAccuracy(num_classes=len(classnames), average="micro")
 
     @classmethod
@@ -212,26 +211,6 @@ class MMRL(Method):
         images, labels = batch
         self.val_acc(self(images), labels)
         self.log("val/acc", self.val_acc, prog_bar=True, batch_size=len(labels))
-
-    def _start_eval(self) -> None:
-        # The tokens do not change during evaluation: encode the class prompts once.
-        with torch.no_grad():
-            self._eval_text_features = self.text_features()
-
-    def _end_eval(self) -> None:
-        self._eval_text_features = None
-
-    def on_validation_epoch_start(self) -> None:
-        self._start_eval()
-
-    def on_validation_epoch_end(self) -> None:
-        self._end_eval()
-
-    def on_test_epoch_start(self) -> None:
-        self._start_eval()
-
-    def on_test_epoch_end(self) -> None:
-        self._end_eval()
 
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW on the tokens, their Linears and proj_rep; the warm-up epoch(s) then the cosine
