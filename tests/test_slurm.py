@@ -1,6 +1,6 @@
 """SLURM through `hydra/launcher=slurm`, on a real cluster: a sweep of two runs, one of which is
-requeued while it trains and resumes from its checkpoint, and a job the cluster refuses, reported
-in one line. Needs a running cluster (`sudo make slurm-up` starts a one-node one on this machine);
+requeued while it trains and resumes from its checkpoint, a packed sweep (`pack=true`: one SLURM
+job per pack), and a job the cluster refuses, reported in one line. Needs a running cluster (`sudo make slurm-up` starts a one-node one on this machine);
 without one these tests are skipped, saying so. What sbatch's refusals mean is tested without one."""
 
 from __future__ import annotations
@@ -125,6 +125,42 @@ def test_sweep_on_slurm_with_a_requeued_run_that_resumes(slurm, data_dir, tmp_pa
     log_a = (run_a / "train.log").read_text()
     assert f"resuming from {run_a / 'checkpoints' / 'last.ckpt'}" in log_a
     assert "resuming from" not in (sweep / "run_b" / "train.log").read_text()
+
+
+def test_a_packed_sweep_is_one_slurm_job_per_pack(slurm, cache_dir, tmp_path):
+    """pack=true on SLURM: the runs of a pack are one job of the array, each run's folder its own."""
+    sweep = tmp_path / "sweep"
+    command = [
+        sys.executable,
+        "-m",
+        "src.train",
+        "-m",
+        "model=tiny_pretrained",  # weights from a file: the seeds pack together
+        "dataset=digits",
+        "trainer=cpu",
+        "trainer.max_epochs=2",
+        "shots=1",
+        "seed=1,2",
+        "ctx=unified,class_specific",
+        "pack=true",
+        f"paths.cache_dir={cache_dir}",
+        "data.num_workers=0",
+        f"hydra.sweep.dir={sweep}",
+        "hydra/launcher=slurm",
+        "hydra.launcher.partition=null",
+        "hydra.launcher.gpus_per_node=null",
+        "hydra.launcher.cpus_per_task=1",
+        "hydra.launcher.mem_gb=null",
+        "hydra.launcher.timeout_min=10",
+        'hydra.launcher.setup=["export OMP_NUM_THREADS=1"]',
+    ]
+    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    assert "pack=true: 4 runs in 1 packs" in run.stdout + run.stderr
+    results = sorted(sweep.glob("digits/coop/*/shots1/seed*/results.json"))
+    assert len(results) == 4
+    assert all(json.loads(path.read_text())["pack_size"] == 4 for path in results)
+    assert len(list(sweep.glob(".submitit/*/*_log.out"))) == 1  # one SLURM job: the pack
 
 
 def test_a_job_the_cluster_refuses_is_one_line_naming_the_option(slurm, cli, capsys, tmp_path):
