@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +18,9 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from hydra_plugins.coop_grid_sweeper.grid_sweeper import drop_repeats
+from src.config import compose_config
+from src.methods.base import method_arguments, method_class
+from src.models.clip import Architecture
 from src.report import write_report
 from src.training import train
 from tests.conftest import CONF_DIR, make_cfg
@@ -164,3 +169,29 @@ def test_a_relaunched_sweep_skips_finished_runs(tiny_overrides, tmp_path, caplog
         assert train(cfg) == first
     assert "results.json exists: skipping this run" in caplog.text
     assert (tmp_path / "results.json").stat().st_mtime_ns == written
+
+
+def methods_digits_commands() -> list[tuple[str, list[str]]]:
+    """(name, overrides) of each method line of experiments/methods_digits/run.sh, its shell
+    variables expanded as the script expands them."""
+    script = (ROOT / "experiments" / "methods_digits" / "run.sh").read_text()
+    variables = dict(re.findall(r'^(\w+)="([^"$]*)"$', script, flags=re.MULTILINE))
+    commands = []
+    for line in script.splitlines():
+        if line.startswith(("b2n ", "fewshot ")):
+            words = shlex.split(re.sub(r"\$(\w+)", lambda m: variables[m[1]], line))
+            commands.append((f"{words[0]} {words[1]}", [*variables["common"].split(), *words[2:]]))
+    return commands
+
+
+def test_the_methods_digits_script_runs_every_method_on_the_tiny_clip():
+    """Each method line of the script composes and passes its method's checks against the tiny
+    pre-trained CLIP (a depth beyond its 2 blocks, a misspelt key: this fails)."""
+    commands = methods_digits_commands()
+    assert len(commands) == 27  # 14 base-to-new, 13 few-shot
+    architecture = Architecture.of("coop-tiny-narrow")
+    for name, overrides in commands:
+        cfg = compose_config("train", ["dataset=digits", *overrides])
+        assert cfg.model.name == "coop-tiny-narrow", name
+        method = method_class(cfg.method)
+        method.check_config(method_arguments(method, cfg.method.module), architecture)
