@@ -42,9 +42,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         image_size=clip.image_size,
     )
     classnames = datamodule.classnames
-    template = cfg.dataset.get("template")  # for methods whose prompts are made from it (MMRL)
     members = [
-        method_from_prompt(s, clip, classnames, path, template) for s, path in zip(states, paths, strict=True)
+        method_from_prompt(s, clip, classnames, path, transfer_template(s, cfg))
+        for s, path in zip(states, paths, strict=True)
     ]
     if any(member.prompts_images for member in members):
         datamodule.cache = None  # their image features depend on their prompts: never read from the cache
@@ -84,3 +84,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         write_json(out / "results.json", results)
         log.info("%s: test accuracy %.2f%%; results in %s", cfg.dataset.name, results["test_acc"], out)
     return results
+
+
+def transfer_template(state: dict[str, Any], cfg: DictConfig) -> str | None:
+    """The tested dataset's hand-made template for a prompt trained on another dataset (a method
+    whose prompts are made from it takes it there, as MMRL's official code); None on the dataset it
+    was trained on, where the method keeps its own."""
+    trained_on = state.get("trained_on") or {}
+    return None if trained_on.get("dataset") == cfg.dataset.name else cfg.dataset.get("template")

@@ -1,6 +1,6 @@
 """prompt.pt: a trained method as a small portable file, read back without unpickling code.
 
-A run writes `Method.prompt_file()` to prompt.pt (and the same into checkpoints/last.ckpt while it
+A run writes `Method.prompt_state()` to prompt.pt (and the same into checkpoints/last.ckpt while it
 trains). The file names the method's class (`class`: `package.module.Class`); reading it back
 imports that module and takes the class as Hydra takes a `_target_`, and uses it only if it is a
 subclass of the contract (src/methods/base.py), whose `from_prompt` rebuilds it. A method of the

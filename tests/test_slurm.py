@@ -1,7 +1,8 @@
 """SLURM through `hydra/launcher=slurm`, on a real cluster: a sweep of two runs, one of which is
 requeued while it trains and resumes from its checkpoint, a packed sweep (`pack=true`: one SLURM
-job per pack), and a job the cluster refuses, reported in one line. Needs a running cluster (`sudo make slurm-up` starts a one-node one on this machine);
-without one these tests are skipped, saying so. What sbatch's refusals mean is tested without one."""
+job per pack), and a job the cluster refuses, reported in one line. Needs a running cluster
+(`sudo make slurm-up` starts a one-node one on this machine); without one these tests are skipped,
+saying so. What sbatch's refusals mean is tested without one."""
 
 from __future__ import annotations
 

@@ -219,7 +219,6 @@ class CLIPLoRA(TextOncePerEvaluation, Method):
         self.text = TextEncoder(self.model, path=clip.text.path, chunk=clip.text.chunk)
         self.iterations: int | None = None  # of a rebuilt method: those it was trained for
 
-
     @classmethod
     def check_config(cls, args: dict[str, Any], architecture: Architecture) -> None:
         super().check_config(args, architecture)
@@ -240,6 +239,7 @@ class CLIPLoRA(TextOncePerEvaluation, Method):
                 f"{override('method.module.layers', None)} (every block) or block indices 0 .. "
                 f"{min(counts) - 1}"
             )
+
     def train(self, mode: bool = True) -> CLIPLoRA:
         # CLIP's modules stay in eval mode, as FrozenCLIP's; only the adapters' dropout follows the
         # mode (the official code sets all of CLIP to train mode, where only that dropout reacts).

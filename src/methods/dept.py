@@ -93,11 +93,7 @@ class DePT(Method):
         **base_args: Any,
     ) -> None:
         super().__init__(clip, classnames)
-        if not 0 <= cat_weight <= 1 or cat_lr_ratio <= 0:
-            raise ValueError(
-                f"method.module.cat_weight={cat_weight}, method.module.cat_lr_ratio={cat_lr_ratio}: "
-                "use a weight in [0, 1] and a positive ratio"
-            )
+        check_head(cat_weight, cat_lr_ratio)
         if isinstance(base, str):
             base = build_base(base, clip, classnames, base_args)
         check_base(type(base))
@@ -121,6 +117,7 @@ class DePT(Method):
     def check_config(cls, args: dict[str, Any], architecture: Architecture) -> None:
         """DePT's own options, then its base's, as the base checks them alone."""
         super().check_config(args, architecture)
+        check_head(args["cat_weight"], args["cat_lr_ratio"])
         base = get_class(args["base"])
         check_base(base)
         own = inspect.signature(cls.__init__).parameters
@@ -244,6 +241,14 @@ def build_base(target: str, clip: FrozenCLIP, classnames: list[str], args: dict[
     """The base method of a config. Built here, outside DePT's __init__, so that its saved
     hyper-parameters (Lightning reads them from the __init__ frames above) are its own only."""
     return get_class(target)(clip, classnames, **args)
+
+
+def check_head(cat_weight: float, cat_lr_ratio: float) -> None:
+    if not 0 <= cat_weight <= 1 or cat_lr_ratio <= 0:
+        raise ValueError(
+            f"method.module.cat_weight={cat_weight}, method.module.cat_lr_ratio={cat_lr_ratio}: "
+            "use a weight in [0, 1] and a positive ratio"
+        )
 
 
 def check_base(cls: type[Method]) -> None:

@@ -66,4 +66,3 @@ class PromptEnsemble(Method):
         if self.mode == "probs":
             for member in self.members:
                 member.on_test_epoch_end()
-

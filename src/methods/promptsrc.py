@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from src.methods.ivlp import IVLP
 from src.methods.zeroshot import template_text_features
-from src.models.clip import FrozenCLIP
+from src.models.clip import Architecture, FrozenCLIP
 
 log = logging.getLogger(__name__)
 
@@ -72,15 +72,7 @@ class PromptSRC(IVLP):
         templates: list[str] | None = None,
         **ivlp_args: Any,
     ) -> None:
-        if not gpa_std > 0:
-            raise ValueError(
-                f"method.module.gpa_std={gpa_std}: the Gaussian's standard deviation must be > 0"
-            )
-        if templates is not None and (not templates or any("{}" not in t for t in templates)):
-            raise ValueError(
-                f"method.module.templates={templates}: give at least one template, each with {{}} where "
-                "the class name goes (null: the official 60 ImageNet templates)"
-            )
+        check_promptsrc(gpa_std, templates)
         super().__init__(clip, classnames, **ivlp_args)
         self.text_loss_weight = text_loss_weight
         self.image_loss_weight = image_loss_weight
@@ -90,6 +82,11 @@ class PromptSRC(IVLP):
         # it (a resumed run goes on aggregating where it stopped), also within another module (DePT).
         for name, param in self.learned_prompts().items():
             self.register_buffer(aggregate_name(name), torch.zeros_like(param, dtype=torch.float32))
+
+    @classmethod
+    def check_config(cls, args: dict[str, Any], architecture: Architecture) -> None:
+        super().check_config(args, architecture)
+        check_promptsrc(args["gpa_std"], args["templates"])
 
     # -- self-consistency with the frozen CLIP -----------------------------------------------
     def frozen_text_features(self) -> torch.Tensor:
@@ -197,6 +194,16 @@ class PromptSRC(IVLP):
             "gpa_std": self.hparams.gpa_std,
             "teacher_templates": len(self.templates),
         }
+
+
+def check_promptsrc(gpa_std: float, templates: list[str] | None) -> None:
+    if not gpa_std > 0:
+        raise ValueError(f"method.module.gpa_std={gpa_std}: the Gaussian's standard deviation must be > 0")
+    if templates is not None and (not templates or any("{}" not in t for t in templates)):
+        raise ValueError(
+            f"method.module.templates={templates}: give at least one template, each with {{}} where "
+            "the class name goes (null: the official 60 ImageNet templates)"
+        )
 
 
 def aggregate_name(prompt: str) -> str:
