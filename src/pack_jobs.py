@@ -33,12 +33,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from hydra._internal.utils import _locate
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from src.methods.base import method_class
 from src.methods.coop import CoOp
 from src.resume import differences
 
@@ -85,12 +85,34 @@ STEP_HOOKS = (
     "on_before_optimizer_step",
     "on_train_batch_end",
     "on_train_epoch_end",
+    "lr_scheduler_step",
+    "optimizer_zero_grad",
+    "on_before_batch_transfer",
+    "on_after_batch_transfer",
+    "transfer_batch_to_device",
+    "on_load_checkpoint",
+    "validation_step",
+    "on_validation_epoch_start",
+    "on_validation_epoch_end",
+    "test_step",
+    "on_test_epoch_start",
+    "on_test_epoch_end",
 )
+# Trainer settings a pack runs as Lightning does only at these values (or without them).
+PACKED_TRAINER = {
+    "max_steps": (None, -1),
+    "limit_train_batches": (None, 1, 1.0),
+    "limit_val_batches": (None, 1, 1.0),
+    "val_check_interval": (None, 1, 1.0),
+    "fast_dev_run": (None, False, 0),
+    "accumulate_grad_batches": (None, 1),
+    "gradient_clip_val": (None, 0, 0.0),
+}
 
 
 def pack_refusal(cfg: DictConfig) -> str | None:
     """Why the run of `cfg` is trained alone, None when it can be packed."""
-    method = _locate(cfg.method.module._target_)
+    method = method_class(cfg.method)
     if not getattr(method, "packable", False):
         return f"method={cfg.method.name} ({method.__name__}) trains each run on its own (packable is False)"
     if not issubclass(method, CoOp):
@@ -102,6 +124,15 @@ def pack_refusal(cfg: DictConfig) -> str | None:
             "does not run: its runs train alone"
         )
     trainer = cfg.trainer
+    other = [
+        f"trainer.{key}={trainer[key]}"
+        for key, kept in PACKED_TRAINER.items()
+        if trainer.get(key) not in kept
+    ]
+    if trainer.get("check_val_every_n_epoch", 1) is None:
+        other.append("trainer.check_val_every_n_epoch=null")
+    if other:
+        return f"{', '.join(other)}: a pack trains every epoch whole, as the paper's recipe; runs train alone"
     if trainer.get("devices", 1) != 1 or trainer.get("num_nodes", 1) != 1:
         return "several devices: each run trains on them alone (trainer.devices, trainer.num_nodes)"
     if str(trainer.get("precision")).startswith("16"):
@@ -113,6 +144,11 @@ def pack_refusal(cfg: DictConfig) -> str | None:
     unknown = [target for target in callbacks if target not in PACKED_CALLBACKS]
     if unknown:
         return f"callbacks of their own ({', '.join(unknown)}) run for runs trained alone"
+    checkpoint = cfg.get("callbacks", {}).get("model_checkpoint") or {}
+    if checkpoint.get("monitor") or checkpoint.get("every_n_train_steps"):
+        return (
+            "a checkpoint chosen by a metric or every N steps (callbacks.model_checkpoint): runs train alone"
+        )
     return None
 
 
@@ -122,6 +158,12 @@ def check_pack(cfgs: list[DictConfig]) -> None:
         refusal = pack_refusal(cfg)
         if refusal is not None:
             raise ValueError(f"{cfg.paths.output_dir} cannot be packed: {refusal}")
+    folders = [cfg.paths.output_dir for cfg in cfgs]
+    if len(set(folders)) < len(folders):
+        raise ValueError(
+            f"runs of a pack share a run folder ({folders}): name runs by every swept setting in "
+            "hydra.sweep.subdir, or pack=false"
+        )
     shared = _shared_settings(cfgs[0])
     for cfg in cfgs[1:]:
         changed = differences(shared, _shared_settings(cfg))
@@ -173,7 +215,7 @@ def group_jobs(
             out.extend(members)
             continue
         cfg = compose(members[0])
-        refusal = pack_refusal(cfg)
+        refusal = pack_refusal(cfg) or _subdir_refusal(cfg)
         if refusal is not None:
             alone[refusal] += len(members)
             out.extend(members)
@@ -202,6 +244,16 @@ def group_jobs(
         "pack=true: %d runs in %d packs (pack_size=%d); %d jobs in all", packed, packs, pack_size, len(out)
     )
     return out
+
+
+def _subdir_refusal(cfg: DictConfig) -> str | None:
+    """Why runs whose folders are named by Hydra's job (its number, its overrides) train alone: a
+    pack is one job, so its runs would share that name."""
+    sweep = OmegaConf.to_container(cfg.hydra.sweep, resolve=False) if "hydra" in cfg else {}
+    subdir = str(sweep.get("subdir", ""))
+    if re.search(r"hydra[.:]job\.", subdir):
+        return f"hydra.sweep.subdir={subdir} names each run by Hydra's job, which a pack's runs share"
+    return None
 
 
 def packed_jobs(members: list[list[str]]) -> list[list[str]]:

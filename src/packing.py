@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import os
 import time
 from collections import defaultdict
@@ -121,6 +120,7 @@ class PackedRun:
         self.start_epoch = 0  # the first epoch to train (after a checkpoint's)
         self.steps = 0  # optimiser steps so far (Lightning's global step)
         self.epoch_steps = 0
+        self.finite: torch.Tensor | None = None  # every loss so far finite (checked without a sync)
         # the run's own trainer (the checks built it) is not run: its loggers and callbacks' settings
         self.loggers: list[Logger] = checked.trainer.loggers
         callbacks = checked.trainer.callbacks
@@ -277,17 +277,17 @@ class PackedRuns(pl.LightningModule):
         return [run.optimizer for run in self.runs]
 
     def train_dataloader(self) -> CombinedLoader:
-        """The runs' own loaders; runs of equal few-shot images share them decoded in memory,
-        within data.in_memory_max_gb for the whole pack."""
+        """The runs' own loaders, each over the train set the run alone reads (decoded in memory
+        when it fits data.in_memory_max_gb, as alone: the same augmentation); runs of equal few-shot
+        images (and, for cached views, seed) share it."""
         shared: dict[tuple, Dataset] = {}
-        left_gb = self.runs[0].datamodule.in_memory_max_gb
         streams = []
         for run in self.runs:
             dm = run.datamodule
-            key = tuple((item.path, item.label) for item in dm.train_items)
+            images = tuple((item.path, item.label) for item in dm.train_items)
+            key = (images, dm.seed if dm.train_views else None)  # cached views are drawn per seed
             if key not in shared:
-                shared[key] = dm.train_data(in_memory_max_gb=left_gb)
-                left_gb -= getattr(shared[key], "gigabytes", 0.0)
+                shared[key] = dm.train_data()
             loader = dm.train_loader(shared[key])
             if int(os.environ.get("PL_SEED_WORKERS", 0)) and loader.worker_init_fn is None:
                 # what Lightning does to the train loader it is given (Lightning does not see the
@@ -339,17 +339,24 @@ class PackedRuns(pl.LightningModule):
             run = self.runs[i]
             optimizers[i].step()
             optimizers[i].zero_grad()
+            if run.stop_on_non_finite:  # as StopOnNonFiniteLoss: every step on a CPU, else at log steps
+                finite = torch.isfinite(loss.detach())
+                run.finite = finite if run.finite is None else run.finite & finite
+                if self.device.type == "cpu" or self._logs_now(run):
+                    self._stop_if_non_finite(run)
             if self._logs_now(run):
-                value = loss.item()
-                if run.stop_on_non_finite and not math.isfinite(value):
-                    raise NonFiniteLossError(
-                        f"{run.out}: training loss is {value} at epoch {self.epoch} (precision "
-                        f"{self.trainer.precision}): the pack stopped; try trainer.precision=bf16-mixed "
-                        "or 32-true, or a lower method.module.lr"
-                    )
-                run.log_metrics({"train/loss": value, "epoch": self.epoch}, step=run.steps)
+                run.log_metrics({"train/loss": loss.item(), "epoch": self.epoch}, step=run.steps)
             run.steps += 1
             run.epoch_steps += 1
+
+    def _stop_if_non_finite(self, run: PackedRun) -> None:
+        if run.finite is not None and not bool(run.finite):
+            raise NonFiniteLossError(
+                f"{run.out}: training loss is not finite at epoch {self.epoch} (precision "
+                f"{self.trainer.precision}): the pack stopped; train this run alone (pack=false: the "
+                "pack's other runs then finish), with trainer.precision=bf16-mixed or 32-true or a "
+                "lower method.module.lr"
+            )
 
     @staticmethod
     def _logs_now(run: PackedRun) -> bool:
@@ -359,6 +366,7 @@ class PackedRuns(pl.LightningModule):
     def on_train_epoch_end(self) -> None:
         epoch, loops = self.epoch, None
         for run in self.runs:
+            self._stop_if_non_finite(run)  # as StopOnNonFiniteLoss at the epoch's end
             run.scheduler.step()  # the schedule's interval: the epoch
         if (epoch + 1) % self.runs[0].validate_every == 0:
             self._validate()

@@ -88,6 +88,13 @@ def own_data(tmp_path) -> Path:
         (["method=mmrl", "method.module.rep_dim=16"], None, ["method.module.rep_layers=[6, 7, 8"]),
         (["method=clip_lora", "method.module.layers=[5]"], None, ["method.module.layers=[5]"]),
         (["method=dept", "method/base=maple"], None, ["method.module.prompt_depth=9"]),
+        (["method=dept", "method.module.cat_weight=2"], ["method.module.cat_weight=0.7"], ["cat_weight=2"]),
+        (
+            ["method=promptsrc", "method.module.prompt_depth_text=1", "method.module.prompt_depth_vision=1"]
+            + ["method.module.gpa_std=0"],
+            ["method.module.gpa_std=1"],
+            ["method.module.gpa_std=0"],
+        ),
         (["data.fewshot_file=/nonexistent/fewshot.json"], ["data.fewshot_file=null"], ["data.fewshot_file="]),
         pytest.param(
             ["trainer=gpu"],

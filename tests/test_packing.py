@@ -42,8 +42,8 @@ RUNS = [
     ["seed=2", "ctx=class_specific"],
     ["seed=1", "ctx=class_specific", "ctx.class_token_position=middle"],
 ]
-# data.in_memory_max_gb: one 2-shot set of 32 px digits decoded (59 kB) fits, two do not: in the
-# pack the second set is read from its files every epoch, alone each run keeps its own in memory.
+# data.in_memory_max_gb: one 2-shot set of 32 px digits decoded (59 kB) fits, two would not: the
+# pack decides for each set as the run alone does (each in memory), not for the pack's sets at once.
 MODES = {
     "images": ["data.in_memory_max_gb=0.00008"],
     "features": ["data.train_views=2"],
@@ -124,9 +124,9 @@ def test_packed_runs_equal_the_runs_trained_alone(alone, tmp_path, caplog):
     for index in range(len(RUNS)):
         assert_same_run(tmp_path / f"run{index}", reference / f"run{index}")
     assert "3 runs share 2 few-shot train sets" in caplog.text
-    if mode == "images":  # within data.in_memory_max_gb for the pack: one set in memory, one from disk
-        assert caplog.text.count("training images decoded once and kept in memory") == 1
-        assert "train images read from disk every epoch" in caplog.text
+    if mode == "images":  # each set within data.in_memory_max_gb, decided per set as alone
+        assert caplog.text.count("training images decoded once and kept in memory") == 2
+        assert "train images read from disk every epoch" not in caplog.text
 
 
 class Killed(RuntimeError):
@@ -192,7 +192,7 @@ def sweep_jobs(overrides: list[str]) -> tuple[list[list[str]], object]:
 
     def compose_job(job: list[str]):
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            return compose("train", overrides=[*overrides, *job])
+            return compose("train", overrides=[*overrides, *job], return_hydra_config=True)  # as the sweeper
 
     return jobs, compose_job
 
@@ -226,6 +226,14 @@ def test_runs_of_random_weights_pack_within_a_seed(caplog):
     assert "model=coop-tiny has random weights, which depend on the seed" in caplog.text
 
 
+def test_runs_named_by_hydras_job_are_not_packed(caplog):
+    jobs, compose_job = sweep_jobs(["experiment=quickstart_grid", "hydra.sweep.subdir=${hydra.job.num}"])
+    with caplog.at_level("INFO"):
+        launched = group_jobs(jobs, compose_job, pack_size=12)
+    assert sorted(launched) == sorted(jobs)  # each alone
+    assert "30 runs trained alone: hydra.sweep.subdir=${hydra.job.num} names each run by" in caplog.text
+
+
 def test_a_packed_job_carries_every_runs_settings():
     members = [
         ["shots='4'", "seed=1", "ctx.init='a photo of a'", "ctx.n_ctx=8"],
@@ -249,6 +257,9 @@ def test_runs_the_pack_cannot_reproduce_are_refused(tmp_path):
         "method=kgcoop": "method=kgcoop (KgCoOp) trains each run on its own",
         "method=tip_adapter": "(TipAdapter) trains each run on its own",
         "trainer=ddp_cpu": "several devices",
+        "++trainer.max_steps=10": "trainer.max_steps=10: a pack trains every epoch whole",
+        "++trainer.gradient_clip_val=1.0": "trainer.gradient_clip_val=1.0",
+        "+callbacks.model_checkpoint.monitor=val/acc": "a checkpoint chosen by a metric",
         "trainer.precision=16-mixed": "fp16 scales each run's loss",
         "logger=wandb": "a logger other than the CSV log",
         "+callbacks.early.monitor=val/acc": "callbacks of their own",

@@ -275,16 +275,15 @@ class FewShotDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self.train_loader(self.train_data())
 
-    def train_data(self, in_memory_max_gb: float | None = None) -> Dataset:
+    def train_data(self) -> Dataset:
         """The train set as its loader reads it: K cached views per image, the images decoded in
-        memory (when they take at most `in_memory_max_gb`, default `data.in_memory_max_gb`), or the
-        files. Runs trained together share it when their images are the same (src/packing.py)."""
+        memory (when they take at most `data.in_memory_max_gb`), or the files. Runs trained together
+        share it when their images are the same (src/packing.py)."""
         items = self.train_items
-        max_gb = self.in_memory_max_gb if in_memory_max_gb is None else in_memory_max_gb
         if self.train_views:
             features, labels = self.image_features("train", views=self.train_views)
             return RandomView(features.view(self.train_views, len(items), -1), labels[: len(items)])
-        if self.train_in_memory and fits_in_memory(items, len(self.classnames), max_gb):
+        if self.train_in_memory and fits_in_memory(items, len(self.classnames), self.in_memory_max_gb):
             # without a trainer (a loader built by hand) batches stay on the CPU
             on_cpu = self.trainer is None or self.trainer.strategy.root_device.type == "cpu"
             augment = {"auto": "pil" if on_cpu else "device"}.get(self.train_augment, self.train_augment)

@@ -65,8 +65,8 @@ def fits_in_memory(items: list[Sample], n_classes: int, max_gb: float) -> bool:
         gigabytes = sum(pool.map(size, items)) / 2**30
     if gigabytes > max_gb:
         log.info(
-            "train images read from disk every epoch: decoded they take %.1f GB, more than the "
-            "%.1f GB left to them (data.in_memory_max_gb, shared by the runs of a pack)",
+            "train images read from disk every epoch: decoded they take %.1f GB, more than "
+            "data.in_memory_max_gb=%s",
             gigabytes,
             max_gb,
         )
@@ -103,7 +103,6 @@ class InMemoryTrainImages(Dataset):
         self.hflip = hflip
         with ThreadPoolExecutor(max_workers=8) as pool:
             images = list(pool.map(_decode, items))
-        self.gigabytes = sum(image.width * image.height * 3 for image in images) / 2**30
         if augment == "device":
             images = [torch.from_numpy(np.array(image)).permute(2, 0, 1) for image in images]
         self.images = images

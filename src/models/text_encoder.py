@@ -185,21 +185,25 @@ class TextEncoder(nn.Module):
         feats = []
         for start in range(0, len(x), step):
             part = slice(start, start + step)
-            # each prompt attends to its own run's prefix
-            kv = None if prefix_kv is None else [(k[run_of[part]], v[run_of[part]]) for k, v in prefix_kv]
-            args = (x[part], last[part], kv)
+            # the runs' prefixes go in as they are (a checkpointed chunk keeps its inputs until backward)
+            args = (x[part], last[part], prefix_kv, run_of[part])
             if self.chunk:
                 feats.append(checkpoint(self._suffix_batched, *args, use_reentrant=False))
             else:
                 feats.append(self._suffix_batched(*args))
         return torch.cat(feats).view(runs, n, -1)
 
-    def _suffix_batched(self, x: torch.Tensor, last: torch.Tensor, prefix_kv: list | None) -> torch.Tensor:
+    def _suffix_batched(
+        self, x: torch.Tensor, last: torch.Tensor, prefix_kv: list | None, run_of: torch.Tensor
+    ) -> torch.Tensor:
+        """Prompts x [n, length, width] after their runs' prefixes (`run_of`: each prompt's run)."""
         blocks = self.tower.transformer.resblocks
         if not self.prefix_sharing:  # blocks of another kind: open_clip's own computation
             x = self.tower.transformer(x, attn_mask=self.tower.attn_mask[: x.shape[1], : x.shape[1]])
         else:
             for blk, kv in zip(blocks, prefix_kv or [None] * len(blocks), strict=True):
+                if kv is not None:  # each prompt attends to its own run's prefix (one run: a view)
+                    kv = tuple(t.expand(len(x), -1, -1, -1) if len(t) == 1 else t[run_of] for t in kv)
                 x, _ = _block(blk, x, kv, batched=True)
         x = x[torch.arange(len(x), device=x.device), last]
         return self._project(self.tower.ln_final(x))
