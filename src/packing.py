@@ -121,6 +121,7 @@ class PackedRun:
         self.steps = 0  # optimiser steps so far (Lightning's global step)
         self.epoch_steps = 0
         self.finite: torch.Tensor | None = None  # every loss so far finite (checked without a sync)
+        self.failed: str | None = None  # why it stopped (a non-finite loss): the others go on
         # the run's own trainer (the checks built it) is not run: its loggers and callbacks' settings
         self.loggers: list[Logger] = checked.trainer.loggers
         callbacks = checked.trainer.callbacks
@@ -262,7 +263,7 @@ class PackedRuns(pl.LightningModule):
         self.keys = [stack_key(run.module) for run in runs]
         self.first_epoch = first_epoch
         self.test_metrics: list[dict[str, float]] = []
-        self._val_loaders: list[DataLoader] | None = None
+        self._val_loaders: dict[int, DataLoader] | None = None
 
     @property
     def epoch(self) -> int:
@@ -322,7 +323,7 @@ class PackedRuns(pl.LightningModule):
     def training_step(self, batch: list, batch_idx: int) -> None:
         optimizers = self.optimizers()
         optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
-        active = [i for i, part in enumerate(batch) if part is not None]
+        active = [i for i, part in enumerate(batch) if part is not None and self.runs[i].failed is None]
         for i in active:
             run = self.runs[i]
             if run.lr_monitor and self._logs_now(run):  # LearningRateMonitor, at the batch's start
@@ -344,19 +345,25 @@ class PackedRuns(pl.LightningModule):
                 run.finite = finite if run.finite is None else run.finite & finite
                 if self.device.type == "cpu" or self._logs_now(run):
                     self._stop_if_non_finite(run)
-            if self._logs_now(run):
+            if self._logs_now(run) and run.failed is None:
                 run.log_metrics({"train/loss": loss.item(), "epoch": self.epoch}, step=run.steps)
             run.steps += 1
             run.epoch_steps += 1
 
     def _stop_if_non_finite(self, run: PackedRun) -> None:
-        if run.finite is not None and not bool(run.finite):
-            raise NonFiniteLossError(
-                f"{run.out}: training loss is not finite at epoch {self.epoch} (precision "
-                f"{self.trainer.precision}): the pack stopped; train this run alone (pack=false: the "
-                "pack's other runs then finish), with trainer.precision=bf16-mixed or 32-true or a "
-                "lower method.module.lr"
-            )
+        """Stops a run whose loss was not finite, as StopOnNonFiniteLoss stops it alone (its last
+        checkpoint kept, no results); the pack's other runs go on, and the pack fails when they end
+        (`train_packed`), or at once when no run is left."""
+        if run.failed is not None or run.finite is None or bool(run.finite):
+            return
+        run.failed = (
+            f"{run.out}: training loss is not finite at epoch {self.epoch} (precision "
+            f"{self.trainer.precision}): try trainer.precision=bf16-mixed or 32-true, or a lower "
+            "method.module.lr"
+        )
+        log.error("%s; the pack's other runs go on", run.failed)
+        if all(r.failed is not None for r in self.runs):
+            raise NonFiniteLossError("; ".join(r.failed for r in self.runs))
 
     @staticmethod
     def _logs_now(run: PackedRun) -> bool:
@@ -367,10 +374,12 @@ class PackedRuns(pl.LightningModule):
         epoch, loops = self.epoch, None
         for run in self.runs:
             self._stop_if_non_finite(run)  # as StopOnNonFiniteLoss at the epoch's end
+        running = [run for run in self.runs if run.failed is None]
+        for run in running:
             run.scheduler.step()  # the schedule's interval: the epoch
         if (epoch + 1) % self.runs[0].validate_every == 0:
-            self._validate()
-        for run in self.runs:
+            self._validate(running)
+        for run in running:
             path, every = run.checkpoint_path, run.checkpoint and run.checkpoint.every_n_epochs
             if path is not None and every and ((epoch + 1) % every == 0 or epoch + 1 == run.max_epochs):
                 loops = loops or self._loops()
@@ -384,12 +393,13 @@ class PackedRuns(pl.LightningModule):
         loops = ("fit_loop", "validate_loop", "test_loop", "predict_loop")
         return {name: getattr(trainer, name).state_dict() for name in loops}
 
-    def _validate(self) -> None:
+    def _validate(self, runs: list[PackedRun]) -> None:
         """Each run's accuracy on its few-shot val set, logged as Lightning logs it for the run alone
         (at the epoch's last step); validation draws nothing from the runs' streams."""
         if self._val_loaders is None:
-            self._val_loaders = [run.datamodule.val_dataloader() for run in self.runs]
-        for run, loader in zip(self.runs, self._val_loaders, strict=True):
+            self._val_loaders = {id(run): run.datamodule.val_dataloader() for run in self.runs}
+        for run in runs:
+            loader = self._val_loaders[id(run)]
             method = run.module
             method.on_validation_epoch_start()
             with torch.no_grad(), self.trainer.precision_plugin.forward_context():
@@ -419,7 +429,8 @@ class PackedRuns(pl.LightningModule):
                 "test/acc": run.module.test_acc.compute().item(),
                 "test/macro_acc": run.module.test_macro_acc.compute().item(),
             }
-            run.log_metrics({**metrics, "epoch": run.max_epochs}, step=run.steps)
+            if run.failed is None:
+                run.log_metrics({**metrics, "epoch": run.max_epochs}, step=run.steps)
             self.test_metrics.append(metrics)
         self._test_text = None
 
@@ -461,6 +472,12 @@ def train_packed(cfgs: list[DictConfig]) -> list[dict[str, Any]]:
             trained = train_together(clip, [runs[p] for p in positions], first_epoch)
             for position, result in zip(positions, trained, strict=True):
                 results[pending[position]] = result
+        failed = [run.failed for run in runs if run.failed is not None]
+        if failed:  # the others have their results: a relaunched sweep trains these only
+            raise NonFiniteLossError(
+                f"{len(failed)} of the pack's {len(cfgs)} runs stopped, the others finished: "
+                + "; ".join(failed)
+            )
     return [results[index] for index in range(len(cfgs))]
 
 
@@ -495,8 +512,11 @@ def build_runs(runs: list[PackedRun]) -> FrozenCLIP:
     return clip
 
 
-def train_together(clip: FrozenCLIP, runs: list[PackedRun], first_epoch: int) -> list[dict[str, Any]]:
-    """Fits runs that continue from the same epoch as one pack, tests them and writes their files."""
+def train_together(
+    clip: FrozenCLIP, runs: list[PackedRun], first_epoch: int
+) -> list[dict[str, Any] | None]:
+    """Fits runs that continue from the same epoch as one pack, tests them and writes their files;
+    None for a run that stopped (`PackedRun.failed`)."""
     first = runs[0]
     epochs = first.max_epochs - first_epoch
     trainer: pl.Trainer = instantiate(
@@ -528,6 +548,9 @@ def train_together(clip: FrozenCLIP, runs: list[PackedRun], first_epoch: int) ->
     trainer.test(pack, verbose=False)
     results = []
     for run, metrics in zip(runs, pack.test_metrics, strict=True):
+        if run.failed is not None:  # no results.json: as alone, the run stopped
+            results.append(None)
+            continue
         result = run_results(
             run.cfg, run.module, run.datamodule, trainer, metrics, train_time, run.max_epochs, baseline
         )

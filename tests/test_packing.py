@@ -24,10 +24,11 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from hydra_plugins.coop_grid_sweeper.grid_sweeper import drop_repeats
 from src import packing
+from src.callbacks import NonFiniteLossError
 from src.config import as_hydra_overrides
 from src.methods.coop import CoOp
 from src.pack_jobs import PACKED_RUNS, group_jobs, member_overrides, pack_refusal, packed_jobs
-from src.packing import train_packed
+from src.packing import packed_losses, train_packed
 from src.report import write_report
 from src.train import main
 from src.training import train
@@ -163,6 +164,26 @@ def test_a_killed_pack_resumes_to_the_contexts_of_an_uninterrupted_one(alone, tm
         )
         expected = json.loads((reference / f"run{index}" / "results.json").read_text())
         assert results[index]["test_acc"] == expected["test_acc"]
+
+
+def test_a_run_whose_loss_is_not_finite_stops_and_the_others_finish(alone, tmp_path, monkeypatch):
+    """As StopOnNonFiniteLoss stops a run alone: that run has no results, the pack's others are
+    their runs alone, and the pack fails naming it."""
+    mode, overrides, reference = alone
+    steps = []
+
+    def second_run_diverges(clip, modules, keys, batches):
+        losses = packed_losses(clip, modules, keys, batches)
+        steps.append(len(losses))
+        return [loss * float("inf") if i == 1 and len(steps) == 3 else loss for i, loss in enumerate(losses)]
+
+    monkeypatch.setattr(packing, "packed_losses", second_run_diverges)
+    with pytest.raises(NonFiniteLossError, match=r"1 of the pack's 3 runs stopped, the others .*run1"):
+        train_packed(configs(overrides, tmp_path))
+    assert steps[3:] and all(count == 2 for count in steps[3:])  # run1 trained no more
+    assert not (tmp_path / "run1" / "results.json").exists()
+    for index in (0, 2):
+        assert_same_run(tmp_path / f"run{index}", reference / f"run{index}")
 
 
 def test_a_run_that_has_results_is_not_trained_again(alone, tmp_path, caplog):
