@@ -154,8 +154,9 @@ class PackedRun:
         self.steps = checkpoint["global_step"]
 
     def lightning_checkpoint(self, epoch: int, loops: dict[str, Any]) -> dict[str, Any]:
-        """What Lightning writes for this run trained alone at the end of `epoch` (a checkpoint it
-        resumes from): `loops` is the pack trainer's, its counters set to this run's."""
+        """A checkpoint in the format Lightning writes for this run alone at the end of `epoch` (one
+        it resumes from, packed or alone): the run's own state and torch stream; `loops` is the pack
+        trainer's, its counters set to this run's."""
         random_state = RandomState().state_dict()
         random_state["torch"] = self.stream.state
         checkpoint = {
