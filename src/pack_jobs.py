@@ -38,6 +38,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from src.files import atomic_write
 from src.methods.base import method_class
 from src.methods.coop import CoOp
 from src.resume import differences
@@ -326,6 +327,7 @@ def member_configs(cfg: DictConfig) -> list[DictConfig]:
     first = copy.deepcopy(cfg)  # this job's config is the first run's, plus `packed_runs`
     with open_dict(first):
         del first[PACKED_RUNS]
+    write_hydra_files(first, job, overrides[0])  # Hydra wrote the pack's: the first run's instead
     _resolve_hydra_values(first)
     configs = [first]
     with _restored_hydra_config():
@@ -336,9 +338,31 @@ def member_configs(cfg: DictConfig) -> list[DictConfig]:
                 full.hydra.runtime.output_dir = str(out.absolute())
             HydraConfig.instance().set_config(full)
             task = OmegaConf.masked_copy(full, [key for key in full if key != "hydra"])
+            write_hydra_files(task, full.hydra, run)
             _resolve_hydra_values(task)
             configs.append(task)
     return configs
+
+
+def write_hydra_files(task: DictConfig, hydra: DictConfig, overrides: list[str]) -> None:
+    """A packed run's `.hydra/` (config.yaml, hydra.yaml, overrides.yaml), as Hydra writes them
+    into the folder of a job of its own."""
+    if hydra.get("output_subdir") is None:
+        return
+    hydra = copy.deepcopy(hydra)
+    OmegaConf.set_readonly(hydra, False)  # Hydra's own config is read-only
+    with open_dict(hydra):
+        hydra.overrides.task = list(overrides)
+    folder = Path(hydra.runtime.output_dir) / hydra.output_subdir
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {
+        "config.yaml": task,
+        "hydra.yaml": OmegaConf.create({"hydra": hydra}),
+        "overrides.yaml": hydra.overrides.task,
+    }
+    for name, content in files.items():
+        text = OmegaConf.to_yaml(content).encode()
+        atomic_write(folder / name, lambda f, text=text: f.write(text))
 
 
 def _resolve_hydra_values(cfg: DictConfig) -> None:

@@ -350,8 +350,12 @@ def test_a_packed_multirun_writes_each_runs_folder_then_the_report(cli, digits, 
     cli(main, args)
     runs = folders(sweep)
     assert len(runs) == 4
-    for run in runs:
+    unpacked = tmp_path / "unpacked"
+    cli(main, [a.replace(str(sweep), str(unpacked)).replace("pack=True", "pack=False") for a in args])
+    for run, alone in zip(runs, folders(unpacked), strict=True):
         files = {p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file()}
+        alone_files = {p.relative_to(alone).as_posix() for p in alone.rglob("*") if p.is_file()}
+        assert files - {"train.log"} == alone_files - {"train.log"}  # in pytest Hydra may log elsewhere
         assert files >= {
             "results.json",
             "prompt.pt",
@@ -362,7 +366,13 @@ def test_a_packed_multirun_writes_each_runs_folder_then_the_report(cli, digits, 
             "csv/hparams.yaml",
             "checkpoints/last.ckpt",
             "train.log",
+            ".hydra/config.yaml",
+            ".hydra/overrides.yaml",
         }
+        for name in ("config.yaml", ".hydra/config.yaml", ".hydra/overrides.yaml"):  # the run's own
+            expected = (alone / name).read_text().replace(str(unpacked), str(sweep))
+            expected = expected.replace("pack: false", "pack: true").replace("pack=False", "pack=True")
+            assert (run / name).read_text() == expected, name
         assert json.loads((run / "results.json").read_text())["pack_size"] == 4
     written = [(run / "results.json").stat().st_mtime_ns for run in runs]
     cli(main, args)  # launched again: every run is done
