@@ -132,3 +132,38 @@ def test_batched_path_runs_the_prefix_apart_only_where_it_saves_enough_positions
     assert calls == []
     TextEncoder(tiny_clip.model, path="batched", prefix_min_tokens=12)(prompts, eos, shared_len=5)
     assert calls == [(1, 5, width)]
+
+
+@pytest.mark.parametrize("class_specific", [False, True])
+def test_a_stack_of_runs_prompts_equals_each_run_alone(tiny_clip, class_specific):
+    """Packed runs (src/packing.py): 3 runs' prompts [runs, n, L, width] in one call of every path,
+    chunked or not, give each run's features and gradients of the reference path run by run."""
+    torch.manual_seed(0)
+    modules = [CoOp(tiny_clip, CLASSNAMES, n_ctx=8, class_specific=class_specific) for _ in range(3)]
+    reference_encoder = TextEncoder(tiny_clip.model, path="reference")
+
+    def features_and_grads(encode) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        for module in modules:
+            module.prompt_learner.ctx.grad = None
+        features = encode()
+        (features * torch.linspace(-1, 1, features.numel()).view_as(features)).sum().backward()
+        return features.detach(), [module.prompt_learner.ctx.grad.clone() for module in modules]
+
+    def alone():
+        return torch.stack([reference_encoder(*m.text_inputs()) for m in modules])
+
+    expected, expected_grads = features_and_grads(alone)
+    for options in FAST_PATHS:
+        encoder = TextEncoder(tiny_clip.model, **options)
+
+        def stacked(encoder=encoder):
+            inputs = [m.text_inputs() for m in modules]
+            _, eos, shared_len = inputs[0]
+            return encoder(torch.stack([prompts for prompts, _, _ in inputs]), eos, shared_len)
+
+        features, grads = features_and_grads(stacked)
+        torch.testing.assert_close(features, expected, rtol=0, atol=1e-5, msg=str(options))
+        for grad, expected_grad in zip(grads, expected_grads, strict=True):
+            # fp32 sums run in another order: 1e-5 of the gradient's own scale
+            scale = max(1.0, expected_grad.abs().max().item())
+            assert (grad - expected_grad).abs().max().item() <= 1e-5 * scale, (options, scale)
