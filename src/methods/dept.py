@@ -118,7 +118,7 @@ class DePT(Method):
         """DePT's own options, then its base's, as the base checks them alone."""
         super().check_config(args, architecture)
         check_head(args["cat_weight"], args["cat_lr_ratio"])
-        base = get_class(args["base"])
+        base = base_class(args["base"])
         check_base(base)
         own = inspect.signature(cls.__init__).parameters
         base_args = method_arguments(base, {k: v for k, v in args.items() if k not in own})
@@ -240,7 +240,23 @@ class DePT(Method):
 def build_base(target: str, clip: FrozenCLIP, classnames: list[str], args: dict[str, Any]) -> Method:
     """The base method of a config. Built here, outside DePT's __init__, so that its saved
     hyper-parameters (Lightning reads them from the __init__ frames above) are its own only."""
-    return get_class(target)(clip, classnames, **args)
+    return base_class(target)(clip, classnames, **args)
+
+
+def base_class(target: str) -> type[Method]:
+    """The base method's class (`method.module.base`), or one line saying why it cannot be one."""
+    try:
+        cls = get_class(target)
+    except (ImportError, ValueError) as err:
+        raise ValueError(
+            f"method.module.base={target} cannot be imported ({err}): give a method class, e.g. "
+            "method.base=coop, or put the folder that holds its package on PYTHONPATH"
+        ) from err
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise ValueError(
+            f"method.module.base={target} is not a method (a subclass of src.methods.base.Method)"
+        )
+    return cls
 
 
 def check_head(cat_weight: float, cat_lr_ratio: float) -> None:
