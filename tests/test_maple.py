@@ -53,6 +53,9 @@ def test_reference_context_learns_a_photo_and_keeps_of_a(tiny_clip):
     torch.testing.assert_close(learner.ctx, words[1:3])  # "a photo": learned
     torch.testing.assert_close(learner.token_suffix[0, :3], words[3:6])  # "of a cat": fixed words
     assert len(maple.couplings) == 2 and maple.couplings[0].in_features == 64
+    # longer than the phrase: random, as the official code (n_ctx > 4), not the phrase's 4 tokens
+    six = MaPLe(tiny_clip, CLASSNAMES, prompt_depth=2, n_ctx=6)
+    assert six.prompt_learner.n_ctx == 6 and six.hparams.ctx_init is None and six.deep_text.shape[1] == 6
 
 
 def test_deep_prompts_change_both_towers_and_train(tiny_clip):

@@ -85,10 +85,7 @@ class IVLP(DeepPrompts):
         depths = (prompt_depth_text, prompt_depth_vision, n_ctx_vision)
         check_ivlp(self.name, *depths, class_specific, class_token_position, Architecture.of(clip.name))
         deep_prompts.check_prompt_ready_vit(visual, clip.name)
-        if ctx_init and n_ctx > token_count(clip.tokenize, ctx_init.replace("_", " ").strip()):
-            # The official code starts from the words only for n_ctx <= 4, the tokens of its phrase.
-            log.info("ctx.n_ctx=%d is longer than ctx.init=%r: the context starts random", n_ctx, ctx_init)
-            ctx_init = None
+        ctx_init = words_or_random(clip, n_ctx, ctx_init)
         super().__init__(
             clip,
             classnames,
@@ -166,3 +163,13 @@ def check_ivlp(
             f"({override('method.module.n_ctx_vision', 1)}), or "
             f"{override('method.module.prompt_depth_vision', 0)} for none"
         )
+
+
+def words_or_random(clip: FrozenCLIP, n_ctx: int, ctx_init: str | None) -> str | None:
+    """`ctx_init`, or None (a random start) for a context longer than the phrase: the official
+    MaPLe and IVLP code start from the words only for n_ctx <= 4, the tokens of their phrase, and
+    learn the first n_ctx of them (CoOp would learn the phrase's tokens only)."""
+    if ctx_init and n_ctx > token_count(clip.tokenize, ctx_init.replace("_", " ").strip()):
+        log.info("ctx.n_ctx=%d is longer than ctx.init=%r: the context starts random", n_ctx, ctx_init)
+        return None
+    return ctx_init

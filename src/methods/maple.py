@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from src.cli import override
-from src.methods.ivlp import DeepPrompts
+from src.methods.ivlp import DeepPrompts, words_or_random
 from src.models import deep_prompts
 from src.models.clip import Architecture, FrozenCLIP
 from src.models.prompt_learner import Position
@@ -23,8 +23,8 @@ class MaPLe(DeepPrompts):
     Linear(text width, image width). Unified context, class name at the end, ViT only.
 
     As the reference: with ctx_init, the first n_ctx tokens are learned and the rest stay words of
-    the prompt ("a photo" + "of a {class}."); deep prompts start normal(std 0.02); the deep
-    coupling functions start as copies of one Linear.
+    the prompt ("a photo" + "of a {class}."), a context longer than the phrase starts random; deep
+    prompts start normal(std 0.02); the deep coupling functions start as copies of one Linear.
     """
 
     name = "maple"
@@ -44,6 +44,7 @@ class MaPLe(DeepPrompts):
         visual = clip.model.visual
         check_maple(prompt_depth, class_specific, class_token_position, Architecture.of(clip.name))
         deep_prompts.check_prompt_ready_vit(visual, clip.name)
+        ctx_init = words_or_random(clip, n_ctx, ctx_init)
         super().__init__(clip, classnames, n_ctx=n_ctx, ctx_init=ctx_init, lr=lr, **coop_args)
         n_ctx = self.prompt_learner.n_ctx
         text_width = clip.token_embedding.weight.shape[1]
