@@ -15,6 +15,7 @@ from src.config import compose_config
 from src.evaluation import evaluate
 from src.methods.coop import CoOp
 from src.methods.ivlp import IVLP
+from src.methods.maple import MaPLe
 from src.prompt_file import load_prompt, method_from_prompt
 from src.training import train
 from tests.conftest import make_cfg
@@ -178,3 +179,16 @@ def test_recipe_run_prompt_file_and_eval(tiny_overrides, eval_overrides, tmp_pat
     rebuilt = method_from_prompt(state, tiny_clip, ["apple", "pear"])
     assert isinstance(rebuilt, IVLP) and rebuilt.prompt_learner.classnames == ["apple", "pear"]
     assert torch.equal(rebuilt.visual_prompts, state["weights"]["visual_prompts"])
+
+
+def test_the_shallowest_prompts_train_no_empty_parameter(tiny_clip):
+    """Text depth 1 and image depth 0 (IVLP), depth 1 (MaPLe): no deep prompts, and no trained
+    parameter without elements, which DDP (find_unused_parameters=False) would refuse."""
+    shallow = [
+        IVLP(tiny_clip, CLASSNAMES, prompt_depth_text=1, prompt_depth_vision=0),
+        MaPLe(tiny_clip, CLASSNAMES, prompt_depth=1),
+    ]
+    for module in shallow:
+        trained = {name: p.numel() for name, p in module.named_parameters() if p.requires_grad}
+        assert trained and all(trained.values()), trained
+    assert shallow[0].deep_text.numel() == shallow[0].visual_prompts.numel() == 0

@@ -98,9 +98,9 @@ class IVLP(DeepPrompts):
         )
         text_width = clip.token_embedding.weight.shape[1]
         deep_shape = (prompt_depth_text - 1, self.prompt_learner.n_ctx, text_width)
-        self.deep_text = nn.Parameter(torch.empty(deep_shape).normal_(std=0.02))
+        self.deep_text = learned_prompts(deep_shape)
         image_shape = (prompt_depth_vision, n_ctx_vision, visual.transformer.width)
-        self.visual_prompts = nn.Parameter(torch.empty(image_shape).normal_(std=0.02))
+        self.visual_prompts = learned_prompts(image_shape)
 
     @classmethod
     def check_config(cls, args: dict[str, Any], architecture: Architecture) -> None:
@@ -163,6 +163,13 @@ def check_ivlp(
             f"({override('method.module.n_ctx_vision', 1)}), or "
             f"{override('method.module.prompt_depth_vision', 0)} for none"
         )
+
+
+def learned_prompts(shape: tuple[int, ...]) -> nn.Parameter:
+    """Prompts that train, starting normal(std 0.02); an empty one (depth 1 of the text, depth 0 of
+    the image) does not: DDP refuses a trained parameter that no loss reaches."""
+    prompts = nn.Parameter(torch.empty(shape).normal_(std=0.02))
+    return prompts.requires_grad_(prompts.numel() > 0)
 
 
 def words_or_random(clip: FrozenCLIP, n_ctx: int, ctx_init: str | None) -> str | None:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from src.cli import override
-from src.methods.ivlp import DeepPrompts, words_or_random
+from src.methods.ivlp import DeepPrompts, learned_prompts, words_or_random
 from src.models import deep_prompts
 from src.models.clip import Architecture, FrozenCLIP
 from src.models.prompt_learner import Position
@@ -49,7 +49,7 @@ class MaPLe(DeepPrompts):
         n_ctx = self.prompt_learner.n_ctx
         text_width = clip.token_embedding.weight.shape[1]
         image_width = visual.transformer.width
-        self.deep_text = nn.Parameter(torch.empty(prompt_depth - 1, n_ctx, text_width).normal_(std=0.02))
+        self.deep_text = learned_prompts((prompt_depth - 1, n_ctx, text_width))
         deep_coupling = nn.Linear(text_width, image_width)
         self.couplings = nn.ModuleList(
             [nn.Linear(text_width, image_width)]
