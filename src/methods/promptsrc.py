@@ -94,10 +94,7 @@ class PromptSRC(IVLP):
         fp32 (as the official teacher) also under autocast."""
         if self._frozen_text is None or self._frozen_text.device != self.device:
             names = self.prompt_learner.classnames
-            with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
-                self._frozen_text = template_text_features(
-                    self.clip, names, self.templates, normalize_each=False
-                )
+            self._frozen_text = template_text_features(self.clip, names, self.templates, normalize_each=False)
         return self._frozen_text
 
     def self_consistency(

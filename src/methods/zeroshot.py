@@ -71,12 +71,15 @@ def template_text_features(
 ) -> torch.Tensor:
     """Normalised class text features [n_cls, d] of hand-made prompts: per class the mean of the
     normalised features of its prompts, one per template, normalised again (`normalize_each=False`:
-    the mean of the raw features, normalised, as PromptSRC's frozen teacher)."""
+    the mean of the raw features, normalised, as PromptSRC's frozen teacher). In the backbone's own
+    precision, also when first asked for within a training step's autocast: the same features
+    whichever hook asks first (the teachers of KgCoOp, ProGrad, MMRL and PromptSRC)."""
     names = [name.replace("_", " ") for name in classnames]
+    device = clip.token_embedding.weight.device  # the backbone's, wherever built
     total = 0
-    for template in templates:
-        tokens = clip.tokenize([template.format(name) for name in names])
-        tokens = tokens.to(clip.token_embedding.weight.device)  # the backbone's, wherever built
-        features = clip.model.encode_text(tokens).float()
-        total = total + (F.normalize(features, dim=-1) if normalize_each else features)
+    with torch.autocast(device.type, enabled=False):
+        for template in templates:
+            tokens = clip.tokenize([template.format(name) for name in names]).to(device)
+            features = clip.model.encode_text(tokens).float()
+            total = total + (F.normalize(features, dim=-1) if normalize_each else features)
     return F.normalize(total / len(templates), dim=-1)
