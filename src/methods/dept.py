@@ -21,12 +21,25 @@ HEAD = "head."  # the state-dict prefix of DePT's own parameters
 # Lightning's training hooks that DePT does not run for its base (they would see DePT's training
 # only): a base with its own is refused. It runs the base's on_train_start and on_train_epoch_end.
 TRAINING_HOOKS = (
+    "setup",
+    "on_fit_start",
+    "on_train_end",
     "on_train_epoch_start",
     "on_train_batch_start",
     "on_train_batch_end",
     "on_before_backward",
     "on_after_backward",
     "on_before_optimizer_step",
+    "on_before_zero_grad",
+    "optimizer_step",
+    "optimizer_zero_grad",
+    "lr_scheduler_step",
+    "configure_gradient_clipping",
+    "on_before_batch_transfer",
+    "on_after_batch_transfer",
+    "transfer_batch_to_device",
+    "validation_step",
+    "test_step",
     "on_save_checkpoint",
     "on_load_checkpoint",
 )
