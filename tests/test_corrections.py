@@ -89,6 +89,7 @@ def own_data(tmp_path) -> Path:
         (["method=clip_lora", "method.module.layers=[5]"], None, ["method.module.layers=[5]"]),
         (["method=dept", "method/base=maple"], None, ["method.module.prompt_depth=9"]),
         (["method=dept", "method.module.cat_weight=2"], ["method.module.cat_weight=0.7"], ["cat_weight=2"]),
+        (["method=kgcoop", "method.module.template=a"], ["method.module.template='{}.'"], ["template="]),
         (
             ["method=promptsrc", "method.module.prompt_depth_text=1", "method.module.prompt_depth_vision=1"]
             + ["method.module.gpa_std=0"],

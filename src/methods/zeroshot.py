@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
 from src.methods.frozen_classifier import FrozenClassifier
-from src.models.clip import FrozenCLIP
+from src.models.clip import Architecture, FrozenCLIP
 
 
 class HandMadeGuided:
@@ -15,6 +17,11 @@ class HandMadeGuided:
 
     template: str
     _hand_made: torch.Tensor | None = None
+
+    @classmethod
+    def check_config(cls, args: dict[str, Any], architecture: Architecture) -> None:
+        super().check_config(args, architecture)  # the method's (CoOp's) own
+        cls.check_template(args["template"])
 
     @staticmethod
     def check_template(template: str) -> None:
