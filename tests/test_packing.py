@@ -186,10 +186,9 @@ def test_a_run_whose_loss_is_not_finite_stops_and_the_others_finish(alone, tmp_p
         assert_same_run(tmp_path / f"run{index}", reference / f"run{index}")
 
 
+@pytest.mark.parametrize("alone", ["features"], indirect=True)  # one mode is enough
 def test_a_run_that_has_results_is_not_trained_again(alone, tmp_path, caplog):
-    mode, overrides, reference = alone
-    if mode != "features":
-        pytest.skip("once is enough")
+    _, overrides, reference = alone
     shutil.copytree(reference / "run1", tmp_path / "run1")  # finished before, alone
     finished = (tmp_path / "run1" / "results.json").stat().st_mtime_ns
     with caplog.at_level("INFO"):
