@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -84,7 +85,9 @@ def template_text_features(
     names = [name.replace("_", " ") for name in classnames]
     device = clip.token_embedding.weight.device  # the backbone's, wherever built
     total = 0
-    with torch.autocast(device.type, enabled=False):
+    # (a device without autocast, such as "meta", has none to leave)
+    autocast = torch.amp.is_autocast_available(device.type)
+    with torch.autocast(device.type, enabled=False) if autocast else contextlib.nullcontext():
         for template in templates:
             tokens = clip.tokenize([template.format(name) for name in names]).to(device)
             features = clip.model.encode_text(tokens).float()
