@@ -17,6 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torchmetrics.classification import MulticlassAccuracy
 
+from src.cli import override
 from src.models.clip import Architecture, FrozenCLIP
 
 PROMPT_FORMAT = 1  # prompt.pt's format; keys were added since, none changed meaning
@@ -116,6 +117,18 @@ class Method(pl.LightningModule):
         prompts are made from its dataset's (MMRL); None: the one it was trained with."""
         raise ValueError(f"{class_path(cls)} writes no prompt file and cannot be rebuilt from one")
 
+    @classmethod
+    def rebuilt(
+        cls, state: dict[str, Any], clip: FrozenCLIP, classnames: list[str] | None, hparams: dict[str, Any]
+    ) -> Method:
+        """`from_prompt`'s common case: the class built with `hparams` on the prompt file's backbone,
+        for `classnames` (None: its own), with the trained tensors the file holds."""
+        check_backbone(state, clip)
+        module = cls(clip, list(classnames or state["classnames"]), **hparams)
+        module.load_trained_weights(state["weights"], f"the prompt file of {state['method']}")
+        module.name = state["method"]
+        return module
+
     def prompt_state(self) -> dict[str, Any] | None:
         """prompt.pt's contents: `method_state()` and what every prompt file says (the method's name
         and class, the backbone, the class names); None for a method with nothing to save."""
@@ -214,6 +227,16 @@ class TextOncePerEvaluation:
 
     def on_test_epoch_end(self) -> None:
         self._end_eval()
+
+
+def check_backbone(state: dict[str, Any], clip: FrozenCLIP) -> None:
+    """A prompt file is used on the backbone it was learned on."""
+    if (clip.name, clip.pretrained) != (state["backbone"], state["pretrained"]):
+        raise ValueError(
+            f"the prompt was learned on {state['backbone']} ({state['pretrained'] or 'random weights'}), "
+            f"not {clip.name} ({clip.pretrained or 'random weights'}): use "
+            f"{override('model.name', state['backbone'])} {override('model.pretrained', state['pretrained'])}"
+        )
 
 
 def class_path(cls: type) -> str:

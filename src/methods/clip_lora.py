@@ -28,7 +28,6 @@ from torch.optim.lr_scheduler import CosineAnnealingLR
 
 from src.cli import override
 from src.methods.base import Method, TextOncePerEvaluation, plain
-from src.methods.coop import check_backbone
 from src.methods.zeroshot import HandMadeGuided
 from src.models.clip import Architecture, FrozenCLIP
 from src.models.text_encoder import TextEncoder
@@ -349,11 +348,8 @@ class CLIPLoRA(TextOncePerEvaluation, Method):
     ) -> CLIPLoRA:
         """The adapted CLIP rebuilt from its prompt file, for its own class list or another (the
         adapters do not depend on the classes)."""
-        check_backbone(state, clip)
-        module = cls(clip, list(classnames or state["classnames"]), **state["hparams"])
-        module.load_trained_weights(state["weights"], f"the prompt file of {state['method']}")
+        module = cls.rebuilt(state, clip, classnames, state["hparams"])
         module.iterations = state.get("iterations")
-        module.name = state["method"]
         return module
 
 

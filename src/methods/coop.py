@@ -11,7 +11,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.classification import MulticlassAccuracy
 
 from src.cli import override
-from src.methods.base import CHECKPOINT_PROMPT, Method, TextOncePerEvaluation, plain
+from src.methods.base import CHECKPOINT_PROMPT, Method, TextOncePerEvaluation, check_backbone, plain
 from src.models.clip import Architecture, FrozenCLIP
 from src.models.prompt_learner import InitCount, Position, PromptLearner, check_context
 
@@ -227,16 +227,6 @@ def _of_dataset(trained_on: dict[str, str] | None) -> str:
     subsample = trained_on["subsample"]
     classes = "" if subsample == "all" else f", {override('dataset.subsample', subsample)}"
     return f" of {trained_on['dataset']}{classes}"
-
-
-def check_backbone(state: dict[str, Any], clip: FrozenCLIP) -> None:
-    """A prompt file is used on the backbone it was learned on."""
-    if (clip.name, clip.pretrained) != (state["backbone"], state["pretrained"]):
-        raise ValueError(
-            f"the prompt was learned on {state['backbone']} ({state['pretrained'] or 'random weights'}), "
-            f"not {clip.name} ({clip.pretrained or 'random weights'}): use "
-            f"{override('model.name', state['backbone'])} {override('model.pretrained', state['pretrained'])}"
-        )
 
 
 def warmup_cosine(lr: float, warmup_lr: float, warmup_epochs: int, max_epochs: int):

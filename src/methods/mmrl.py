@@ -16,7 +16,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from src.cli import override
 from src.methods.base import Method, TextOncePerEvaluation, plain
-from src.methods.coop import check_backbone, warmup_cosine
+from src.methods.coop import warmup_cosine
 from src.methods.zeroshot import HandMadeGuided, template_text_features
 from src.models import rep_tokens
 from src.models.clip import Architecture, FrozenCLIP
@@ -259,12 +259,8 @@ class MMRL(TextOncePerEvaluation, Method):
         """The method rebuilt for the classes it was trained on (fused logits) or others (the
         class token's logits), with the template of the dataset it is tested on (the official code's
         on transfer targets) or else of the one it was trained on."""
-        check_backbone(state, clip)
         hparams = {**state["hparams"], **({"template": template} if template else {})}
-        module = cls(clip, list(classnames or state["classnames"]), **hparams)
-        module.load_trained_weights(state["weights"], f"the prompt file of {state['method']}")
-        module.name = state["method"]
-        return module
+        return cls.rebuilt(state, clip, classnames, hparams)
 
 
 def check_mmrl(

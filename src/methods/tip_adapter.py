@@ -22,8 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from src.methods.base import Method, plain
-from src.methods.coop import check_backbone
+from src.methods.base import Method, check_backbone, plain
 from src.methods.zeroshot import template_text_features
 from src.models.clip import FrozenCLIP
 

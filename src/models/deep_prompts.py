@@ -35,15 +35,18 @@ def run_blocks(
     return x
 
 
-def check_prompt_ready_vit(visual: nn.Module, model_name: str) -> None:
-    """Deep prompts are extra tokens: the image encoder must be open_clip's ViT."""
+def check_prompt_ready_vit(
+    visual: nn.Module, model_name: str, tokens: str = "prompts", user: str = "multi-modal prompts need"
+) -> None:
+    """Deep prompts (or MMRL's representation `tokens`) are extra tokens: the image encoder must be
+    open_clip's ViT; `user` says who needs it."""
     if not isinstance(visual, VisionTransformer):
         raise ValueError(
             f"model.name={model_name}: its image encoder ({type(visual).__name__}) has no token "
-            "sequence to put prompts into; multi-modal prompts need a ViT, e.g. model=vit_b16"
+            f"sequence to put {tokens} into; {user} a ViT, e.g. model=vit_b16"
         )
     if not (hasattr(visual, "_embeds") and hasattr(visual, "_pool")):
-        raise ValueError("deep prompts need open_clip_torch >= 3.0 (VisionTransformer._embeds): upgrade it")
+        raise ValueError(f"{user} open_clip_torch >= 3.0 (VisionTransformer._embeds): upgrade it")
 
 
 def encode_image(

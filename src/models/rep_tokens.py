@@ -22,6 +22,7 @@ from open_clip.transformer import VisionTransformer
 from torch import nn
 
 from src.cli import override
+from src.models.deep_prompts import check_prompt_ready_vit
 from src.models.text_encoder import TextEncoder
 
 
@@ -44,13 +45,7 @@ def check_rep_layers(rep_layers: Sequence[int], clip_name: str, blocks: int) -> 
 
 def check_vit(visual: nn.Module, clip_name: str) -> None:
     """Representation tokens are tokens: the image encoder must be open_clip's ViT."""
-    if not isinstance(visual, VisionTransformer):
-        raise ValueError(
-            f"model.name={clip_name}: its image encoder ({type(visual).__name__}) has no token "
-            "sequence to put representation tokens into; method=mmrl needs a ViT, e.g. model=vit_b16"
-        )
-    if not (hasattr(visual, "_embeds") and hasattr(visual, "_pool")):
-        raise ValueError("method=mmrl needs open_clip_torch >= 3.0 (VisionTransformer._embeds): upgrade it")
+    check_prompt_ready_vit(visual, clip_name, "representation tokens", "method=mmrl needs")
 
 
 def run_block(
