@@ -5,7 +5,7 @@ python -m src.eval ckpt=outputs/oxford_pets_base/.../prompt.pt dataset=oxford_pe
 python -m src.eval ckpt=[.../seed1/prompt.pt,.../seed2/prompt.pt] ensemble=features dataset=dtd
 
 `ckpt=` is a training run's folder, its prompt.pt or its checkpoints/last.ckpt (an unfinished run);
-results go to eval/<dataset>/ in that run folder (src/evaluation.py).
+results go to eval/<dataset>/ in that run folder (src/run/evaluation.py).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from src.cli import run, task
-from src.evaluation import evaluate
+from src.run.cli import run, task
+from src.run.evaluation import evaluate
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")

@@ -26,11 +26,12 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-import src.config  # noqa: F401  (the resolvers of conf/)
-from src.cli import run, task
-from src.files import check_output, write_json
+import src.run.config  # noqa: F401  (the resolvers of conf/)
+from src.common.files import check_output, write_json
+from src.common.prompt_file import load_prompt
+from src.methods.base import prompt_method_class
 from src.models.clip import FrozenCLIP
-from src.prompt_file import load_prompt, method_class
+from src.run.cli import run, task
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,7 @@ def words_table(words: dict[str, Any]) -> Table:
 def interpret_file(cfg: DictConfig) -> dict[str, Any]:
     """Interprets `cfg.ckpt`, prints the table and writes the JSON to `cfg.out`."""
     state = load_prompt(cfg.ckpt)
-    method = method_class(state, cfg.ckpt)
+    method = prompt_method_class(state, cfg.ckpt)
     if not method.learns_context:
         raise ValueError(
             f"ckpt={cfg.ckpt}: method {state['method']!r} learns no prompt context, so there are no "

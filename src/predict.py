@@ -28,13 +28,13 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
-import src.config  # noqa: F401  (the resolvers of conf/)
-from src.cli import run, task
+import src.run.config  # noqa: F401  (the resolvers of conf/)
+from src.common.files import atomic_write, check_output
+from src.common.prompt_file import load_prompt
 from src.data.datasets.base import IMAGE_SUFFIXES
 from src.data.transforms import eval_transform
-from src.files import atomic_write, check_output
-from src.methods.base import Method
-from src.prompt_file import load_prompt, method_from_prompt
+from src.methods.base import Method, method_from_prompt
+from src.run.cli import run, task
 
 log = logging.getLogger(__name__)
 

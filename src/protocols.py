@@ -24,17 +24,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from hydra.utils import get_class
 from omegaconf import DictConfig, open_dict
 
-from src.cli import run
-from src.config import compose_config
+from src.common.files import write_json
 from src.data.benchmark import BASE_TO_NEW, CROSS_DATASET, DOMAIN_GENERALIZATION
-from src.evaluation import evaluate
-from src.files import write_json
-from src.methods.base import Method
-from src.results import training_results
-from src.training import train
+from src.methods.base import method_class
+from src.run.cli import run
+from src.run.config import compose_config
+from src.run.evaluation import evaluate
+from src.run.results import training_results
+from src.run.training import train
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +70,9 @@ def base_to_new(
         for seed in seeds:
             args = [f"dataset={dataset}", f"seed={seed}", *overrides]
             cfg = compose_config("train", [*args, "dataset.subsample=base"])
-            method: type[Method] = get_class(cfg.method.module._target_)
+            method = method_class(cfg.method)
             zero_shot = method.zero_shot
-            if not (method.fits or zero_shot):
+            if not (method.trains and method.transfers or zero_shot):
                 raise ValueError(
                     f"method={cfg.method.name} learns weights of the base classes only: base-to-new "
                     "needs a trained method that transfers to other classes (a prompt: method=coop, "

@@ -11,11 +11,11 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from src.cli import run, task
-from src.config import as_hydra_overrides
-from src.pack_jobs import PACKED_RUNS
-from src.packing import train_packed_job
-from src.training import train
+from src.packing.jobs import PACKED_RUNS
+from src.packing.train import train_packed_job
+from src.run.cli import run, task
+from src.run.config import as_hydra_overrides
+from src.run.training import train
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")

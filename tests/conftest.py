@@ -35,7 +35,7 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def make_cfg(overrides: list[str], output_dir: Path) -> DictConfig:
     """The training config as `python -m src.train <overrides>` would compose it."""
-    from src.config import as_hydra_overrides  # also registers the config resolvers
+    from src.run.config import as_hydra_overrides  # also registers the config resolvers
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("train", overrides=as_hydra_overrides(overrides))
@@ -44,10 +44,21 @@ def make_cfg(overrides: list[str], output_dir: Path) -> DictConfig:
     return cfg
 
 
+def caches_features(cfg: DictConfig) -> bool:
+    """Whether the run of `cfg` reads cached image features: data.cache_features, unless its method
+    needs raw images, which the run then turns off (src/run/checks.py, `use_images`)."""
+    from src.methods.base import method_arguments, method_class
+
+    method = method_class(cfg.method)
+    return bool(cfg.data.cache_features) and not method.needs_images_for(
+        method_arguments(method, cfg.method.module)
+    )
+
+
 @pytest.fixture
 def cli(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
     """`cli(main, args)` runs an entry point as `python -m src.<name> <args>` would, in this process."""
-    from src.cli import run
+    from src.run.cli import run
 
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
     monkeypatch.setenv("HYDRA_MAIN_MODULE", "__main__")  # find conf/ beside the entry point, as `-m` does

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import re
 import shlex
+import sys
 from pathlib import Path
 
 import pytest
@@ -40,7 +41,7 @@ def test_the_gpu_scripts_arguments_parse(bench):
 
 
 def test_grid_hours_count_steps_epochs_seeds_variants_and_test_images(bench, monkeypatch):
-    monkeypatch.setattr(bench, "GRID_DATASETS", {"eurosat": (10, 8100)})
+    monkeypatch.setattr(sys.modules[bench.grid_hours.__module__], "GRID_DATASETS", {"eurosat": (10, 8100)})
     counts = [10, 100]
     step_s = {"reference": 1.0, "default": 0.25}
     times = {(mode, *v): [t, t] for mode, t in step_s.items() for v in bench.GRID_VARIANTS}

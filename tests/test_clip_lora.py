@@ -11,13 +11,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from src.config import compose_config
-from src.evaluation import evaluate
-from src.files import save_torch
+from src.common.files import save_torch
+from src.common.prompt_file import load_prompt
+from src.methods.base import method_from_prompt
 from src.methods.clip_lora import CLIPLoRA, SplitAttention, shared_copy, transformers_to_adapt
-from src.prompt_file import load_prompt, method_from_prompt
-from src.training import train
-from tests.conftest import make_cfg
+from src.run.config import compose_config
+from src.run.evaluation import evaluate
+from src.run.training import train
+from tests.conftest import caches_features, make_cfg
 
 CLASSNAMES = ["cat", "dog", "sports_car"]
 
@@ -141,17 +142,17 @@ def test_training_changes_the_adapters_only(tiny_clip):
 
 def test_refusals(tiny_clip):
     with pytest.raises(ValueError, match=r"layers=\[2\]: use block indices 0 .. 1"):
-        CLIPLoRA(tiny_clip, CLASSNAMES, layers=[2])
+        CLIPLoRA.create(tiny_clip, CLASSNAMES, layers=[2])
     with pytest.raises(ValueError, match=r"layers=\[\]: use block indices 0 .. 1"):
-        CLIPLoRA(tiny_clip, CLASSNAMES, layers=[])
+        CLIPLoRA.create(tiny_clip, CLASSNAMES, layers=[])
     with pytest.raises(ValueError, match="params=\\['q', 'x'\\]: use some of q, k, v, o"):
-        CLIPLoRA(tiny_clip, CLASSNAMES, params=["q", "x"])
+        CLIPLoRA.create(tiny_clip, CLASSNAMES, params=["q", "x"])
     with pytest.raises(ValueError, match="rank=0"):
-        CLIPLoRA(tiny_clip, CLASSNAMES, rank=0)
+        CLIPLoRA.create(tiny_clip, CLASSNAMES, rank=0)
     with pytest.raises(ValueError, match="encoder=image: use both, text or vision"):
-        CLIPLoRA(tiny_clip, CLASSNAMES, encoder="image")
+        CLIPLoRA.create(tiny_clip, CLASSNAMES, encoder="image")
     with pytest.raises(ValueError, match="template"):
-        CLIPLoRA(tiny_clip, CLASSNAMES, template="a photo")
+        CLIPLoRA.create(tiny_clip, CLASSNAMES, template="a photo")
     with pytest.raises(ValueError, match="not cached image features"):
         CLIPLoRA(tiny_clip, CLASSNAMES)(torch.zeros(2, 64))
     resnet = shared_copy(tiny_clip.model)
@@ -165,7 +166,7 @@ def test_recipe_run_prompt_file_and_eval(tiny_overrides, eval_overrides, tmp_pat
     cfg = make_cfg(["dataset=oxford_pets", "method=clip_lora", "shots=4", *tiny_overrides], tmp_path)
     module_cfg = cfg.method.module
     assert (cfg.trainer.max_steps, cfg.trainer.max_epochs) == (2000, -1)  # 500 x shots iterations
-    assert (cfg.data.batch_size, cfg.data.drop_last, cfg.data.cache_features) == (32, False, False)
+    assert (cfg.data.batch_size, cfg.data.drop_last, caches_features(cfg)) == (32, False, False)
     assert (module_cfg.rank, module_cfg.alpha, module_cfg.dropout, module_cfg.params) == (
         2,
         1,

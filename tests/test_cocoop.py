@@ -7,11 +7,11 @@ import json
 import pytest
 import torch
 
-from src.files import save_torch
+from src.common.files import save_torch
+from src.common.prompt_file import load_prompt
 from src.methods.cocoop import CoCoOp
 from src.methods.coop import CoOp
-from src.prompt_file import load_prompt
-from src.training import train
+from src.run.training import train
 from tests.conftest import make_cfg
 
 CLASSNAMES = ["cat", "dog", "bird", "sports car", "golden_retriever"]
@@ -67,7 +67,7 @@ def test_context_and_meta_net_train_clip_does_not(tiny_clip):
 
 def test_cocoop_needs_a_unified_context(tiny_clip):
     with pytest.raises(ValueError, match="use ctx=unified"):
-        CoCoOp(tiny_clip, CLASSNAMES, class_specific=True)
+        CoCoOp.create(tiny_clip, CLASSNAMES, class_specific=True)
 
 
 def test_recipe_preset_run_and_prompt_file(tiny_overrides, tmp_path, tiny_clip):

@@ -121,9 +121,9 @@ def test_test_metrics_are_top1_and_macro_accuracy(tiny_clip, tmp_path):
 
 
 def test_prompt_file_round_trip_and_transfer(tiny_clip, tmp_path):
-    from src.files import save_torch
+    from src.common.files import save_torch
+    from src.common.prompt_file import load_prompt
     from src.methods.coop import CoOp
-    from src.prompt_file import load_prompt
 
     module = make_module(tiny_clip)
     save_torch(tmp_path / "prompt.pt", module.prompt_state())

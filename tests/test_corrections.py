@@ -17,10 +17,10 @@ import torch
 
 from src import eval as eval_command
 from src import train as train_command
-from src.config import as_hydra_overrides
-from src.files import save_torch
+from src.common.files import save_torch
 from src.methods.coop import CoOp
-from src.training import train
+from src.run.config import as_hydra_overrides
+from src.run.training import train
 from tests.conftest import make_cfg
 from tests.miniature import make_oxford_pets, write_image
 
@@ -275,7 +275,7 @@ def test_src_eval_pasted_fixes_and_nothing_written_before_its_checks(
 
 
 def test_a_class_specific_prompt_names_the_base_classes_it_was_trained_on(tiny_clip, tmp_path):
-    from src.prompt_file import load_prompt
+    from src.common.prompt_file import load_prompt
 
     module = CoOp(tiny_clip, ["a", "b"], n_ctx=2, class_specific=True)
     save_torch(tmp_path / "prompt.pt", module.prompt_state())

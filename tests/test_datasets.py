@@ -20,7 +20,7 @@ from src.data.datasets.base import DatasetError, DatasetReader
 from src.data.datasets.csv_lists import CsvLists
 from src.data.datasets.folder import Folder
 from src.data.datasets.oxford_pets import OxfordPets
-from src.training import train
+from src.run.training import train
 from tests.conftest import make_cfg
 from tests.miniature import LAYOUTS, WNIDS, make_all, make_oxford_pets, write_image
 

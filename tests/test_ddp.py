@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 
-from src.training import train
+from src.run.training import train
 from tests.conftest import make_cfg
 from tests.miniature import make_oxford_pets
 

@@ -8,16 +8,17 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from src.files import save_torch
+from src.common.files import save_torch
+from src.common.prompt_file import load_prompt
+from src.methods.base import method_from_prompt
 from src.methods.coop import CoOp
 from src.methods.dept import DePT
 from src.methods.kgcoop import KgCoOp
 from src.methods.maple import MaPLe
 from src.methods.prograd import ProGrad
 from src.methods.promptsrc import PromptSRC, aggregate_name
-from src.prompt_file import load_prompt, method_from_prompt
 from src.report import load_runs
-from src.training import train
+from src.run.training import train
 from tests.conftest import make_cfg
 
 TRAINED = ["cat", "dog", "sports car"]
@@ -52,7 +53,7 @@ def trained_dept(clip, base: str) -> DePT:
 def inputs(clip, module: DePT, n: int = 4) -> torch.Tensor:
     """Images for a method that prompts them, else (cached) image features."""
     torch.manual_seed(1)
-    if module.prompts_images:
+    if module.needs_images:
         return torch.randn(n, 3, clip.image_size, clip.image_size)
     return torch.randn(n, clip.model.visual.output_dim)
 
@@ -156,20 +157,20 @@ def test_prompt_file_round_trip(tiny_clip, tmp_path):
 
 def test_bases_that_would_not_train_as_alone_are_refused(tiny_clip):
     with pytest.raises(ValueError, match=r"base=src.methods.cocoop.CoCoOp: .* a forward of its own"):
-        DePT(tiny_clip, TRAINED, "src.methods.cocoop.CoCoOp")
+        DePT.create(tiny_clip, TRAINED, base="src.methods.cocoop.CoCoOp")
     with pytest.raises(ValueError, match="base=src.methods.prograd.ProGrad: .* a training step of its own"):
-        DePT(tiny_clip, TRAINED, ProGrad(tiny_clip, TRAINED, template=TEMPLATE))
+        DePT.create(tiny_clip, TRAINED, base=ProGrad(tiny_clip, TRAINED, template=TEMPLATE))
 
     class PerBatch(CoOp):  # a hook DePT does not run for its base (it runs the epoch hooks)
         def on_train_batch_end(self, *args) -> None:
             pass
 
     with pytest.raises(ValueError, match=r"Lightning hooks of its own \(on_train_batch_end\)"):
-        DePT(tiny_clip, TRAINED, PerBatch(tiny_clip, TRAINED))
+        DePT.create(tiny_clip, TRAINED, base=PerBatch(tiny_clip, TRAINED))
     with pytest.raises(ValueError, match="not a CoOp-family method"):
-        DePT(tiny_clip, TRAINED, "src.methods.zeroshot.ZeroShotCLIP", templates=[TEMPLATE])
+        DePT.create(tiny_clip, TRAINED, base="src.methods.zeroshot.ZeroShotCLIP", templates=[TEMPLATE])
     with pytest.raises(ValueError, match="cat_lr_ratio=0: use a weight in"):
-        DePT(tiny_clip, TRAINED, "src.methods.coop.CoOp", cat_lr_ratio=0)
+        DePT.create(tiny_clip, TRAINED, base="src.methods.coop.CoOp", cat_lr_ratio=0)
 
 
 def test_each_base_composes_trains_and_reports_under_its_name(tiny_overrides, tmp_path):

@@ -7,7 +7,7 @@ import json
 
 import torch
 
-from src.training import train
+from src.run.training import train
 from tests.conftest import make_cfg
 
 

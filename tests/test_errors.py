@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from src.cli import user_error
-from src.config import as_hydra_overrides
 from src.data.datamodule import FewShotDataModule
 from src.data.datasets.base import DatasetError
 from src.data.datasets.oxford_pets import OxfordPets
 from src.methods.coop import CoOp
 from src.models.prompt_learner import PromptLearner
+from src.run.cli import user_error
+from src.run.config import as_hydra_overrides
 from src.train import main
 from tests.miniature import make_oxford_pets
 

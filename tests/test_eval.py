@@ -8,12 +8,12 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from src.config import compose_config
-from src.evaluation import evaluate
-from src.files import save_torch
+from src.common.files import save_torch
+from src.common.prompt_file import load_prompt
 from src.methods.coop import CoOp
-from src.prompt_file import load_prompt
-from src.training import train
+from src.run.config import compose_config
+from src.run.evaluation import evaluate
+from src.run.training import train
 from tests.conftest import CONF_DIR, make_cfg
 
 

@@ -56,7 +56,7 @@ def test_fast_paths_equal_reference(arch, class_specific, position, init, reques
 
 @pytest.mark.parametrize("position", ["end", "middle", "front"])
 def test_fast_paths_equal_reference_with_fixed_words_after_the_context(tiny_clip, position):
-    """"itap of a": 3 words learned as the first 3 of its 4 tokens, "a" fixed text after them."""
+    """ "itap of a": 3 words learned as the first 3 of its 4 tokens, "a" fixed text after them."""
     assert_fast_paths_equal_reference(
         tiny_clip, CLASSNAMES, ctx_init="itap of a", class_token_position=position
     )
@@ -136,7 +136,7 @@ def test_batched_path_runs_the_prefix_apart_only_where_it_saves_enough_positions
 
 @pytest.mark.parametrize("class_specific", [False, True])
 def test_a_stack_of_runs_prompts_equals_each_run_alone(tiny_clip, class_specific):
-    """Packed runs (src/packing.py): 3 runs' prompts [runs, n, L, width] in one call of every path,
+    """Packed runs (src/packing/train.py): 3 runs' prompts [runs, n, L, width] in one call of every path,
     chunked or not, give each run's features and gradients of the reference path run by run."""
     torch.manual_seed(0)
     modules = [CoOp(tiny_clip, CLASSNAMES, n_ctx=8, class_specific=class_specific) for _ in range(3)]

@@ -18,11 +18,11 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from hydra_plugins.coop_grid_sweeper.grid_sweeper import drop_repeats
-from src.config import compose_config
 from src.methods.base import method_arguments, method_class
 from src.models.clip import Architecture
 from src.report import write_report
-from src.training import train
+from src.run.config import compose_config
+from src.run.training import train
 from tests.conftest import CONF_DIR, make_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -165,7 +165,7 @@ def test_a_relaunched_sweep_skips_finished_runs(tiny_overrides, tmp_path, caplog
     cfg = make_cfg(["dataset=oxford_pets", "shots=1", "trainer.max_epochs=1", *tiny_overrides], tmp_path)
     first = train(cfg)
     written = (tmp_path / "results.json").stat().st_mtime_ns
-    with caplog.at_level("INFO", logger="src.training"):
+    with caplog.at_level("INFO", logger="src.run.training"):
         assert train(cfg) == first
     assert "results.json exists: skipping this run" in caplog.text
     assert (tmp_path / "results.json").stat().st_mtime_ns == written

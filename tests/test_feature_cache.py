@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from types import SimpleNamespace
 
 import numpy as np
@@ -12,12 +13,13 @@ from PIL import Image
 
 from src.data.datamodule import FewShotDataModule
 from src.data.datasets.oxford_pets import OxfordPets
-from src.data.feature_cache import FeatureCache, SeededViews, feature_key, weights_identity
+from src.data.feature_cache import FeatureCache, ImageEncoder, SeededViews, feature_key
 from src.data.samples import Sample
 from src.data.transforms import train_transform
 from src.methods.coop import CoOp
-from src.models.clip import FrozenCLIP
-from src.training import train
+from src.models.clip import FrozenCLIP, weights_identity
+from src.run.backbone import image_encoder
+from src.run.training import train
 from tests.conftest import make_cfg
 
 
@@ -58,21 +60,26 @@ def test_a_sweep_encodes_each_test_image_once_and_changed_keys_recompute(tiny_ov
     assert sum(encoded) == 8
 
 
+def encoder(clip: FrozenCLIP, precision: str) -> ImageEncoder:
+    """`clip`'s image encoder as a run hands it to the data module (src/run/backbone.py)."""
+    return ImageEncoder(clip.encode_image, weights_identity(clip), clip.image_size, precision, nullcontext)
+
+
 def test_changed_key_parts_give_other_files(tmp_path):
     clip = FrozenCLIP("coop-tiny", None)
     items = [Sample("/a.jpg", 0, "cat"), Sample("/b.jpg", 1, "dog")]
     cache = FeatureCache(tmp_path)
-    key = feature_key(clip, "pets", "test", items, "Resize(32)", "32-true")
+    key = feature_key(encoder(clip, "32-true"), "pets", "test", items, "Resize(32)")
     paths = {
         cache.path(key),
-        cache.path(feature_key(clip, "pets", "test", items[::-1], "Resize(32)", "32-true")),
-        cache.path(feature_key(clip, "pets", "test", items, "Resize(64)", "32-true")),
-        cache.path(feature_key(clip, "pets", "val", items, "Resize(32)", "32-true")),
-        cache.path(feature_key(clip, "pets", "test", items, "Resize(32)", "bf16-mixed")),
+        cache.path(feature_key(encoder(clip, "32-true"), "pets", "test", items[::-1], "Resize(32)")),
+        cache.path(feature_key(encoder(clip, "32-true"), "pets", "test", items, "Resize(64)")),
+        cache.path(feature_key(encoder(clip, "32-true"), "pets", "val", items, "Resize(32)")),
+        cache.path(feature_key(encoder(clip, "bf16-mixed"), "pets", "test", items, "Resize(32)")),
     }
     assert len(paths) == 5
     clip.image_size = 64  # another input size
-    assert cache.path(feature_key(clip, "pets", "test", items, "Resize(32)", "32-true")) not in paths
+    assert cache.path(feature_key(encoder(clip, "32-true"), "pets", "test", items, "Resize(32)")) not in paths
 
 
 def test_weights_identity_follows_the_weights(tmp_path):
@@ -101,6 +108,7 @@ def test_cached_features_give_the_same_test_as_on_the_fly(tiny_clip, data_dir, t
     torch.manual_seed(0)
     module = CoOp(tiny_clip, cached.classnames, n_ctx=4)
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    cached.use_encoder(image_encoder(tiny_clip, trainer))  # what a run hands over
     assert trainer.test(module, datamodule=cached) == trainer.test(module, datamodule=direct)
     features, labels = cached.image_features("test")
     images, image_labels = next(iter(direct.test_dataloader()))

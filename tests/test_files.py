@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from src.files import atomic_folder, exclusive_write, save_torch, unwritable, write_json
-from src.prompt_file import load_prompt
+from src.common.files import atomic_folder, exclusive_write, save_torch, unwritable, write_json
+from src.common.prompt_file import load_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,7 +26,7 @@ KILLED_WRITER = textwrap.dedent(
     """
     import io, sys, time
     import torch
-    from src.files import atomic_write
+    from src.common.files import atomic_write
 
     buffer = io.BytesIO()
     torch.save({"ctx": torch.full((256, 512), 2.0)}, buffer)

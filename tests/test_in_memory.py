@@ -21,7 +21,7 @@ from src.data.in_memory import (
 )
 from src.data.samples import Sample
 from src.data.transforms import train_transform
-from src.training import train
+from src.run.training import train
 from tests.conftest import make_cfg
 
 SIZE = 64

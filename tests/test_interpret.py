@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from src.files import save_torch
+from src.common.files import save_torch
 from src.interpret import interpret, main, nearest_tokens
 from src.methods.coop import CoOp
 

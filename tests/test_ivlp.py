@@ -11,14 +11,15 @@ import torch
 import torch.nn.functional as F
 from open_clip.modified_resnet import ModifiedResNet
 
-from src.config import compose_config
-from src.evaluation import evaluate
+from src.common.prompt_file import load_prompt
+from src.methods.base import method_from_prompt
 from src.methods.coop import CoOp
 from src.methods.ivlp import IVLP
 from src.methods.maple import MaPLe
-from src.prompt_file import load_prompt, method_from_prompt
-from src.training import train
-from tests.conftest import make_cfg
+from src.run.config import compose_config
+from src.run.evaluation import evaluate
+from src.run.training import train
+from tests.conftest import caches_features, make_cfg
 
 CLASSNAMES = ["cat", "dog", "sports car"]
 
@@ -131,16 +132,16 @@ def test_the_official_context_words_or_random_start(tiny_clip):
 def test_refusals(tiny_clip):
     fix = r"coop-tiny has 2 text blocks: use method.module.prompt_depth_text=2 \(text: 1 .. "
     with pytest.raises(ValueError, match=rf"prompt_depth_text=3: {fix}"):
-        IVLP(tiny_clip, CLASSNAMES, prompt_depth_text=3, prompt_depth_vision=2)
+        IVLP.create(tiny_clip, CLASSNAMES, prompt_depth_text=3, prompt_depth_vision=2)
     with pytest.raises(ValueError, match=r"prompt_depth_text=0: .* use method.module.prompt_depth_text=1 "):
-        IVLP(tiny_clip, CLASSNAMES, prompt_depth_text=0, prompt_depth_vision=2)
+        IVLP.create(tiny_clip, CLASSNAMES, prompt_depth_text=0, prompt_depth_vision=2)
     fix = r"coop-tiny has 2 vision blocks: use method.module.prompt_depth_vision=2 \(text"
     with pytest.raises(ValueError, match=rf"prompt_depth_vision=9: {fix}"):
-        IVLP(tiny_clip, CLASSNAMES, prompt_depth_text=2)
+        IVLP.create(tiny_clip, CLASSNAMES, prompt_depth_text=2)
     with pytest.raises(ValueError, match="n_ctx_vision=0: give at least 1 .*prompt_depth_vision=0"):
-        IVLP(tiny_clip, CLASSNAMES, prompt_depth_text=2, prompt_depth_vision=2, n_ctx_vision=0)
+        IVLP.create(tiny_clip, CLASSNAMES, prompt_depth_text=2, prompt_depth_vision=2, n_ctx_vision=0)
     with pytest.raises(ValueError, match="method=ivlp has one context .* ctx=unified"):
-        IVLP(tiny_clip, CLASSNAMES, class_specific=True, prompt_depth_text=2, prompt_depth_vision=2)
+        IVLP.create(tiny_clip, CLASSNAMES, class_specific=True, prompt_depth_text=2, prompt_depth_vision=2)
     with pytest.raises(ValueError, match="not cached image features: use data.cache_features=false"):
         IVLP(tiny_clip, CLASSNAMES, prompt_depth_text=2, prompt_depth_vision=2)(torch.zeros(2, 64))
     resnet = ModifiedResNet(layers=(1, 1, 1, 1), output_dim=32, heads=2, image_size=32, width=8)
@@ -148,7 +149,7 @@ def test_refusals(tiny_clip):
     with pytest.raises(
         ValueError, match="model.name=RN50: its image encoder \\(resnet\\) .* needs a ViT, e.g. model=vit_b16"
     ):
-        IVLP(rn50, CLASSNAMES)
+        IVLP.create(rn50, CLASSNAMES)
 
 
 def test_recipe_run_prompt_file_and_eval(tiny_overrides, eval_overrides, tmp_path, tiny_clip):
@@ -161,7 +162,7 @@ def test_recipe_run_prompt_file_and_eval(tiny_overrides, eval_overrides, tmp_pat
         "a photo of a",
     )
     assert (module_cfg.lr, module_cfg.prompt_depth_text, module_cfg.prompt_depth_vision) == (0.0025, 9, 9)
-    assert module_cfg.n_ctx_vision == 4 and cfg.data.cache_features is False
+    assert module_cfg.n_ctx_vision == 4 and caches_features(cfg) is False
     cfg.trainer.max_epochs = 1
     module_cfg.prompt_depth_text = module_cfg.prompt_depth_vision = 2  # the tiny model has 2 blocks
     trained = train(cfg)

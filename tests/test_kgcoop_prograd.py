@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from src.methods.kgcoop import KgCoOp
 from src.methods.prograd import ProGrad, project_conflicting
-from src.training import train
+from src.run.training import train
 from tests.conftest import make_cfg
 from tests.test_coop_module import fit
 

@@ -8,7 +8,7 @@ import pytest
 
 from src.data.label_noise import flip_count, flip_labels
 from src.data.samples import Sample
-from src.training import train
+from src.run.training import train
 from tests.conftest import make_cfg
 
 CLASSES = [f"class{c}" for c in range(5)]

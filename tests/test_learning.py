@@ -17,9 +17,9 @@ from torchvision import transforms as T
 from src.data.datasets.digits import CLASSNAMES, LOOKS, PRETRAINING_LOOK, Digits, read_digits
 from src.models.clip import register_project_configs, shipped_weights
 from src.models.pretrain_tiny import pretrain
-from src.precheck import check_training_run
 from src.protocols import main as protocols
-from src.training import train
+from src.run.checks import check_training_run
+from src.run.training import train
 from tests.conftest import make_cfg
 
 WEIGHTS = shipped_weights("coop-tiny-digits.safetensors")

@@ -17,7 +17,7 @@ from src.data.datasets.oxford_pets import OxfordPets
 from src.data.transforms import eval_transform
 from src.methods.linear_probe import LinearProbe, fit_logistic, search_c
 from src.models.clip import FrozenCLIP
-from src.training import train
+from src.run.training import train
 from tests.conftest import make_cfg
 
 

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from src.models.clip import shipped_weights
-from src.quiet import ProjectRecords
+from src.run.logs import ProjectRecords
 
 ROOT = Path(__file__).resolve().parents[1]
 LINE = re.compile(r"\[[\d :,-]+\]\[(?P<logger>[\w.]+)\]\[(?P<level>[A-Z]+)\] - (?P<message>.*)")
@@ -35,7 +35,7 @@ def test_a_quick_start_prints_a_few_lines_of_its_own(tmp_path):
     lines = [LINE.fullmatch(line) for line in printed]
     assert all(lines), printed  # no bare warnings, tips or tracebacks
     assert {(line["logger"], line["level"]) for line in lines} <= {
-        ("src.training", "INFO"),  # the run: method, backbone, devices, accuracies
+        ("src.run.training", "INFO"),  # the run: method, backbone, devices, accuracies
         ("src.data.datamodule", "INFO"),
         ("src.data.feature_cache", "INFO"),
         ("src.data.in_memory", "INFO"),  # the train images decoded into memory

@@ -9,13 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from src.files import save_torch
+from src.common.files import save_torch
+from src.common.prompt_file import load_prompt
+from src.methods.base import method_from_prompt
 from src.methods.coop import CoOp
 from src.methods.maple import MaPLe
 from src.models import deep_prompts
-from src.prompt_file import load_prompt, method_from_prompt
-from src.training import train
-from tests.conftest import make_cfg
+from src.run.training import train
+from tests.conftest import caches_features, make_cfg
 
 CLASSNAMES = ["cat", "dog", "sports car"]
 
@@ -89,9 +90,9 @@ def test_deep_prompts_change_both_towers_and_train(tiny_clip):
 
 def test_refusals(tiny_clip):
     with pytest.raises(ValueError, match="prompt_depth=3: .* 2 blocks .*: use method.module.prompt_depth=2 "):
-        MaPLe(tiny_clip, CLASSNAMES, prompt_depth=3)
+        MaPLe.create(tiny_clip, CLASSNAMES, prompt_depth=3)
     with pytest.raises(ValueError, match="ctx=unified"):
-        MaPLe(tiny_clip, CLASSNAMES, class_specific=True, prompt_depth=2)
+        MaPLe.create(tiny_clip, CLASSNAMES, class_specific=True, prompt_depth=2)
     with pytest.raises(ValueError, match="not cached image features"):
         MaPLe(tiny_clip, CLASSNAMES, prompt_depth=2)(torch.zeros(2, 64))
     with pytest.raises(ValueError, match="need a ViT, e.g. model=vit_b16"):
@@ -106,7 +107,7 @@ def test_recipe_run_and_prompt_file(tiny_overrides, tmp_path, tiny_clip):
         2,
         "a photo of a",
     )
-    assert (cfg.method.module.lr, cfg.method.module.prompt_depth, cfg.data.cache_features) == (
+    assert (cfg.method.module.lr, cfg.method.module.prompt_depth, caches_features(cfg)) == (
         0.0035,
         9,
         False,
@@ -117,6 +118,7 @@ def test_recipe_run_and_prompt_file(tiny_overrides, tmp_path, tiny_clip):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved == results and saved["method"] == "maple" and saved["n_ctx"] == 2
     assert saved["prompt_depth"] == 2 and saved["epochs"] == 1
+    assert "cache_features: false" in (tmp_path / "config.yaml").read_text()  # turned off by the run
 
     module = MaPLe(tiny_clip, ["car", "plane"], prompt_depth=2)
     with torch.no_grad():

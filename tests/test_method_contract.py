@@ -15,15 +15,15 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from src.files import save_torch
-from src.methods.base import Method
+from src.common.files import save_torch
+from src.common.prompt_file import load_prompt
+from src.methods.base import Method, method_from_prompt
 from src.methods.cocoop import CoCoOp
 from src.methods.coop import CoOp
 from src.methods.kgcoop import KgCoOp
 from src.methods.maple import MaPLe
 from src.methods.prograd import ProGrad
 from src.methods.tip_adapter import TipAdapter
-from src.prompt_file import load_prompt, method_from_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
 ENTRY_POINTS = ("train", "eval", "protocols", "report", "predict", "interpret")
@@ -76,7 +76,11 @@ def test_the_readmes_example_method_trains_evaluates_and_reports_under_its_own_n
     env["PYTHONPATH"] = ""
     evaluation = subprocess.run(
         [sys.executable, "-m", "src.eval", f"ckpt={run}", "dataset=digits"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert evaluation.returncode == 2
     (line,) = [line for line in evaluation.stderr.splitlines() if line.startswith("error:")]
@@ -144,8 +148,17 @@ def test_a_successor_is_rebuilt_as_itself_with_its_arguments_and_tensors(tiny_cl
 
 # CoOp's arguments, forwarded by every successor, which states only its own and the defaults that differ
 COOP_HPARAMS = {
-    "classnames", "n_ctx", "ctx_init", "class_specific", "class_token_position", "ctx_init_count",
-    "lr", "momentum", "weight_decay", "warmup_epochs", "warmup_lr",
+    "classnames",
+    "n_ctx",
+    "ctx_init",
+    "class_specific",
+    "class_token_position",
+    "ctx_init_count",
+    "lr",
+    "momentum",
+    "weight_decay",
+    "warmup_epochs",
+    "warmup_lr",
 }
 
 

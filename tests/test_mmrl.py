@@ -10,13 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from src.files import save_torch
+from src.common.files import save_torch
+from src.common.prompt_file import load_prompt
+from src.methods.base import method_from_prompt
 from src.methods.mmrl import MMRL
 from src.methods.zeroshot import template_text_features
 from src.models import rep_tokens
-from src.prompt_file import load_prompt, method_from_prompt
-from src.training import train
-from tests.conftest import make_cfg
+from src.run.training import train
+from tests.conftest import caches_features, make_cfg
 
 CLASSNAMES = ["cat", "dog", "sports_car"]
 TEMPLATE = "a photo of a {}."
@@ -29,7 +30,7 @@ def images(clip, n: int = 4) -> torch.Tensor:
 
 def mmrl(clip, rep_layers=(1, 2), classnames=CLASSNAMES, **kwargs) -> MMRL:
     torch.manual_seed(0)
-    return MMRL(clip, classnames, TEMPLATE, rep_dim=16, rep_layers=rep_layers, **kwargs)
+    return MMRL.create(clip, classnames, template=TEMPLATE, rep_dim=16, rep_layers=rep_layers, **kwargs)
 
 
 def randomise(module: MMRL, std: float = 0.5) -> None:
@@ -183,7 +184,7 @@ def test_loss_is_the_official_sum_of_its_parts(tiny_clip):
     randomise(module, std=0.1)
     batch, labels = images(tiny_clip), torch.tensor([0, 1, 2, 0])
     with torch.no_grad():
-        terms = module.loss_terms(batch, labels)
+        terms = module.loss_parts(batch, labels)
         text = module.text_features()
         features, rep, _ = module.image_features(batch)
     ce = F.cross_entropy(module.scaled_cosines(features, text), labels)
@@ -197,7 +198,7 @@ def test_loss_is_the_official_sum_of_its_parts(tiny_clip):
     torch.testing.assert_close(terms["loss"], 0.6 * ce + 0.4 * ce_rep + 2.0 * (reg_image + reg_text))
     assert min(terms["reg_image"], terms["reg_text"]) > 1e-4  # the tokens moved both features
     module.reg_weight = 0.0
-    torch.testing.assert_close(module.loss_terms(batch, labels)["loss"], 0.6 * ce + 0.4 * ce_rep)
+    torch.testing.assert_close(module.loss_parts(batch, labels)["loss"], 0.6 * ce + 0.4 * ce_rep)
 
 
 def test_regulariser_is_zero_where_the_features_are_frozen_clips(tiny_clip, monkeypatch):
@@ -206,7 +207,7 @@ def test_regulariser_is_zero_where_the_features_are_frozen_clips(tiny_clip, monk
     module = mmrl(tiny_clip)
     monkeypatch.setattr(module, "projected_tokens", lambda: ([], []))
     with torch.no_grad():
-        terms = module.loss_terms(images(tiny_clip), torch.tensor([0, 1, 2, 0]))
+        terms = module.loss_parts(images(tiny_clip), torch.tensor([0, 1, 2, 0]))
     assert abs(float(terms["reg_image"])) < 1e-6 and abs(float(terms["reg_text"])) < 1e-6
     assert float(terms["ce"]) > 0.1
 
@@ -223,7 +224,7 @@ def test_only_the_tokens_their_linears_and_proj_rep_train(tiny_clip):
     optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=0.01)
     losses = []
     for _ in range(10):
-        loss = module.loss_terms(batch, labels)["loss"]
+        loss = module.loss_parts(batch, labels)["loss"]
         optimizer.zero_grad()
         loss.backward()
         if not losses:
@@ -249,7 +250,7 @@ def test_refusals(tiny_clip):
     with pytest.raises(ValueError, match="alpha=1.5"):
         mmrl(tiny_clip, alpha=1.5)
     with pytest.raises(ValueError, match="template="):
-        MMRL(tiny_clip, CLASSNAMES, "a photo", rep_layers=[2])
+        MMRL.create(tiny_clip, CLASSNAMES, template="a photo", rep_layers=[2])
     with pytest.raises(ValueError, match="not cached image features"):
         mmrl(tiny_clip)(torch.zeros(2, 32))
     with pytest.raises(ValueError, match="method=mmrl needs a ViT, e.g. model=vit_b16"):
@@ -270,7 +271,7 @@ def test_recipe_per_dataset_and_a_run(tiny_overrides, tmp_path, tiny_clip):
         5,
         512,
     )
-    assert (module.reg_weight, list(module.rep_layers), cfg.data.cache_features) == (
+    assert (module.reg_weight, list(module.rep_layers), caches_features(cfg)) == (
         0.2,
         list(range(6, 13)),
         False,

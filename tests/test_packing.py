@@ -23,15 +23,17 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from hydra_plugins.coop_grid_sweeper.grid_sweeper import drop_repeats
-from src import packing
-from src.callbacks import NonFiniteLossError
-from src.config import as_hydra_overrides
 from src.methods.coop import CoOp
-from src.pack_jobs import PACKED_RUNS, group_jobs, member_overrides, pack_refusal, packed_jobs
-from src.packing import packed_losses, train_packed
+from src.packing import module as packing
+from src.packing.jobs import PACKED_RUNS, group_jobs, member_overrides, packed_jobs
+from src.packing.module import packed_loss_terms
+from src.packing.refusal import pack_refusal
+from src.packing.train import train_packed
 from src.report import write_report
+from src.run.callbacks import NonFiniteLossError
+from src.run.config import as_hydra_overrides
+from src.run.training import train
 from src.train import main
-from src.training import train
 from tests.conftest import CONF_DIR, make_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,6 +132,22 @@ def test_packed_runs_equal_the_runs_trained_alone(alone, tmp_path, caplog):
         assert "train images read from disk every epoch" not in caplog.text
 
 
+def test_a_method_with_a_loss_term_of_its_own_packs_and_equals_its_runs_alone(digits, tmp_path):
+    """KgCoOp (CoOp's step plus its `kg` term on the text features): packed, each run is the run
+    trained alone, the logged terms (train/ce, train/kg) included."""
+    overrides = [*digits, *MODES["features"], "method=kgcoop", "ctx.init=null"]
+    runs = RUNS[:2]
+    for index, run in enumerate(runs):
+        train(make_cfg([*overrides, *run], tmp_path / "alone" / f"run{index}"))
+    packed = [
+        make_cfg([*overrides, *run], tmp_path / "packed" / f"run{index}") for index, run in enumerate(runs)
+    ]
+    assert [r["pack_size"] for r in train_packed(packed)] == [2, 2]
+    for index in range(len(runs)):
+        assert_same_run(tmp_path / "packed" / f"run{index}", tmp_path / "alone" / f"run{index}")
+        assert {"train/ce", "train/kg"} <= set(metrics(tmp_path / "packed" / f"run{index}")[0])
+
+
 class Killed(RuntimeError):
     """Stands for the process being killed: what is on disk stays, nothing else."""
 
@@ -173,11 +191,12 @@ def test_a_run_whose_loss_is_not_finite_stops_and_the_others_finish(alone, tmp_p
     steps = []
 
     def second_run_diverges(clip, modules, keys, batches):
-        losses = packed_losses(clip, modules, keys, batches)
-        steps.append(len(losses))
-        return [loss * float("inf") if i == 1 and len(steps) == 3 else loss for i, loss in enumerate(losses)]
+        terms = packed_loss_terms(clip, modules, keys, batches)
+        steps.append(len(terms))
+        diverged = [{name: term * float("inf") for name, term in run.items()} for run in terms]
+        return [diverged[i] if i == 1 and len(steps) == 3 else run for i, run in enumerate(terms)]
 
-    monkeypatch.setattr(packing, "packed_losses", second_run_diverges)
+    monkeypatch.setattr(packing, "packed_loss_terms", second_run_diverges)
     with pytest.raises(NonFiniteLossError, match=r"1 of the pack's 3 runs stopped, the others .*run1"):
         train_packed(configs(overrides, tmp_path))
     assert steps[3:] and all(count == 2 for count in steps[3:])  # run1 trained no more
@@ -272,9 +291,10 @@ def test_a_packed_job_carries_every_runs_settings():
 def test_runs_the_pack_cannot_reproduce_are_refused(tmp_path):
     base = ["dataset=textile", "model=tiny"]
     assert pack_refusal(make_cfg(base, tmp_path)) is None
+    assert pack_refusal(make_cfg([*base, "method=kgcoop"], tmp_path)) is None  # a loss term of its own
     refused = {
         "method=cocoop": "method=cocoop (CoCoOp) trains each run on its own",
-        "method=kgcoop": "method=kgcoop (KgCoOp) trains each run on its own",
+        "method=prograd": "method=prograd (ProGrad) overrides on_before_optimizer_step, training_step",
         "method=tip_adapter": "(TipAdapter) trains each run on its own",
         "trainer=ddp_cpu": "several devices",
         "++trainer.max_steps=10": "trainer.max_steps=10: a pack trains every epoch whole",
@@ -301,7 +321,7 @@ class SmoothedCoOp(CoOp):
 
 
 class SteppedCoOp(CoOp):
-    """Inherits CoOp's `packable` but changes the training step, which a pack would not run."""
+    """Changes the training step itself, which a pack would not run."""
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return 2 * super().training_step(batch, batch_idx)

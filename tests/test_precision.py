@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from src.callbacks import NonFiniteLossError
-from src.cli import user_error
-from src.training import train
+from src.run.callbacks import NonFiniteLossError
+from src.run.cli import user_error
+from src.run.training import train
 from tests.conftest import make_cfg
 
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
+from src.common.files import save_torch
 from src.data.transforms import eval_transform
-from src.files import save_torch
 from src.methods.coop import CoOp
 from src.predict import image_files, main, predict_probabilities, top_classes
 

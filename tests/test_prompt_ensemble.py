@@ -7,13 +7,13 @@ import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 
-from src.config import compose_config
-from src.evaluation import evaluate
-from src.files import save_torch
+from src.common.files import save_torch
 from src.methods.cocoop import CoCoOp
 from src.methods.coop import CoOp
 from src.methods.maple import MaPLe
 from src.methods.prompt_ensemble import PromptEnsemble
+from src.run.config import compose_config
+from src.run.evaluation import evaluate
 from tests.conftest import CONF_DIR
 
 NAMES = ["abyssinian", "american_bulldog", "basset_hound", "bengal"]

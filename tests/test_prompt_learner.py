@@ -146,7 +146,7 @@ def original_prompt_ids(clip: FrozenCLIP, words: str, name: str, position: str) 
 
 @pytest.mark.parametrize("position", ["end", "middle", "front"])
 def test_word_init_with_more_tokens_than_words_is_the_references_prompt(tiny_clip, position):
-    """"itap of a": "it ap of" learned, "a" fixed text before the name, placed as the reference does."""
+    """ "itap of a": "it ap of" learned, "a" fixed text before the name, placed as the reference does."""
     learner = learner_for(tiny_clip, ctx_init="itap of a", class_token_position=position)
     names = [c.replace("_", " ") for c in CLASSNAMES]
     ids = torch.stack([original_prompt_ids(tiny_clip, "itap of a", n, position) for n in names])

@@ -14,11 +14,12 @@ import torch.nn.functional as F
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
+from src.common.prompt_file import load_prompt
+from src.methods.base import method_from_prompt
 from src.methods.promptsrc import IMAGENET_TEMPLATES, PromptSRC, gpa_weights
-from src.prompt_file import load_prompt, method_from_prompt
 from src.protocols import main as protocols
-from src.training import train
-from tests.conftest import make_cfg
+from src.run.training import train
+from tests.conftest import caches_features, make_cfg
 
 CLASSNAMES = ["cat", "dog", "sports car"]
 TINY = {"prompt_depth_text": 2, "prompt_depth_vision": 2}
@@ -166,7 +167,7 @@ def test_recipe_run_and_prompt_file(tiny_overrides, tmp_path, tiny_clip):
         4,
     )
     assert (module_cfg.text_loss_weight, module_cfg.image_loss_weight) == (25, 10)
-    assert (module_cfg.gpa_mean, module_cfg.gpa_std, cfg.data.cache_features) == (15, 1, False)
+    assert (module_cfg.gpa_mean, module_cfg.gpa_std, caches_features(cfg)) == (15, 1, False)
     cfg.trainer.max_epochs = 2
     module_cfg.prompt_depth_text = module_cfg.prompt_depth_vision = 2  # the tiny model has 2 blocks
     results = train(cfg)
@@ -179,11 +180,11 @@ def test_recipe_run_and_prompt_file(tiny_overrides, tmp_path, tiny_clip):
     assert type(rebuilt) is PromptSRC and rebuilt.hparams.gpa_mean == 15
     assert set(state["weights"]) == {"deep_text", "visual_prompts"}
     with pytest.raises(ValueError, match="gpa_std=0: the Gaussian's standard deviation must be > 0"):
-        PromptSRC(tiny_clip, CLASSNAMES, gpa_std=0, **TINY)
+        PromptSRC.create(tiny_clip, CLASSNAMES, gpa_std=0, **TINY)
     with pytest.raises(
         ValueError, match=r"templates=\['a photo'\]: give at least one template, each with \{\}"
     ):
-        PromptSRC(tiny_clip, CLASSNAMES, templates=["a photo"], **TINY)
+        PromptSRC.create(tiny_clip, CLASSNAMES, templates=["a photo"], **TINY)
 
 
 def test_on_digits_it_learns_the_base_classes_and_keeps_the_new_ones(cache_dir, tmp_path):

@@ -10,7 +10,7 @@ import pytest
 from src.data.samples import Sample, Splits
 from src.data.subsample import subsample_classes
 from src.protocols import base_to_new_summary, main
-from src.training import train
+from src.run.training import train
 from tests.conftest import make_cfg
 from tests.miniature import LAYOUTS
 

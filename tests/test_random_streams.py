@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from src.training import train
+from src.run.training import train
 from tests.conftest import make_cfg
 
 # What a run may do besides training; the last is the original's run: no validation at all.

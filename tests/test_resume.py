@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from src.resume import AtomicCheckpointIO, RunDirError, differences, fingerprint, prepare_run_dir
-from src.training import train
+from src.run.resume import AtomicCheckpointIO, RunDirError, differences, fingerprint, prepare_run_dir
+from src.run.training import train
 from tests.conftest import make_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -184,18 +184,35 @@ def test_a_folder_started_before_the_methods_moved_continues(tmp_path):
         prepare_run_dir(cfg, tmp_path)
 
 
+def test_a_folder_started_before_the_run_machinery_moved_continues(tmp_path):
+    """A folder whose fingerprint names the callbacks' and plugins' former paths (src.resume.*,
+    src.callbacks.*, src.cluster.*, before src/run/) holds the same configuration."""
+    cfg = make_cfg(["dataset=oxford_pets", "model=tiny"], tmp_path)
+    current = fingerprint(cfg)
+    former = {k: v.replace("src.run.", "src.") if isinstance(v, str) else v for k, v in current.items()}
+    moved = {k: v for k, v in former.items() if v != current[k]}
+    assert {moved[k] for k in moved} >= {
+        "src.resume.PeriodicCheckpoint",
+        "src.resume.RandomState",
+        "src.callbacks.StopOnNonFiniteLoss",
+        "src.cluster.lightning_plugins",
+    }
+    (tmp_path / "fingerprint.json").write_text(json.dumps({"config": former}))
+    assert prepare_run_dir(cfg, tmp_path) is None  # not refused: nothing differs
+
+
 def test_two_runs_started_together_in_one_folder_one_trains(tiny_overrides, tmp_path, monkeypatch):
     """Both pass their checks while the folder is unclaimed, then claim it at the same moment:
     exactly one trains, the other refuses, naming the setting that differs."""
-    import src.training
+    import src.run.training
 
-    claim, together = src.training.prepare_run_dir, threading.Barrier(2, timeout=120)
+    claim, together = src.run.training.prepare_run_dir, threading.Barrier(2, timeout=120)
 
     def claim_together(cfg, out):
         together.wait()
         return claim(cfg, out)
 
-    monkeypatch.setattr(src.training, "prepare_run_dir", claim_together)
+    monkeypatch.setattr(src.run.training, "prepare_run_dir", claim_together)
     args = ["dataset=oxford_pets", *tiny_overrides, "shots=1", "trainer.max_epochs=1"]
     cfgs = {seed: make_cfg([*args, f"seed={seed}"], tmp_path) for seed in (1, 2)}
     outcomes: dict[int, object] = {}

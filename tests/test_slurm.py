@@ -18,8 +18,8 @@ import pytest
 import torch
 from submitit.core.utils import FailedJobError
 
-from src.cli import user_error
-from src.config import as_hydra_overrides
+from src.run.cli import user_error
+from src.run.config import as_hydra_overrides
 from src.train import main
 
 ROOT = Path(__file__).resolve().parents[1]

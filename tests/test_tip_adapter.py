@@ -7,12 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from src.config import compose_config
 from src.data.datamodule import FewShotDataModule
-from src.evaluation import evaluate
 from src.methods.tip_adapter import TipAdapter
 from src.methods.zeroshot import ZeroShotCLIP
-from src.training import train
+from src.run.config import compose_config
+from src.run.evaluation import evaluate
+from src.run.training import train
 from tests.conftest import make_cfg
 
 NAMES = ["abyssinian", "american bulldog", "basset hound", "bengal"]

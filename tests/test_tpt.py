@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
+from src.common.files import save_torch
 from src.data.transforms import AugmentedViews
-from src.files import save_torch
 from src.methods.coop import CoOp
 from src.methods.tpt import TestTimePromptTuning, average_entropy, confident_views
-from src.training import train
+from src.run.training import train
 from tests.conftest import make_cfg
 
 CLASSNAMES = ["cat", "dog", "sports car", "bird"]

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from src.config import as_hydra_overrides
-from src.training import train
+from src.run.config import as_hydra_overrides
+from src.run.training import train
 from tests.conftest import make_cfg
 
 ROOT = Path(__file__).resolve().parents[1]

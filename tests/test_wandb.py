@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from wandb.proto.wandb_internal_pb2 import Record
 
-from src.training import train
+from src.run.training import train
 from tests.conftest import make_cfg
 
 FAKE_KEY = "0123456789abcdef0123456789abcdef01234567"

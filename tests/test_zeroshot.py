@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from src.methods.coop import CoOp
 from src.methods.zeroshot import ZeroShotCLIP
-from src.training import train
+from src.run.training import train
 from tests.conftest import make_cfg
 
 CLASSNAMES = ["cat", "golden_retriever", "bird", "sports car"]

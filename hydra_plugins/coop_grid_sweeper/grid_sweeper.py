@@ -14,11 +14,11 @@ its runs are launched only at the first value of each:
           method=zeroshot: [shots, seed]   # one zero-shot run, at shots='1' seed=1
 
 With `pack=true` (the presets' setting), the runs that differ only in seed and context settings
-are launched as one job per pack (src/pack_jobs.py), trained together (src/packing.py).
+are launched as one job per pack (src/packing/jobs.py), trained together (src/packing/train.py).
 
 Hydra's basic sweeper stops at the first batch with a failed run and reports that run only. Here
 every batch runs; the sweep then ends with one line per failed run, naming it by its number and
-swept values, and the others keep their results (src.cli.FailedRuns).
+swept values, and the others keep their results (src.run.cli.FailedRuns).
 
 (Hydra loads sweepers only from the `hydra_plugins` package, hence this one's place.)
 """
@@ -35,8 +35,8 @@ from hydra.core.override_parser.types import Override
 from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import DictConfig, OmegaConf
 
-from src.cli import FailedRuns, user_error
-from src.pack_jobs import group_jobs
+from src.packing.jobs import group_jobs
+from src.run.cli import FailedRuns, user_error
 
 log = logging.getLogger(__name__)
 

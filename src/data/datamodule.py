@@ -14,9 +14,16 @@ from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 from torchvision.transforms import Compose
 
-from src.cli import one_of
+from src.common.messages import one_of
 from src.data.datasets.base import DatasetError, DatasetReader
-from src.data.feature_cache import FeatureCache, RandomView, SeededViews, extract_features, feature_key
+from src.data.feature_cache import (
+    FeatureCache,
+    ImageEncoder,
+    RandomView,
+    SeededViews,
+    extract_features,
+    feature_key,
+)
 from src.data.fewshot import FewShotSampler, draw_fewshot, load_fewshot, save_fewshot
 from src.data.image_check import ImageCheck
 from src.data.in_memory import (
@@ -143,6 +150,13 @@ class FewShotDataModule(pl.LightningDataModule):
         self.test_items: list[Sample] = []
         self._drawn: tuple[list[Sample], list[Sample]] = ([], [])
         self._published = False
+        self.encoder: ImageEncoder | None = None  # handed by the run (`use_encoder`)
+
+    def use_encoder(self, encoder: ImageEncoder) -> None:
+        """The frozen image encoder whose features the loaders give (cached features, cached train
+        views) and the device and precision it runs at; its input size is the images'."""
+        self.encoder = encoder
+        self.image_size = encoder.image_size
 
     @cached_property
     def all_splits(self) -> Splits:
@@ -278,14 +292,14 @@ class FewShotDataModule(pl.LightningDataModule):
     def train_data(self) -> Dataset:
         """The train set as its loader reads it: K cached views per image, the images decoded in
         memory (when they take at most `data.in_memory_max_gb`), or the files. Runs trained together
-        share it when their images are the same (src/packing.py)."""
+        share it when their images are the same (src/packing/train.py)."""
         items = self.train_items
         if self.train_views:
             features, labels = self.image_features("train", views=self.train_views)
             return RandomView(features.view(self.train_views, len(items), -1), labels[: len(items)])
         if self.train_in_memory and fits_in_memory(items, len(self.classnames), self.in_memory_max_gb):
-            # without a trainer (a loader built by hand) batches stay on the CPU
-            on_cpu = self.trainer is None or self.trainer.strategy.root_device.type == "cpu"
+            # without an encoder (a loader built by hand) batches stay on the CPU
+            on_cpu = self.encoder is None or self.encoder.device().type == "cpu"
             augment = {"auto": "pil" if on_cpu else "device"}.get(self.train_augment, self.train_augment)
             return InMemoryTrainImages(items, self.image_size, augment, self.crop_scale, self.hflip)
         return ImageList(items, self.train_transform())
@@ -338,12 +352,16 @@ class FewShotDataModule(pl.LightningDataModule):
         under the eval transform or, with `views`, as `views` seeded augmentations per image under
         the train transform ([views * n, d], view-major). Read from the feature cache when it is on.
 
-        Needs the trainer: the features are computed with the module's CLIP, on its device and
-        under the trainer's precision, exactly as the batches of a test step would be.
+        Computed with the encoder the run handed over (`use_encoder`), on its device and under its
+        precision, exactly as the batches of a test step would be.
         """
         items = {"train": self.train_items, "val": self.val_items, "test": self.test_items}[split]
-        trainer = self.trainer
-        clip = trainer.lightning_module.clip
+        encoder = self.encoder
+        if encoder is None:
+            raise RuntimeError(
+                "FewShotDataModule.use_encoder(...) first: image features are computed with the frozen "
+                "encoder the run hands to the data module"
+            )
         if views:
             data = SeededViews(items, self.train_transform(), views, self.seed)
             transform = f"{self.describe()['train']}; {views} views, seed {self.seed}"
@@ -352,23 +370,16 @@ class FewShotDataModule(pl.LightningDataModule):
             transform = self.describe()["test"]
 
         def compute() -> torch.Tensor:
-            return extract_features(
-                clip,
-                data,
-                self.test_batch_size,
-                self.num_workers,
-                trainer.strategy.root_device,
-                trainer.precision_plugin.forward_context,
-            )
+            return extract_features(encoder, data, self.test_batch_size, self.num_workers)
 
         labels = torch.tensor([item.label for item in items]).repeat(max(views, 1))
         if self.cache is None:
             return compute(), labels
         name = getattr(self.dataset, "name", "") or type(self.dataset).__name__.lower()
-        key = feature_key(clip, name, split, items, transform, str(trainer.precision))
+        key = feature_key(encoder, name, split, items, transform)
         # Rank 0 computes and stores first; the other ranks then read its file.
-        features = self.cache.get(key, compute) if trainer.is_global_zero else None
-        trainer.strategy.barrier()
+        features = self.cache.get(key, compute) if encoder.is_global_zero() else None
+        encoder.barrier()
         if features is None:
             features = self.cache.get(key, compute)
         return features, labels

@@ -19,6 +19,7 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,14 +30,12 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 from torch.utils.data import DataLoader, Dataset
 
+from src.common.files import atomic_write, unwritable
 from src.data.samples import Sample
-from src.files import atomic_write, unwritable
-from src.models.clip import FrozenCLIP
 
 log = logging.getLogger(__name__)
 
 FORMAT = "1"  # bump when what a key means changes, so that old files are never read
-HASHED_WEIGHTS_BYTES = 4 << 20  # a local weights file is identified by its size, mtime and first MiBs
 
 
 class FeatureCache:
@@ -86,38 +85,39 @@ class FeatureCache:
         return features
 
 
+@dataclass(frozen=True)
+class ImageEncoder:
+    """The frozen image encoder a data module computes (and caches) image features with, and how
+    it runs: handed to the data module by the run (`FewShotDataModule.use_encoder`), which holds the
+    model and the trainer; the data module knows neither."""
+
+    encode: Callable[[torch.Tensor], torch.Tensor]  # images [b, 3, h, w] on `device()` -> [b, d]
+    weights: str  # what identifies its weights (the cache key's part)
+    image_size: int
+    precision: str  # the trainer's, as in the cache key
+    forward_context: Callable[[], AbstractContextManager]  # the precision's autocast
+    # Where this process runs it, asked when features are computed (under DDP a process knows its
+    # device and rank once launched): its device, whether it computes and stores first, and a
+    # wait for every process.
+    device: Callable[[], torch.device] = lambda: torch.device("cpu")
+    is_global_zero: Callable[[], bool] = lambda: True
+    barrier: Callable[[], None] = lambda: None
+
+
 def feature_key(
-    clip: FrozenCLIP, dataset: str, split: str, items: Sequence[Sample], transform: str, precision: str
+    encoder: ImageEncoder, dataset: str, split: str, items: Sequence[Sample], transform: str
 ) -> dict[str, str]:
     paths = hashlib.sha256("\n".join(item.path for item in items).encode()).hexdigest()
     return {
         "format": FORMAT,
-        "weights": weights_identity(clip),
+        "weights": encoder.weights,
         "dataset": dataset,
         "split": split,
         "images": f"{len(items)}:{paths}",
         "transform": transform,
-        "image_size": str(clip.image_size),
-        "precision": precision,
+        "image_size": str(encoder.image_size),
+        "precision": encoder.precision,
     }
-
-
-def weights_identity(clip: FrozenCLIP) -> str:
-    """What identifies the image encoder's weights: the open_clip tag, a local file's size, mtime
-    and first bytes, or, for random weights (which depend on the seed), the weights themselves."""
-    if clip.pretrained is None:
-        digest = hashlib.sha256()
-        for name, tensor in sorted(clip.model.visual.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        return f"{clip.name}:random:{digest.hexdigest()}"
-    path = Path(clip.pretrained)
-    if path.is_file():
-        stat = path.stat()
-        with path.open("rb") as f:
-            head = hashlib.sha256(f.read(HASHED_WEIGHTS_BYTES)).hexdigest()
-        return f"{clip.name}:file:{stat.st_size}:{stat.st_mtime_ns}:{head}"
-    return f"{clip.name}:{clip.pretrained}"
 
 
 class SeededViews(Dataset):
@@ -158,28 +158,21 @@ class RandomView(Dataset):
 
 
 @torch.no_grad()
-def extract_features(
-    clip: FrozenCLIP,
-    data: Dataset,
-    batch_size: int,
-    num_workers: int,
-    device: torch.device,
-    precision_context: Callable[[], AbstractContextManager],
-) -> torch.Tensor:
+def extract_features(encoder: ImageEncoder, data: Dataset, batch_size: int, num_workers: int) -> torch.Tensor:
     """The frozen image features of every image of `data`, in order, as float32 on the CPU."""
     # A generator of its own: drawing the loader's seed from the global one would make a training
-    # run's random stream depend on whether the features were cached or computed (src/resume.py).
+    # run's random stream depend on whether the features were cached or computed (src/run/resume.py).
     loader = DataLoader(
         data,
         batch_size=batch_size,
         num_workers=num_workers,
-        pin_memory=device.type == "cuda",
+        pin_memory=encoder.device().type == "cuda",
         generator=torch.Generator(),
     )
     log.info("computing image features of %d images", len(data))
     features = []
-    with precision_context():
+    with encoder.forward_context():
         # a progress bar in a terminal only, as the trainer's (conf/trainer/default.yaml)
         for images, _ in track(loader, description="image features", disable=not sys.stdout.isatty()):
-            features.append(clip.encode_image(images.to(device, non_blocking=True)).float().cpu())
+            features.append(encoder.encode(images.to(encoder.device(), non_blocking=True)).float().cpu())
     return torch.cat(features)

@@ -19,9 +19,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Literal
 
+from src.common.files import write_json
 from src.data.datasets.base import DatasetError
 from src.data.samples import Sample, Splits, relative_path
-from src.files import write_json
 
 FewShotSampler = Literal["reference", "sorted"]
 VAL_SHOTS = 4  # validation keeps min(shots, 4) images per class, as the reference does

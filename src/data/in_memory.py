@@ -6,7 +6,7 @@ each epoch, then costs more than the training steps. Here the images are decoded
 threads: PIL releases the GIL while decoding) and the loader runs in the main process, so an epoch
 starts at once. The augmentation is `train_transform`'s (the paper's, or the dataset's own crop
 scale and flip), drawn per image from torch's global generator exactly as `train_transform` draws
-it, so a resumed run draws the same (src/resume.py). Two ways to apply it:
+it, so a resumed run draws the same (src/run/resume.py). Two ways to apply it:
 
 - "pil" (the CPU's): `train_transform`'s PIL calls on the decoded image, in the loader (its crop,
   resize and flip, without torchvision's per-call overhead), and its ToTensor and Normalize

@@ -9,8 +9,8 @@ import random
 from collections import defaultdict
 from pathlib import Path
 
+from src.common.files import write_json
 from src.data.samples import Sample, relative_path
-from src.files import write_json
 
 
 def flip_count(rate: float, n: int) -> int:

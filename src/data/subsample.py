@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from src.cli import one_of
+from src.common.messages import one_of
 from src.data.samples import Sample, Splits
 
 Subsample = Literal["all", "base", "new"]

@@ -4,12 +4,30 @@ A method is one class, a subclass of `Method`, and one config, `conf/method/<nam
 `name`, and `module`: the class as a Hydra `_target_` with its recipe). src.train, src.eval,
 src.protocols, src.report, src.predict and src.interpret ask the class (or what it wrote into
 results.json and prompt.pt), never a list of names, so a class in the user's own package is a
-method like the project's own (README, "Add a method").
+method like the project's own (README, "Add a method"). The class is found one way,
+`import_method`, from a config's `_target_`, a prompt file's `class` or DePT's `base`.
+
+What a class gives, all optional but `forward`:
+
+- `forward(images)`: class logits of a batch of images, or of their cached image features;
+- `loss_terms(images, labels)`: the named, weighted terms of a batch's loss. The one
+  `training_step` sums them (`total_loss`) and logs each; a pack (src/packing/module.py) and DePT
+  call the same terms, so an override of `loss_terms` (or of what it calls, CoOp's `loss`) trains
+  alike alone, packed and under DePT. A method that needs another step overrides `training_step`
+  (ProGrad's gradient projection): its runs then train alone, which is derived, never declared;
+- the flags below, each read by every entry point it concerns;
+- `check_config(args, architecture)`: the one place its options are checked, before the run
+  folder is claimed (constructors do not check them again; `create` checks, then builds);
+- `result_fields()`, `method_state()` and `from_prompt()`: what it writes into results.json and
+  prompt.pt, and its rebuild from prompt.pt.
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import re
+from pathlib import Path
 from typing import Any, ClassVar
 
 import pytorch_lightning as pl
@@ -17,11 +35,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torchmetrics.classification import MulticlassAccuracy
 
-from src.cli import override
+from src.common.messages import override
+from src.common.prompt_file import CHECKPOINT_PROMPT, PROMPT_FORMAT
 from src.models.clip import Architecture, FrozenCLIP
 
-PROMPT_FORMAT = 1  # prompt.pt's format; keys were added since, none changed meaning
-CHECKPOINT_PROMPT = "prompt"  # the key of the prompt file's contents in a Lightning checkpoint
+LossTerms = dict[str, torch.Tensor]  # a batch's loss by its named terms, each already weighted
 
 
 class Method(pl.LightningModule):
@@ -30,42 +48,51 @@ class Method(pl.LightningModule):
     per-class accuracy, synced across devices by torchmetrics.
 
     Subclasses give `forward(images)`: class logits of a batch of images [b, 3, h, w], or of their
-    frozen image features [b, d] when the data module caches them (unless `prompts_images`).
+    frozen image features [b, d] when the data module caches them (unless `needs_images`); a
+    method that trains gives `loss_terms`, which the one `training_step` sums.
     """
 
     # results.json's `method`: the config's `method.name` (`build_method`) or the prompt file's
     name: str = "method"
-    # -- what the method is: known from the class, before anything is built --------------------
+    # -- what the method is: known from the class, before anything is built; each flag is read by
+    # every entry point it concerns (src/run/: training, its checks, evaluation; src.protocols) ---
     # A learned prompt context: results tell its variants apart (ctx, class token position, M).
     learns_context: ClassVar[bool] = False
-    # Its prompts change the image features: it takes images, never cached image features.
-    prompts_images: ClassVar[bool] = False
-    # Its logits are CLIP's: frozen image features against class text features that do not depend
-    # on the image (`text_features()`); such prompts average in an ensemble (ensemble=features).
+    # It needs raw images, never cached image features (its prompts or adapters change the image
+    # encoder, or it augments test images): the run turns the feature cache off by itself and
+    # refuses data.train_views before the run folder is claimed.
+    needs_images: ClassVar[bool] = False
+    # Its logits are CLIP's: image features against class text features that do not depend on the
+    # image (`text_features()`); such prompts average in an ensemble (ensemble=features).
     text_classifier: ClassVar[bool] = False
     # trainer.fit runs before the test; False: straight to the test (what it fits, it fits there).
-    fits: ClassVar[bool] = True
+    trains: ClassVar[bool] = True
+    # Its trained weights serve other class lists (a prompt rebuilt on new classes, another
+    # dataset): base-to-new tests it on the new classes; False: weights one per trained class.
+    transfers: ClassVar[bool] = True
     # Uses no labelled image: its result depends on neither the shots nor the seed, and
     # base-to-new runs it on the new classes directly.
     zero_shot: ClassVar[bool] = False
-    # Runs of a sweep that differ only in seed and context settings train as one job, sharing the
-    # frozen encoders' passes (`pack=true`, src/packing.py), each its own context, optimiser and
-    # data stream: for a method whose training step is CoOp's (the loss of its text features'
-    # logits, `CoOp.text_inputs`, `logits`, `loss`). A subclass that changes the training step (an
-    # extra loss term, a per-image prompt, a gradient projection) sets it False; one that inherits
-    # it but overrides a hook of CoOp's step that a pack does not call trains alone all the same
-    # (src/pack_jobs.py, STEP_HOOKS).
-    packable: ClassVar[bool] = False
+    # Whether runs of a sweep train together (`pack=true`) is not declared: it is derived from what
+    # the class overrides (src/packing/module.py, `step_refusal`).
 
     @classmethod
     def check_config(cls, args: dict[str, Any], architecture: Architecture) -> None:
-        """Raises ValueError, one line naming the option and a fix to paste (src.cli.override), when
-        the method's arguments do not fit each other or the backbone: what the constructor would
-        refuse, found before the run folder is claimed and before any weights load
-        (src/precheck.py). `args` are `method.module`'s values with the constructors' defaults
-        filled in (`method_arguments`); `architecture` is read from open_clip's config of
-        `model.name`. An override checks its own arguments and calls super()'s; accepting
-        everything (here) leaves the checks to the constructor."""
+        """Raises ValueError, one line naming the option and a fix to paste
+        (src.common.messages.override), when the method's arguments do not fit each other or the
+        backbone; the one place they are checked, before the run folder is claimed and before any
+        weights load (src/run/checks.py), and again by `build_method` and `create`. `args` are
+        `method.module`'s values with the constructors' defaults filled in (`method_arguments`);
+        `architecture` is read from open_clip's config of `model.name`. An override checks its own
+        arguments and calls super()'s."""
+
+    @classmethod
+    def create(cls, clip: FrozenCLIP, classnames: list[str], **args: Any) -> Method:
+        """The method built with `args` once `check_config` has passed: what a run does from its
+        config (`build_method`), for code that builds a method by hand (constructors do not check
+        their options again)."""
+        cls.check_config(method_arguments(cls, args), Architecture.of(clip.name))
+        return cls(clip, classnames, **args)
 
     def __init__(self, clip: FrozenCLIP, classnames: list[str]) -> None:
         super().__init__()
@@ -75,6 +102,32 @@ class Method(pl.LightningModule):
         self.strict_loading = False
         self.test_acc = MulticlassAccuracy(num_classes=len(classnames), average="micro")
         self.test_macro_acc = MulticlassAccuracy(num_classes=len(classnames), average="macro")
+
+    @classmethod
+    def needs_images_for(cls, args: dict[str, Any]) -> bool:
+        """`needs_images` of the method built with `args` (`method_arguments`): the class's flag,
+        unless what the method is depends on an option (DePT's base)."""
+        return cls.needs_images
+
+    # -- training: the one step of every method that trains by a loss ------------------------
+    def loss_terms(self, images: torch.Tensor, labels: torch.Tensor) -> LossTerms:
+        """The named terms of a batch's training loss, each already weighted: the step sums them
+        and logs each as `train/<name>`. A method that trains by gradient gives this (CoOp: `ce`,
+        the loss of its logits; KgCoOp adds `kg`, PromptSRC `scl_*`, DePT `cat`)."""
+        raise NotImplementedError(f"{class_path(type(self))} trains, so it gives `loss_terms`")
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """The one training step: the batch's loss terms, summed and logged. A method that needs
+        another step (a gradient projection, a search) overrides this, and by that alone its runs
+        train alone (src/packing/module.py, `step_refusal`)."""
+        images, labels = batch
+        terms = self.loss_terms(images, labels)
+        loss = total_loss(terms)
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(labels))
+        if len(terms) > 1:
+            for name, term in terms.items():
+                self.log(f"train/{name}", term, batch_size=len(labels))
+        return loss
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         images, labels = batch
@@ -229,6 +282,29 @@ class TextOncePerEvaluation:
         self._end_eval()
 
 
+def total_loss(terms: LossTerms) -> torch.Tensor:
+    """A step's loss: the sum of its terms, in their order (a single term is itself, exactly)."""
+    if not terms:
+        raise ValueError("a training step needs at least one loss term")
+    return sum(terms.values())  # type: ignore[return-value]
+
+
+# Lightning's API of a LightningModule (its hooks, steps and optimiser calls), read from Lightning's
+# own classes: what a method may override to change how it trains.
+LIGHTNING_HOOKS = frozenset(
+    name
+    for klass in pl.LightningModule.__mro__
+    if klass.__module__.startswith(("pytorch_lightning.", "lightning."))
+    for name, value in vars(klass).items()
+    if callable(value) and not name.startswith("_")
+)
+
+
+def overridden(cls: type, reference: type, names: frozenset[str] | tuple[str, ...]) -> list[str]:
+    """Which of `names` `cls` defines otherwise than `reference` (a class it extends), sorted."""
+    return sorted(name for name in names if getattr(cls, name, None) is not getattr(reference, name, None))
+
+
 def check_backbone(state: dict[str, Any], clip: FrozenCLIP) -> None:
     """A prompt file is used on the backbone it was learned on."""
     if (clip.name, clip.pretrained) != (state["backbone"], state["pretrained"]):
@@ -244,24 +320,58 @@ def class_path(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def method_class(method_cfg: DictConfig) -> type[Method]:
-    """The class of a run's method (`method.module._target_`), imported as Hydra imports a target."""
-    from hydra.utils import get_class  # noqa: PLC0415  (Hydra only where a config is read)
+CLASS_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$")
 
-    target = method_cfg.module._target_
+
+def import_method(path: Any, source: str, fix: str = "") -> type[Method]:
+    """The one way a method's class is found: `path` (`package.module.Class`, as a config's
+    `_target_`, a prompt file's `class` or DePT's `base`) imported, and used only if it is a
+    subclass of the contract. `source` names where the path was given, for the error line, and
+    `fix` is said when its module cannot be imported (besides putting its package on PYTHONPATH)."""
+    if not isinstance(path, str) or not CLASS_PATH.match(path):
+        raise ValueError(f"{source}: {path!r} is not a class path (package.module.Class)")
+    module_name, _, name = path.rpartition(".")
     try:
-        cls = get_class(target)
-    except (ImportError, ValueError) as err:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        package = module_name.split(".")[0]
         raise ValueError(
-            f"method={method_cfg.name}: method.module._target_={target} cannot be imported "
-            f"({err}): put the folder that holds its package on PYTHONPATH"
+            f"{source}: {path} cannot be imported ({err}): {fix}put the folder that holds the "
+            f"package {package!r} on PYTHONPATH"
         ) from err
-    if not issubclass(cls, Method):
+    cls = getattr(module, name, None)
+    if cls is None:
+        raise ValueError(f"{source}: {path} is not there: was the class renamed or moved?")
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
         raise ValueError(
-            f"method={method_cfg.name}: method.module._target_={target} is not a subclass of "
-            "src.methods.base.Method; a method's class extends Method (or CoOp)"
+            f"{source}: {path} is not a method (a subclass of src.methods.base.Method); a method's "
+            "class extends Method (or CoOp)"
         )
     return cls
+
+
+def method_class(method_cfg: DictConfig) -> type[Method]:
+    """The class of a run's method (`method.module._target_`)."""
+    return import_method(method_cfg.module._target_, f"method={method_cfg.name}: method.module._target_")
+
+
+def method_from_prompt(
+    state: dict[str, Any],
+    clip: FrozenCLIP,
+    classnames: list[str] | None = None,
+    file: str | Path = "",
+    template: str | None = None,
+) -> Method:
+    """The method a prompt file's state holds (src/common/prompt_file.py reads it), rebuilt on `clip`
+    for its own classes or `classnames` (and `template`, the tested dataset's hand-made template:
+    `Method.from_prompt`)."""
+    return prompt_method_class(state, file).from_prompt(state, clip, classnames, template)
+
+
+def prompt_method_class(state: dict[str, Any], file: str | Path = "") -> type[Method]:
+    """The method class a prompt file's state names (`class`)."""
+    source = f"{file or 'the prompt file'}, written by method {state['method']!r}, names its class"
+    return import_method(state["class"], source)
 
 
 def method_arguments(cls: type[Method], module_cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
@@ -278,10 +388,12 @@ def method_arguments(cls: type[Method], module_cfg: DictConfig | dict[str, Any])
 
 
 def build_method(method_cfg: DictConfig, clip: FrozenCLIP, classnames: list[str]) -> Method:
-    """The method of a run's config (`method.module`, named `method.name`)."""
+    """The method of a run's config (`method.module`, named `method.name`), its options checked
+    first (`Method.check_config`: constructors do not check them again)."""
     from hydra.utils import instantiate  # noqa: PLC0415  (Hydra only where a config is built)
 
-    method_class(method_cfg)
+    cls = method_class(method_cfg)
+    cls.check_config(method_arguments(cls, method_cfg.module), Architecture.of(clip.name))
     module = instantiate(method_cfg.module, clip=clip, classnames=classnames)
     module.name = method_cfg.name
     return module

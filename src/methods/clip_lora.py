@@ -26,7 +26,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 from torch.optim.lr_scheduler import CosineAnnealingLR
 
-from src.cli import override
+from src.common.messages import override
 from src.methods.base import Method, TextOncePerEvaluation, plain
 from src.methods.zeroshot import HandMadeGuided
 from src.models.clip import Architecture, FrozenCLIP
@@ -156,7 +156,7 @@ class CLIPLoRA(TextOncePerEvaluation, Method):
     the number of steps is the trainer's (`trainer.max_steps`, 500 x shots in the recipe)."""
 
     name = "clip_lora"
-    prompts_images = True  # the adapted image encoder: images, never cached features
+    needs_images = True  # the adapted image encoder: images, never cached features
 
     def __init__(
         self,
@@ -177,19 +177,12 @@ class CLIPLoRA(TextOncePerEvaluation, Method):
     ) -> None:
         super().__init__(clip, classnames)
         params, layers = list(params), None if layers is None else list(layers)
-        check_options(rank, dropout, encoder, params, lr)
-        HandMadeGuided.check_template(template)
         self.save_hyperparameters(ignore=["clip", "classnames"])
         self.model = shared_copy(clip.model)
         transformers = transformers_to_adapt(self.model, encoder, clip.name)
         targets = []
         for path, transformer in transformers.items():
             blocks = transformer.resblocks
-            if layers is not None and not (layers and all(0 <= i < len(blocks) for i in layers)):
-                raise ValueError(
-                    f"method.module.layers={layers}: use block indices 0 .. {len(blocks) - 1} (the "
-                    f"{len(blocks)} blocks of {clip.name}'s {path}), or null for all"
-                )
             for i in range(len(blocks)) if layers is None else sorted(set(layers)):
                 blocks[i].attn = SplitAttention(blocks[i].attn)
                 targets += [f"{path}.resblocks.{i}.attn.{PROJECTIONS[p]}" for p in params]
@@ -234,9 +227,9 @@ class CLIPLoRA(TextOncePerEvaluation, Method):
         counts = [n for tower, n in towers.items() if encoder in (tower, "both") and n is not None]
         if layers is not None and counts and not (layers and all(0 <= i < min(counts) for i in layers)):
             raise ValueError(
-                f"method.module.layers={list(layers)}: {architecture.name} has {min(counts)} blocks: use "
-                f"{override('method.module.layers', None)} (every block) or block indices 0 .. "
-                f"{min(counts) - 1}"
+                f"method.module.layers={list(layers)}: use block indices 0 .. {min(counts) - 1} of "
+                f"{architecture.name}'s {min(counts)} blocks, or for every block: use "
+                f"{override('method.module.layers', None)}"
             )
 
     def train(self, mode: bool = True) -> CLIPLoRA:
@@ -272,11 +265,9 @@ class CLIPLoRA(TextOncePerEvaluation, Method):
         return scale * image @ F.normalize(text, dim=-1).t()
 
     # -- Lightning hooks --------------------------------------------------------------------
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        images, labels = batch
-        loss = F.cross_entropy(self(images), labels)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(labels))
-        return loss
+    def loss_terms(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """`ce`: the cross-entropy of the adapted model's logits."""
+        return {"ce": F.cross_entropy(self(images), labels)}
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams

@@ -8,9 +8,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
-from src.methods.coop import CoOp
+from src.methods.base import LossTerms
+from src.methods.coop import CoOp, Features
 from src.models.clip import Architecture, FrozenCLIP
 
 
@@ -25,7 +26,6 @@ class CoCoOp(CoOp):
 
     name = "cocoop"
     text_classifier = False  # its text features depend on the image
-    packable = False  # a prompt per image: its text passes are per batch, not per run
 
     def __init__(
         self,
@@ -35,7 +35,6 @@ class CoCoOp(CoOp):
         class_specific: bool = False,
         **coop_args: Any,
     ) -> None:
-        check_shared_context(class_specific)
         super().__init__(clip, classnames, **coop_args)
         vis_dim = clip.model.visual.output_dim
         width = clip.token_embedding.weight.shape[1]
@@ -58,6 +57,10 @@ class CoCoOp(CoOp):
     def check_config(cls, args: dict[str, Any], architecture: Architecture) -> None:
         super().check_config(args, architecture)
         check_shared_context(args["class_specific"])
+
+    def loss_terms(self, images: Tensor, labels: Tensor, features: Features | None = None) -> LossTerms:
+        """`ce`: the `loss` of its logits, each image scored with its own shifted context."""
+        return {"ce": self.loss(self(images), labels)}
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits of a batch of images [b, 3, h, w] or of their image features [b, d]."""

@@ -7,14 +7,23 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.classification import MulticlassAccuracy
 
-from src.cli import override
-from src.methods.base import CHECKPOINT_PROMPT, Method, TextOncePerEvaluation, check_backbone, plain
+from src.common.messages import override
+from src.methods.base import (
+    CHECKPOINT_PROMPT,
+    LossTerms,
+    Method,
+    TextOncePerEvaluation,
+    check_backbone,
+    plain,
+)
 from src.models.clip import Architecture, FrozenCLIP
 from src.models.prompt_learner import InitCount, Position, PromptLearner, check_context
 
+Features = tuple[Tensor, Tensor]  # a batch's image features [b, d] and class text features [n, d]
 CTX = "prompt_learner.ctx"  # the context's state-dict name; prompt.pt holds it as `ctx`
 
 
@@ -29,7 +38,6 @@ class CoOp(TextOncePerEvaluation, Method):
     name = "coop"
     learns_context = True
     text_classifier = True
-    packable = True
 
     def __init__(
         self,
@@ -74,7 +82,7 @@ class CoOp(TextOncePerEvaluation, Method):
     def text_inputs(self) -> tuple[torch.Tensor, torch.Tensor, int]:
         """What the text encoder takes: the prompt embeddings [n_cls, length, width], their EOS
         positions and how many leading positions every class shares. Runs whose EOS positions and
-        shared length are equal are encoded in one call (src/packing.py)."""
+        shared length are equal are encoded in one call (src/packing/module.py)."""
         learner = self.prompt_learner
         return learner(self.clip.text.prompt_length(learner.max_eos)), learner.eos, learner.shared_len
 
@@ -99,25 +107,20 @@ class CoOp(TextOncePerEvaluation, Method):
         module's batches when image features are cached)."""
         return self.logits(*self.features(images))
 
-    # -- Lightning hooks --------------------------------------------------------------------
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        images, labels = batch
-        loss = self.loss(self(images), labels)
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(labels))
-        return loss
+    # -- training (the step is the contract's: it sums these terms) ---------------------------
+    def loss_terms(self, images: Tensor, labels: Tensor, features: Features | None = None) -> LossTerms:
+        """The loss terms of a batch: `ce`, the `loss` of its logits. A successor adds its own terms
+        to these (KgCoOp's `kg`). `features`: the batch's image and class text features when they
+        were computed already (`features(images)`: a pack computes them for all its runs at once,
+        DePT for its head too)."""
+        image, text = self.features(images) if features is None else features
+        return {"ce": self.loss(self.logits(image, text), labels)}
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The training loss of a batch's logits: CoOp's cross-entropy."""
         return F.cross_entropy(logits, labels)
 
-    def regulariser(
-        self, images: torch.Tensor, image_features: torch.Tensor, text_features: torch.Tensor
-    ) -> torch.Tensor:
-        """What a successor adds, weighted, to the loss of its logits (KgCoOp: the distance to the
-        hand-made prompt's text features); none for CoOp. A method built on this one (DePT) adds it
-        to its own loss."""
-        return image_features.new_zeros(())
-
+    # -- Lightning hooks --------------------------------------------------------------------
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         images, labels = batch
         self.val_acc(self(images), labels)
@@ -130,7 +133,7 @@ class CoOp(TextOncePerEvaluation, Method):
         """SGD over every parameter that trains, at `lr`, or over parameter `groups` (those of a
         method built on this one: DePT's own layers at an lr of their own); every group warms up at
         `warmup_lr`, then follows the cosine from its own lr over `max_epochs` epochs: what
-        configure_optimizers gives Lightning (a pack asks for it without a trainer, src/packing.py)."""
+        configure_optimizers gives Lightning (a pack asks for it without a trainer, src/packing/train.py)."""
         hp = self.hparams
         if groups is None:
             groups = [{"params": [p for p in self.parameters() if p.requires_grad]}]  # CLIP's are frozen

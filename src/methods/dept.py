@@ -8,40 +8,31 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from hydra.utils import get_class
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from src.methods.base import Method, class_path, method_arguments
+from src.methods.base import (
+    LIGHTNING_HOOKS,
+    Method,
+    class_path,
+    import_method,
+    method_arguments,
+    method_from_prompt,
+    overridden,
+)
 from src.methods.coop import CoOp
 from src.models.clip import Architecture, FrozenCLIP
-from src.prompt_file import method_from_prompt
 
 HEAD = "head."  # the state-dict prefix of DePT's own parameters
-# Lightning's training hooks that DePT does not run for its base (they would see DePT's training
-# only): a base with its own is refused. It runs the base's on_train_start and on_train_epoch_end.
-TRAINING_HOOKS = (
-    "setup",
-    "on_fit_start",
-    "on_train_end",
-    "on_train_epoch_start",
-    "on_train_batch_start",
-    "on_train_batch_end",
-    "on_before_backward",
-    "on_after_backward",
-    "on_before_optimizer_step",
-    "on_before_zero_grad",
-    "optimizer_step",
-    "optimizer_zero_grad",
-    "lr_scheduler_step",
-    "configure_gradient_clipping",
-    "on_before_batch_transfer",
-    "on_after_batch_transfer",
-    "transfer_batch_to_device",
-    "validation_step",
-    "test_step",
-    "on_save_checkpoint",
-    "on_load_checkpoint",
+# The base's Lightning hooks that DePT runs for it (it forwards these); a base with any other
+# Lightning hook of its own would train otherwise than alone, and is refused.
+FORWARDED_HOOKS = (
+    "on_train_start",
+    "on_train_epoch_end",
+    "on_validation_epoch_start",
+    "on_validation_epoch_end",
+    "on_test_epoch_start",
+    "on_test_epoch_end",
 )
 
 
@@ -84,12 +75,13 @@ class DePT(Method):
     """A base method (`base`: a CoOp-family class path, built with `base_args`, or a built one)
     whose unnormalised image and class text features also feed a CAT head over its classes.
 
-    Training: loss = (1 - cat_weight) * the base's loss of its logits + cat_weight * cross-entropy
-    of the CAT head on images and text features + the base's regulariser, unscaled (KgCoOp's); the
-    head's layers learn at `cat_lr_ratio` times the base's lr. Test on classes the head knows
-    (`head_classnames`, the trained ones; any subset of them): (1 - cat_weight) * the base's logits
-    + cat_weight * the head's, raw logits fused as the official code does; on any other class list
-    (new classes, another dataset): the base's logits alone.
+    Training: the base's loss terms, its `ce` (the loss of its logits) weighted 1 - cat_weight and
+    its other terms unscaled (KgCoOp's `kg`), plus `cat`: cat_weight * cross-entropy of the CAT head
+    on images and text features; the head's layers learn at `cat_lr_ratio` times the base's lr.
+    Test on classes the head knows (`head_classnames`, the trained ones; any subset of them):
+    (1 - cat_weight) * the base's logits + cat_weight * the head's, raw logits fused as the
+    official code does; on any other class list (new classes, another dataset): the base's
+    logits alone.
     """
 
     name = "dept"
@@ -106,12 +98,10 @@ class DePT(Method):
         **base_args: Any,
     ) -> None:
         super().__init__(clip, classnames)
-        check_head(cat_weight, cat_lr_ratio)
         if isinstance(base, str):
             base = build_base(base, clip, classnames, base_args)
-        check_base(type(base))
         self.base = base
-        self.prompts_images = base.prompts_images
+        self.needs_images = base.needs_images  # as its base (the class's flag: `needs_images_for`)
         self.cat_weight = cat_weight
         self.cat_lr_ratio = cat_lr_ratio
         self.head_classnames = list(head_classnames or classnames)
@@ -131,11 +121,20 @@ class DePT(Method):
         """DePT's own options, then its base's, as the base checks them alone."""
         super().check_config(args, architecture)
         check_head(args["cat_weight"], args["cat_lr_ratio"])
-        base = base_class(args["base"])
+        given = args["base"]
+        if isinstance(given, Method):  # a built base: its own options were checked when it was
+            check_base(type(given))
+            return
+        base = base_class(given)
         check_base(base)
         own = inspect.signature(cls.__init__).parameters
         base_args = method_arguments(base, {k: v for k, v in args.items() if k not in own})
         base.check_config(base_args, architecture)
+
+    @classmethod
+    def needs_images_for(cls, args: dict[str, Any]) -> bool:
+        base = args["base"]
+        return (type(base) if isinstance(base, Method) else base_class(base)).needs_images
 
     # -- the method ---------------------------------------------------------------------------
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -147,17 +146,13 @@ class DePT(Method):
         head_logits = self.head(image_features)[:, self.head_rows]
         return (1 - self.cat_weight) * base_logits + self.cat_weight * head_logits
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        images, labels = batch
-        image_features, text_features = self.base.features(images)
-        base_loss = self.base.loss(self.base.logits(image_features, text_features), labels)
-        head_logits, head_labels = self.head.training_logits(image_features, text_features, labels)
-        cat_loss = F.cross_entropy(head_logits, head_labels)
-        regulariser = self.base.regulariser(images, image_features, text_features)
-        loss = (1 - self.cat_weight) * base_loss + self.cat_weight * cat_loss + regulariser
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(labels))
-        self.log("train/cat_loss", cat_loss, batch_size=len(labels))
-        return loss
+    def loss_terms(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The base's terms on the base's features (its `ce` weighted 1 - cat_weight), then `cat`."""
+        features = self.base.features(images)
+        terms = self.base.loss_terms(images, labels, features)
+        terms["ce"] = (1 - self.cat_weight) * terms["ce"]
+        head_logits, head_labels = self.head.training_logits(*features, labels)
+        return {**terms, "cat": self.cat_weight * F.cross_entropy(head_logits, head_labels)}
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         images, labels = batch
@@ -256,20 +251,9 @@ def build_base(target: str, clip: FrozenCLIP, classnames: list[str], args: dict[
     return base_class(target)(clip, classnames, **args)
 
 
-def base_class(target: str) -> type[Method]:
+def base_class(target: Any) -> type[Method]:
     """The base method's class (`method.module.base`), or one line saying why it cannot be one."""
-    try:
-        cls = get_class(target)
-    except (ImportError, ValueError) as err:
-        raise ValueError(
-            f"method.module.base={target} cannot be imported ({err}): give a method class, e.g. "
-            "method.base=coop, or put the folder that holds its package on PYTHONPATH"
-        ) from err
-    if not (isinstance(cls, type) and issubclass(cls, Method)):
-        raise ValueError(
-            f"method.module.base={target} is not a method (a subclass of src.methods.base.Method)"
-        )
-    return cls
+    return import_method(target, "method.module.base", "give a method class, e.g. method.base=coop, or ")
 
 
 def check_head(cat_weight: float, cat_lr_ratio: float) -> None:
@@ -281,17 +265,18 @@ def check_head(cat_weight: float, cat_lr_ratio: float) -> None:
 
 
 def check_base(cls: type[Method]) -> None:
-    """DePT trains and tests its base through CoOp's hooks only (`features`, `logits`, `loss`,
-    `regulariser`, `configure_optimizers`): a base that predicts or trains through code of its own
-    elsewhere would run otherwise than alone, and is refused."""
+    """DePT trains and tests its base through CoOp's model (`features`, `logits`, `loss_terms`,
+    `optimization`) and the hooks it forwards (FORWARDED_HOOKS): a base that predicts or trains
+    through code of its own elsewhere would run otherwise than alone, and is refused."""
     if not issubclass(cls, CoOp):
         reason = "it is not a CoOp-family method (a subclass of src.methods.coop.CoOp)"
-    elif _overrides(cls, "forward") and not _overrides(cls, "features"):
+    elif overridden(cls, CoOp, ("forward",)) and not overridden(cls, CoOp, ("features",)):
         reason = "its logits come from a forward of its own, not from its `features` (CoCoOp's: per image)"
-    elif _overrides(cls, "training_step") and not _overrides(cls, "regulariser"):
-        reason = "its loss is a training step of its own, not its logits' plus a `regulariser`"
+    elif overridden(cls, CoOp, ("training_step",)):
+        reason = "its loss is a training step of its own, not its `loss_terms`"
     else:
-        own = [hook for hook in TRAINING_HOOKS if _overrides(cls, hook)]
+        others = LIGHTNING_HOOKS - {"forward", "training_step", *FORWARDED_HOOKS, *TRAINED_BY_DEPT}
+        own = overridden(cls, CoOp, others)
         if not own:
             return
         reason = f"it trains through Lightning hooks of its own ({', '.join(own)})"
@@ -301,5 +286,5 @@ def check_base(cls: type[Method]) -> None:
     )
 
 
-def _overrides(cls: type, name: str) -> bool:
-    return getattr(cls, name) is not getattr(CoOp, name)
+# What DePT runs of its base besides the hooks it forwards: its optimiser (with the head's group).
+TRAINED_BY_DEPT = ("configure_optimizers",)

@@ -12,7 +12,7 @@ class FrozenClassifier(Method):
     """Subclasses give `logits(image_features)`; nothing here has gradients, and nothing trains
     before the test (what they fit, they fit at its start)."""
 
-    fits = False
+    trains = False
 
     def logits(self, image_features: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from src.cli import override
+from src.common.messages import override
 from src.methods.coop import CoOp
 from src.models import deep_prompts
 from src.models.clip import Architecture, FrozenCLIP
@@ -25,9 +25,8 @@ class DeepPrompts(CoOp):
     image encoder (`image_prompts`, each block's): what IVLP and MaPLe share. With ctx_init, the
     phrase's first n_ctx tokens are learned and the rest stays words of every prompt."""
 
-    prompts_images = True
+    needs_images = True  # its prompts enter the image encoder
     text_classifier = False  # its logits need its own image features
-    packable = False  # its prompts enter the image encoder: no image pass to share
     deep_text: nn.Parameter  # [J - 1, n_ctx, text width]
 
     def make_prompt_learner(self, classnames: list[str], clip: FrozenCLIP, **options: Any) -> PromptLearner:
@@ -82,8 +81,6 @@ class IVLP(DeepPrompts):
         **coop_args: Any,
     ) -> None:
         visual = clip.model.visual
-        depths = (prompt_depth_text, prompt_depth_vision, n_ctx_vision)
-        check_ivlp(self.name, *depths, class_specific, class_token_position, Architecture.of(clip.name))
         deep_prompts.check_prompt_ready_vit(visual, clip.name)
         ctx_init = words_or_random(clip, n_ctx, ctx_init)
         super().__init__(

@@ -7,8 +7,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
-from src.methods.coop import CoOp
+from src.methods.base import LossTerms
+from src.methods.coop import CoOp, Features
 from src.methods.zeroshot import HandMadeGuided
 from src.models.clip import FrozenCLIP
 
@@ -22,7 +24,6 @@ class KgCoOp(HandMadeGuided, CoOp):
     """
 
     name = "kgcoop"
-    packable = False  # its loss adds a term on its text features (training_step)
 
     def __init__(
         self,
@@ -34,7 +35,6 @@ class KgCoOp(HandMadeGuided, CoOp):
         ctx_init: str | None = "a photo of a",
         **coop_args: Any,
     ) -> None:
-        self.check_template(template)
         super().__init__(clip, classnames, n_ctx=n_ctx, ctx_init=ctx_init, **coop_args)
         self.template = template
         self.weight = weight
@@ -44,20 +44,11 @@ class KgCoOp(HandMadeGuided, CoOp):
         cos = F.cosine_similarity(text_features.float(), self.hand_made_features(), dim=-1, eps=1e-7)
         return 1 - cos.mean()
 
-    def regulariser(
-        self, images: torch.Tensor, image_features: torch.Tensor, text_features: torch.Tensor
-    ) -> torch.Tensor:
-        return self.weight * self.knowledge_distance(text_features)
-
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        images, labels = batch
-        features, text = self.features(images)
-        ce = F.cross_entropy(self.logits(features, text), labels)
-        regulariser = self.regulariser(images, features, text)
-        loss = ce + regulariser
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(labels))
-        self.log("train/kg_loss", regulariser, batch_size=len(labels))
-        return loss
+    def loss_terms(self, images: Tensor, labels: Tensor, features: Features | None = None) -> LossTerms:
+        """CoOp's terms plus `kg`: `weight` x the knowledge distance of the class text features."""
+        features = self.features(images) if features is None else features
+        terms = super().loss_terms(images, labels, features)
+        return {**terms, "kg": self.weight * self.knowledge_distance(features[1])}
 
     def result_fields(self) -> dict[str, Any]:
         return {**super().result_fields(), "kg_weight": self.weight, "template": self.template}

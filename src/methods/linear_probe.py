@@ -53,6 +53,7 @@ class LinearProbe(FrozenClassifier):
     `C` fixed skips the search."""
 
     name = "linear_probe"
+    transfers = False  # a weight row per trained class
 
     def __init__(
         self,

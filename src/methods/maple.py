@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from src.cli import override
+from src.common.messages import override
 from src.methods.ivlp import DeepPrompts, learned_prompts, words_or_random
 from src.models import deep_prompts
 from src.models.clip import Architecture, FrozenCLIP
@@ -42,7 +42,6 @@ class MaPLe(DeepPrompts):
         **coop_args: Any,
     ) -> None:
         visual = clip.model.visual
-        check_maple(prompt_depth, class_specific, class_token_position, Architecture.of(clip.name))
         deep_prompts.check_prompt_ready_vit(visual, clip.name)
         ctx_init = words_or_random(clip, n_ctx, ctx_init)
         super().__init__(clip, classnames, n_ctx=n_ctx, ctx_init=ctx_init, lr=lr, **coop_args)

@@ -14,7 +14,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.classification import MulticlassAccuracy
 
-from src.cli import override
+from src.common.messages import override
 from src.methods.base import Method, TextOncePerEvaluation, plain
 from src.methods.coop import warmup_cosine
 from src.methods.zeroshot import HandMadeGuided, template_text_features
@@ -42,7 +42,7 @@ class MMRL(TextOncePerEvaluation, Method):
     """
 
     name = "mmrl"
-    prompts_images = True  # the tokens enter the image encoder
+    needs_images = True  # the tokens enter the image encoder
 
     def __init__(
         self,
@@ -62,7 +62,6 @@ class MMRL(TextOncePerEvaluation, Method):
     ) -> None:
         visual = clip.model.visual
         rep_tokens.check_vit(visual, clip.name)
-        check_mmrl(template, rep_layers, alpha, n_tokens, rep_dim, Architecture.of(clip.name))
         _check_tokenizer(clip.tokenize)  # the tokens go after the start-of-text token
         super().__init__(clip, classnames)
         self.template = template
@@ -182,10 +181,10 @@ class MMRL(TextOncePerEvaluation, Method):
         return self.alpha * logits + (1 - self.alpha) * self.scaled_cosines(rep_features, text)
 
     # -- training ---------------------------------------------------------------------------
-    def loss_terms(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The official loss of a batch and its parts: `ce` and `ce_rep` (cross-entropy of the
-        class-token and representation logits), `reg_image` and `reg_text` (1 - mean cosine to
-        frozen CLIP's features of the same images and prompts), `loss`."""
+    def loss_parts(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The official loss of a batch and its unweighted parts: `ce` and `ce_rep` (cross-entropy
+        of the class-token and representation logits), `reg_image` and `reg_text` (1 - mean cosine
+        to frozen CLIP's features of the same images and prompts), `loss`."""
         image_tokens, text_tokens = self.projected_tokens()
         text = self.text_features(text_tokens)
         features, rep_features, clip_features = self.image_features(images, image_tokens, frozen=True)
@@ -199,13 +198,16 @@ class MMRL(TextOncePerEvaluation, Method):
         terms["loss"] = ce + self.reg_weight * (terms["reg_image"] + terms["reg_text"])
         return terms
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        images, labels = batch
-        terms = self.loss_terms(images, labels)
-        self.log("train/loss", terms["loss"], prog_bar=True, batch_size=len(labels))
-        for name in ("ce", "ce_rep", "reg_image", "reg_text"):
-            self.log(f"train/{name}", terms[name], batch_size=len(labels))
-        return terms["loss"]
+    def loss_terms(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The loss parts weighted as the official loss adds them (their sum is `loss_parts`'s
+        `loss`, to float rounding)."""
+        parts = self.loss_parts(images, labels)
+        return {
+            "ce": self.alpha * parts["ce"],
+            "ce_rep": (1 - self.alpha) * parts["ce_rep"],
+            "reg_image": self.reg_weight * parts["reg_image"],
+            "reg_text": self.reg_weight * parts["reg_text"],
+        }
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         images, labels = batch

@@ -39,7 +39,6 @@ class ProGrad(HandMadeGuided, CoOp):
     """
 
     name = "prograd"
-    packable = False  # projects each run's gradient before its optimiser step
 
     def __init__(
         self,
@@ -51,7 +50,6 @@ class ProGrad(HandMadeGuided, CoOp):
         init_from_template: bool = True,
         **coop_args: Any,
     ) -> None:
-        self.check_template(template)
         super().__init__(clip, classnames, **coop_args)
         self.template = template
         self.lambda_ = lambda_

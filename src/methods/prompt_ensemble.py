@@ -50,7 +50,7 @@ class PromptEnsemble(Method):
         if self.mode == "features":
             text = self._text_features if self._text_features is not None else self.text_features()
             return self.clip.logit_scale * F.normalize(features.float(), dim=-1) @ text.t()
-        inputs = [images if member.prompts_images else features for member in self.members]
+        inputs = [images if member.needs_images else features for member in self.members]
         probs = sum(member(x).float().softmax(-1) for member, x in zip(self.members, inputs, strict=True))
         return (probs / len(self.members)).log()
 

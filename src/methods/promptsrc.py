@@ -9,7 +9,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
+from src.methods.base import LossTerms
+from src.methods.coop import Features
 from src.methods.ivlp import IVLP
 from src.methods.zeroshot import template_text_features
 from src.models.clip import Architecture, FrozenCLIP
@@ -72,7 +75,6 @@ class PromptSRC(IVLP):
         templates: list[str] | None = None,
         **ivlp_args: Any,
     ) -> None:
-        check_promptsrc(gpa_std, templates)
         super().__init__(clip, classnames, **ivlp_args)
         self.text_loss_weight = text_loss_weight
         self.image_loss_weight = image_loss_weight
@@ -120,26 +122,13 @@ class PromptSRC(IVLP):
             "logits": kl / logits.numel(),
         }
 
-    def regulariser(
-        self, images: torch.Tensor, image_features: torch.Tensor, text_features: torch.Tensor
-    ) -> torch.Tensor:
-        """The self-consistency terms of a batch, summed: what a method built on this one (DePT) adds
-        to its loss, as the training step does."""
-        logits = self.logits(image_features, text_features)
-        return sum(self.self_consistency(images, text_features, image_features, logits).values())
-
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        images, labels = batch
-        image, text = self.features(images)
+    def loss_terms(self, images: Tensor, labels: Tensor, features: Features | None = None) -> LossTerms:
+        """`ce`, the `loss` of its logits, and the weighted self-consistency terms `scl_text`,
+        `scl_image` and `scl_logits` (`images`: the batch's images, which the frozen encoder sees)."""
+        image, text = self.features(images) if features is None else features
         logits = self.logits(image, text)
-        ce = F.cross_entropy(logits, labels)
-        terms = self.self_consistency(images, text, image, logits)
-        loss = ce + sum(terms.values())
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(labels))
-        self.log("train/ce", ce, batch_size=len(labels))
-        for name, term in terms.items():
-            self.log(f"train/scl_{name}", term, batch_size=len(labels))
-        return loss
+        scl = self.self_consistency(images, text, image, logits)
+        return {"ce": self.loss(logits, labels), **{f"scl_{name}": term for name, term in scl.items()}}
 
     # -- Gaussian prompt aggregation ---------------------------------------------------------
     def learned_prompts(self) -> dict[str, torch.nn.Parameter]:

@@ -10,10 +10,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from src.common.prompt_file import load_prompt
+from src.methods.base import method_from_prompt
 from src.methods.coop import CoOp
 from src.methods.frozen_classifier import FrozenClassifier
 from src.models.clip import FrozenCLIP
-from src.prompt_file import load_prompt, method_from_prompt
 
 
 def confident_views(logits: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -39,6 +40,7 @@ class TestTimePromptTuning(FrozenClassifier):
     __test__ = False  # not a pytest class despite its name
     name = "tpt"
     zero_shot = True
+    needs_images = True  # augmented views of each test image, never cached features
 
     def __init__(
         self,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from importlib.resources import files
@@ -143,3 +144,24 @@ class FrozenCLIP(nn.Module):
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         return self.tokenizer(texts)
+
+
+HASHED_WEIGHTS_BYTES = 4 << 20  # a local weights file is identified by its size, mtime and first MiBs
+
+
+def weights_identity(clip: FrozenCLIP) -> str:
+    """What identifies the image encoder's weights: the open_clip tag, a local file's size, mtime
+    and first bytes, or, for random weights (which depend on the seed), the weights themselves."""
+    if clip.pretrained is None:
+        digest = hashlib.sha256()
+        for name, tensor in sorted(clip.model.visual.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return f"{clip.name}:random:{digest.hexdigest()}"
+    path = Path(clip.pretrained)
+    if path.is_file():
+        stat = path.stat()
+        with path.open("rb") as f:
+            head = hashlib.sha256(f.read(HASHED_WEIGHTS_BYTES)).hexdigest()
+        return f"{clip.name}:file:{stat.st_size}:{stat.st_mtime_ns}:{head}"
+    return f"{clip.name}:{clip.pretrained}"

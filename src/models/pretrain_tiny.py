@@ -30,8 +30,8 @@ from PIL import Image
 from safetensors.torch import save
 from torchvision import transforms as T
 
+from src.common.files import atomic_write
 from src.data.datasets.digits import CLASSNAMES, PRETRAINING_LOOK, read_digits
-from src.files import atomic_write
 from src.models.clip import SHIPPED_DIR, register_project_configs
 
 log = logging.getLogger(__name__)

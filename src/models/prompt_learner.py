@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from src.cli import one_of
+from src.common.messages import one_of
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ import torch
 from open_clip.transformer import VisionTransformer
 from torch import nn
 
-from src.cli import override
+from src.common.messages import override
 from src.models.deep_prompts import check_prompt_ready_vit
 from src.models.text_encoder import TextEncoder
 

@@ -23,7 +23,7 @@ Optionally, classes are processed in chunks whose activations are recomputed in 
 (torch.utils.checkpoint), which bounds memory for 1000-class class-specific contexts.
 
 Several runs' prompts are encoded in one call when they are laid out alike (the same EOS positions
-and shared prefix length; src/packing.py): prompts [runs, n, L, width], each run's prefix its own.
+and shared prefix length; src/packing/module.py): prompts [runs, n, L, width], each run's prefix its own.
 Every path then runs the runs' prefixes as one batch and their classes together, each class
 attending to its own run's prefix; one run is a stack of one, computed as before.
 
@@ -43,7 +43,7 @@ from torch import nn
 from torch.nn.attention.bias import causal_lower_right
 from torch.utils.checkpoint import checkpoint
 
-from src.cli import one_of
+from src.common.messages import one_of
 
 log = logging.getLogger(__name__)
 

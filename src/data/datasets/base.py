@@ -10,8 +10,8 @@ import random
 from collections import defaultdict
 from pathlib import Path
 
+from src.common.files import write_json
 from src.data.samples import Sample, Splits
-from src.files import write_json
 
 log = logging.getLogger(__name__)
 

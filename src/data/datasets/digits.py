@@ -17,10 +17,10 @@ import numpy as np
 from PIL import Image, ImageOps
 from sklearn.datasets import load_digits
 
-from src.cli import one_of
+from src.common.files import atomic_folder
+from src.common.messages import one_of
 from src.data.datasets.base import DatasetReader, images_in_class_folders, split_off, split_per_class
 from src.data.samples import Sample, Splits
-from src.files import atomic_folder
 
 CLASSNAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 IMAGE_SIZE = 32  # the input size of the tiny CLIP: the transforms then leave the images as they are

@@ -17,12 +17,14 @@ import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig
 
-from src.config import prompt_paths
-from src.files import write_json
+from src.common.files import write_json
+from src.common.prompt_file import load_prompt
+from src.methods.base import method_from_prompt
 from src.methods.prompt_ensemble import PromptEnsemble
-from src.prompt_file import load_prompt, method_from_prompt
-from src.quiet import silence_known_warnings
-from src.results import evaluation_fields, method_fields, training_results
+from src.run.backbone import image_encoder
+from src.run.config import prompt_paths
+from src.run.logs import silence_known_warnings
+from src.run.results import evaluation_fields, method_fields, training_results
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +48,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         method_from_prompt(s, clip, classnames, path, transfer_template(s, cfg))
         for s, path in zip(states, paths, strict=True)
     ]
-    if any(member.prompts_images for member in members):
+    if any(member.needs_images for member in members):
         datamodule.cache = None  # their image features depend on their prompts: never read from the cache
     ensemble = isinstance(cfg.ckpt, ListConfig)
     module = PromptEnsemble(members, cfg.ensemble) if ensemble else members[0]
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+    datamodule.use_encoder(image_encoder(clip, trainer))
     (metrics,) = trainer.test(module, datamodule=datamodule, verbose=False)
 
     sources = [training_results(path) for path in paths]

@@ -8,7 +8,7 @@ hydra.launcher option that changes it), and a file the system refuses. Anything
 else is a bug and keeps its traceback; HYDRA_FULL_ERROR=1 shows the traceback of every error.
 
 The fixes a message prints are command-line overrides that work when pasted as printed
-(`override`, `one_of`). A sweep's failed runs are each one line naming the run
+(src/common/messages.py). A sweep's failed runs are each one line naming the run
 (hydra_plugins/coop_grid_sweeper); the others run to the end and keep their results.
 """
 
@@ -17,18 +17,16 @@ from __future__ import annotations
 import functools
 import os
 import re
-import shlex
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
 from hydra.types import RunMode
 from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseException
 
-from src.cluster import sbatch_refusal
+from src.run.cluster import sbatch_refusal
 
 EXIT_USAGE = 2
 
@@ -94,7 +92,7 @@ def task(function: Task) -> Task:
 
 
 class UserErrors(ValueError):
-    """Several mistakes found at once (src.precheck), each reported on a line of its own."""
+    """Several mistakes found at once (src.run.checks), each reported on a line of its own."""
 
     def __init__(self, messages: list[str]) -> None:
         super().__init__("\n".join(messages))
@@ -196,34 +194,3 @@ def _raised_within(err: BaseException, function: Callable) -> bool:
 
 def _one_line(text: str) -> str:
     return " ".join(line.strip() for line in text.splitlines() if line.strip())
-
-
-def override(key: str, value: Any) -> str:
-    """`key=value` as it is typed in a shell, so that a printed fix works when pasted: None is
-    `null`, text that Hydra would read as something else (a number, true, a list) is quoted for
-    Hydra, and spaces or quotes for the shell."""
-    if value is None or isinstance(value, bool):
-        text = {None: "null", True: "true", False: "false"}[value]
-    else:
-        text = str(value)
-        if isinstance(value, str) and _parsed(key, text) != text:
-            text = "'" + text.replace("'", "\\'") + "'"
-    arg = f"{key}={text}"
-    if shlex.quote(arg) == arg or any(c in arg for c in '"$`\\!'):
-        return shlex.quote(arg)
-    return f'"{arg}"'  # reads better than shlex's quoting of single quotes
-
-
-def _parsed(key: str, text: str) -> Any:
-    try:
-        return OverridesParser.create().parse_override(f"{key}={text}").value()
-    except HydraException:
-        return None
-
-
-def one_of(key: str, value: Any, choices: Sequence[Any], why: str = "") -> str:
-    """The message for an option outside its few choices, each choice an override to paste:
-    "data.fewshot_sampler='x': use data.fewshot_sampler=reference or data.fewshot_sampler=sorted"."""
-    options = [override(key, choice) for choice in choices]
-    listed = options[0] if len(options) == 1 else f"{', '.join(options[:-1])} or {options[-1]}"
-    return f"{key}={value!r}: use {listed}{f' ({why})' if why else ''}"

@@ -14,17 +14,18 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import WandbLogger
 
-import src.config  # noqa: F401  (the resolvers of conf/)
+import src.run.config  # noqa: F401  (the resolvers of conf/)
+from src.common.files import atomic_write, save_torch, write_json
+from src.common.prompt_file import PROMPT_FILE
 from src.data.datamodule import FewShotDataModule
-from src.files import atomic_write, save_torch, write_json
 from src.methods.base import Method, build_method
 from src.methods.zeroshot import ZeroShotCLIP
 from src.models.clip import FrozenCLIP
-from src.precheck import check_training_run
-from src.prompt_file import PROMPT_FILE
-from src.quiet import silence_known_warnings
-from src.results import evaluation_fields, method_fields
-from src.resume import check_run_dir, prepare_run_dir
+from src.run.backbone import build_backbone, describe_backbone, describe_devices
+from src.run.checks import check_training_run
+from src.run.logs import silence_known_warnings
+from src.run.results import evaluation_fields, method_fields
+from src.run.resume import check_run_dir, prepare_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     checked = check_training_run(cfg, out)
     datamodule, trainer = checked.datamodule, checked.trainer
     last = prepare_run_dir(cfg, out)  # the folder remembers this configuration
-    clip = build_backbone(cfg, datamodule)
+    clip = build_backbone(cfg, datamodule, trainer)
     module = build_method(cfg.method, clip, datamodule.classnames)
     log.info("%s with %s on %s", cfg.method.name, describe_backbone(clip), describe_devices(trainer))
     if trainer.is_global_zero:
@@ -56,12 +57,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if last is not None:
         log.info("resuming from %s", last)
     start = time.perf_counter()
-    if module.fits:
+    if module.trains:
         trainer.fit(module, datamodule=datamodule, ckpt_path=last)
     train_time = time.perf_counter() - start
     (metrics,) = trainer.test(module, datamodule=datamodule, verbose=False)
 
-    epochs = trainer.max_epochs if module.fits else 0
+    epochs = trainer.max_epochs if module.trains else 0
     results = run_results(cfg, module, datamodule, trainer, metrics, train_time, epochs, baseline)
     if trainer.is_global_zero:
         write_results(out, module, results)
@@ -81,16 +82,6 @@ def finished_run(cfg: DictConfig, out: Path) -> dict[str, Any] | None:
     check_run_dir(cfg, out, resuming=False)  # the results of this configuration
     log.info("%s exists: skipping this run (skip_done=false runs it again)", done)
     return json.loads(done.read_text())
-
-
-def build_backbone(cfg: DictConfig, datamodule: FewShotDataModule) -> FrozenCLIP:
-    """The run's frozen CLIP, built after seeding torch's global generator with the run's seed: the
-    run's random stream starts here (CLIP's construction draws from it too, then the method's
-    context, then the training's data order and augmentations)."""
-    pl.seed_everything(cfg.seed, workers=True)
-    clip = instantiate(cfg.model)
-    datamodule.image_size = clip.image_size
-    return clip
 
 
 def write_config(cfg: DictConfig, out: Path) -> None:
@@ -129,7 +120,11 @@ def run_results(
         results.update(zeroshot_acc=baseline, gain=results["test_acc"] - baseline)
         log.info(
             "zero-shot CLIP (%r) %.2f%%, %s %.2f%%: %+.2f points",
-            cfg.dataset.template, baseline, cfg.method.name, results["test_acc"], results["gain"],
+            cfg.dataset.template,
+            baseline,
+            cfg.method.name,
+            results["test_acc"],
+            results["gain"],
         )
     return results
 
@@ -143,21 +138,10 @@ def write_results(out: Path, module: Method, results: dict[str, Any]) -> None:
     log.info("test accuracy %.2f%% (%d images); results in %s", results["test_acc"], results["num_test"], out)
 
 
-def describe_backbone(clip: FrozenCLIP) -> str:
-    return f"{clip.name} ({clip.pretrained or 'random weights'})"
-
-
-def describe_devices(trainer: pl.Trainer) -> str:
-    """'cpu, precision 32-true', '4 cuda devices, precision bf16-mixed' (Lightning's own lines are
-    in the run's log file)."""
-    count = trainer.num_devices * trainer.num_nodes
-    kind = trainer.strategy.root_device.type
-    return f"{kind if count == 1 else f'{count} {kind} devices'}, precision {trainer.precision}"
-
-
-def zeroshot_baseline(cfg: DictConfig, clip: FrozenCLIP, datamodule: pl.LightningDataModule) -> float:
+def zeroshot_baseline(cfg: DictConfig, clip: FrozenCLIP, datamodule: FewShotDataModule) -> float:
     """Test accuracy (percent) of zero-shot CLIP with the dataset's hand-made template, on the test
-    set the method is tested on: the baseline a learned prompt has to beat (`baseline=zeroshot`)."""
+    set the method is tested on: the baseline a learned prompt has to beat (`baseline=zeroshot`).
+    The data module has the run's image encoder already (`build_backbone`)."""
     module = ZeroShotCLIP(clip, datamodule.classnames, [cfg.dataset.template])
     trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False, enable_progress_bar=False)
     (metrics,) = trainer.test(module, datamodule=datamodule, verbose=False)

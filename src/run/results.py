@@ -8,10 +8,10 @@ from typing import Any
 
 import pytorch_lightning as pl
 
+from src.common.prompt_file import run_folder
 from src.data.datamodule import FewShotDataModule
 from src.methods.base import Method
 from src.models.clip import FrozenCLIP
-from src.prompt_file import run_folder
 
 
 def method_fields(module: Method) -> dict[str, Any]:

@@ -16,21 +16,22 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning_fabric.utilities.exceptions import MisconfigurationException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
-from src.cli import UserErrors, one_of, override, user_error
+from src.common.messages import one_of, override
 from src.data.datamodule import FewShotDataModule
 from src.methods.base import Method, method_arguments, method_class
 from src.models.clip import Architecture
 from src.models.text_encoder import check_text_path
 from src.models.weights import check_weights
-from src.resume import AtomicCheckpointIO, check_run_dir
+from src.run.cli import UserErrors, user_error
+from src.run.resume import AtomicCheckpointIO, check_run_dir
 
 T = TypeVar("T")
 
 
 class Checks:
-    """Runs checks to the end, keeping the user's mistakes (src.cli.user_error) and letting bugs
+    """Runs checks to the end, keeping the user's mistakes (src.run.cli.user_error) and letting bugs
     through; `raise_mistakes` then raises the one mistake as it was, or several as UserErrors."""
 
     def __init__(self) -> None:
@@ -71,8 +72,11 @@ def check_training_run(cfg: DictConfig, out: Path) -> CheckedRun:
     model = cfg.model
     architecture = checks.run(lambda: Architecture.of(model.name))
     method = checks.run(lambda: method_class(cfg.method))
-    if method is not None and architecture is not None:
-        checks.run(lambda: method.check_config(method_arguments(method, cfg.method.module), architecture))
+    args = checks.run(lambda: method_arguments(method, cfg.method.module)) if method else None
+    if args is not None and architecture is not None:
+        checks.run(lambda: method.check_config(args, architecture))
+    if args is not None and checks.run(lambda: method.needs_images_for(args)):
+        checks.run(lambda: use_images(cfg))
     if architecture is not None:  # the weights of a known architecture only
         checks.run(lambda: check_weights(model.name, model.get("pretrained"), model.get("cache_dir")))
     checks.run(lambda: check_text_path(model.get("text_path", "auto")))
@@ -91,11 +95,23 @@ def check_baseline(baseline: str | None) -> None:
         raise ValueError(one_of("baseline", baseline, ("zeroshot", None), "null: no baseline"))
 
 
+def use_images(cfg: DictConfig) -> None:
+    """A method that needs raw images (`Method.needs_images`) is never given cached image features:
+    the feature cache is off for its run (config.yaml says so) and cached train views are refused."""
+    if cfg.data.get("train_views"):
+        raise ValueError(
+            f"data.train_views={cfg.data.train_views}: method={cfg.method.name} needs raw images, not "
+            "views cached from the frozen image encoder; use data.train_views=0"
+        )
+    with open_dict(cfg):
+        cfg.data.cache_features = False
+
+
 def check_data(datamodule: FewShotDataModule, method: type[Method] | None) -> None:
     """The data folder, its split file, the few-shot subsets (drawn, or read from data.fewshot_file
     or the reference's pickle) and their images: what `setup` would refuse once training starts."""
     datamodule.select()
-    if method is None or method.fits:
+    if method is None or method.trains:
         datamodule.require_training_images()
 
 

@@ -1,26 +1,23 @@
 """prompt.pt: a trained method as a small portable file, read back without unpickling code.
 
 A run writes `Method.prompt_state()` to prompt.pt (and the same into checkpoints/last.ckpt while it
-trains). The file names the method's class (`class`: `package.module.Class`); reading it back
-imports that module and takes the class as Hydra takes a `_target_`, and uses it only if it is a
-subclass of the contract (src/methods/base.py), whose `from_prompt` rebuilds it. A method of the
-user's own package is found when that package is importable (on PYTHONPATH). Files written before
-the class was recorded name their method only: the project's own methods of that time.
+trains). The file names the method's class (`class`: `package.module.Class`); this module reads the
+file as plain tensors and data, and the contract (src/methods/base.py, `method_from_prompt`)
+imports that class, uses it only if it is a method, and rebuilds it (`from_prompt`). A method of
+the user's own package is found when that package is importable (on PYTHONPATH). Files written
+before the class was recorded name their method only: the project's own methods of that time.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
-import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from src.methods.base import CHECKPOINT_PROMPT, PROMPT_FORMAT, Method
-from src.models.clip import FrozenCLIP
-
+PROMPT_FORMAT = 1  # prompt.pt's format; keys were added since, none changed meaning
+CHECKPOINT_PROMPT = "prompt"  # the key of the prompt file's contents in a Lightning checkpoint
 PROMPT_FILE = "prompt.pt"  # a finished run's prompt
 LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"  # Lightning's, holding the prompt as well
 FIX = f"give a training run's folder, its {PROMPT_FILE} or its {LAST_CHECKPOINT}"
@@ -38,8 +35,6 @@ LEGACY_CLASSES = {
     "tip_adapter_f": "src.methods.tip_adapter.TipAdapter",
 }
 LEGACY_WEIGHTS = {"meta_net": "meta_net.", "couplings": "couplings.", "deep_text": "deep_text"}
-
-CLASS_PATH = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)+$")
 
 
 def prompt_file(path: str | Path) -> Path:
@@ -120,40 +115,3 @@ def upgrade(state: dict[str, Any], file: str | Path = "the prompt file") -> dict
         hparams["prompt_depth"] = state["prompt_depth"]
     legacy = {"method": method, "class": LEGACY_CLASSES[method], "weights": weights, "hparams": hparams}
     return {**state, **legacy}
-
-
-def method_class(state: dict[str, Any], file: str | Path = "the prompt file") -> type[Method]:
-    """The method class a prompt file names, imported as a Hydra `_target_` is; only a subclass of
-    the contract is used."""
-    path = state["class"]
-    if not isinstance(path, str) or not CLASS_PATH.match(path):
-        raise ValueError(f"{file} names the method class {path!r}, which is not a class path: {FIX}")
-    module_name, _, name = path.rpartition(".")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        package = module_name.split(".")[0]
-        raise ValueError(
-            f"{file} was written by method {state['method']!r}, class {path}, which cannot be imported "
-            f"({err}): put the folder that holds the package {package!r} on PYTHONPATH"
-        ) from err
-    cls = getattr(module, name, None)
-    if not (isinstance(cls, type) and issubclass(cls, Method)):
-        raise ValueError(
-            f"{file} names {path} as its method class, which is "
-            + ("not there" if cls is None else "not a method (a subclass of src.methods.base.Method)")
-            + ": was the class renamed or moved? Train the prompt again"
-        )
-    return cls
-
-
-def method_from_prompt(
-    state: dict[str, Any],
-    clip: FrozenCLIP,
-    classnames: list[str] | None = None,
-    file: str | Path = "",
-    template: str | None = None,
-) -> Method:
-    """The method a prompt file holds, rebuilt on `clip` for its own classes or `classnames` (and
-    `template`, the tested dataset's hand-made template: `Method.from_prompt`)."""
-    return method_class(state, file or "the prompt file").from_prompt(state, clip, classnames, template)

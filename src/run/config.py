@@ -16,11 +16,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
+from src.common.prompt_file import load_prompt, run_folder
 from src.data.subsample import subsample_suffix
 from src.models.clip import shipped_weights
-from src.prompt_file import load_prompt, run_folder
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 # Config groups whose options are numbers (conf/shots/8.yaml). Hydra parses `shots=8` as an integer
 # and refuses integers as group choices, so the command line's numbers are quoted before parsing.

@@ -5,21 +5,21 @@ in packable settings (`PACKABLE_KEYS`) into packs of at most `pack_size` runs; e
 as one job (one process, one SLURM job): the overrides of its first run plus `+packed_runs=[...]`,
 each run's packable settings. The job composes every run's own config from them, exactly as the
 launcher would have for that run alone, with its own output folder, and trains them together
-(src/packing.py).
+(src/packing/train.py).
 
-Packable: the seed and the context's settings (`ctx` unified / class-specific, its class token
-position, length, initial words and how they count). They change a run's context and its random
-stream only: the runs of a pack share the data set, the classes, the backbone, the recipe (epochs,
-schedule, batch size, precision) and the method's training step, which is what lets one pass of
-each frozen encoder serve them all. Anything else makes other work: `shots` and `dataset` other
-few-shot sets, test sets and epochs; `model` another backbone; `method` another training step;
-`data.*`, `trainer.*` and `method.module.*` other loaders, precision, schedules or losses.
+Packable: the seed and the context's settings (src/packing/refusal.py, `PACKABLE_KEYS`).
 
 Runs of different seeds share the backbone only when its weights are loaded (`model.pretrained`):
-random weights (`model=tiny`) depend on the seed, so such runs pack within a seed. Runs whose
-method cannot be packed (`Method.packable`: CoCoOp, TPT, the linear probe, Tip-Adapter, ...), or
-whose settings a pack does not reproduce (several devices, fp16 loss scaling, loggers other than
-the CSV log, callbacks of their own), are launched alone, as without `pack`; the log says so.
+random weights (`model=tiny`) depend on the seed, so such runs pack within a seed. Runs that a pack
+cannot train as alone (src/packing/refusal.py: CoCoOp, TPT, the linear probe, Tip-Adapter, several
+devices, ...) are launched alone, as without `pack`; the log says so.
+
+Hydra internals, used where Hydra has no public API for them: a packed job composes its other runs'
+configs as Hydra's launcher composes a job's (`GlobalHydra.instance().config_loader()` and
+`load_sweep_config`, with `HydraConfig.instance().set_config` around it, restored after), because
+only the loader applies the sweep's hydra overrides and `hydra.sweep.subdir` exactly as for the run
+alone; and it writes each run's `.hydra/` (config.yaml, hydra.yaml, overrides.yaml) as Hydra's
+`run_job` does for a job of its own (`write_hydra_files`), which Hydra does not expose either.
 """
 
 from __future__ import annotations
@@ -31,171 +31,18 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from src.files import atomic_write
-from src.methods.base import method_class
-from src.methods.coop import CoOp
-from src.resume import differences
+from src.common.files import atomic_write
+from src.packing.refusal import PACKABLE_KEYS, leaves, pack_refusal
 
 log = logging.getLogger(__name__)
 
-PACKABLE_KEYS = (
-    "seed",
-    "ctx",
-    "ctx.class_specific",
-    "ctx.class_token_position",
-    "ctx.n_ctx",
-    "ctx.init",
-    "ctx.init_count",
-)
 PACKED_RUNS = "packed_runs"  # the override that carries a pack's runs
-# The callbacks a pack does for each of its runs (src/packing.py), by their config's _target_.
-PACKED_CALLBACKS = (
-    "src.resume.PeriodicCheckpoint",
-    "src.resume.RandomState",
-    "pytorch_lightning.callbacks.LearningRateMonitor",
-    "src.callbacks.StopOnNonFiniteLoss",
-)
-PACKED_LOGGERS = ("pytorch_lightning.loggers.CSVLogger",)
-
-
-# CoOp's hooks that a pack does not call: it trains each run with CoOp's step (the method's
-# `text_inputs`, `logits`, `loss` and `optimization`), so a packable method keeps these as CoOp's.
-STEP_HOOKS = (
-    "training_step",
-    "forward",
-    "features",
-    "image_features",
-    "text_features",
-    "regulariser",
-    "configure_optimizers",
-    "optimizer_step",
-    "setup",
-    "on_fit_start",
-    "on_train_start",
-    "on_train_epoch_start",
-    "on_train_batch_start",
-    "on_before_backward",
-    "on_after_backward",
-    "on_before_optimizer_step",
-    "on_train_batch_end",
-    "on_train_epoch_end",
-    "lr_scheduler_step",
-    "optimizer_zero_grad",
-    "on_before_batch_transfer",
-    "on_after_batch_transfer",
-    "transfer_batch_to_device",
-    "on_load_checkpoint",
-    "validation_step",
-    "on_validation_epoch_start",
-    "on_validation_epoch_end",
-    "test_step",
-    "on_test_epoch_start",
-    "on_test_epoch_end",
-)
-# Trainer settings a pack runs as Lightning does only at these values (or without them).
-PACKED_TRAINER = {
-    "max_steps": (None, -1),
-    "limit_train_batches": (None, 1, 1.0),
-    "limit_val_batches": (None, 1, 1.0),
-    "val_check_interval": (None, 1, 1.0),
-    "fast_dev_run": (None, False, 0),
-    "accumulate_grad_batches": (None, 1),
-    "gradient_clip_val": (None, 0, 0.0),
-}
-
-
-def pack_refusal(cfg: DictConfig) -> str | None:
-    """Why the run of `cfg` is trained alone, None when it can be packed."""
-    method = method_class(cfg.method)
-    if not getattr(method, "packable", False):
-        return f"method={cfg.method.name} ({method.__name__}) trains each run on its own (packable is False)"
-    if not issubclass(method, CoOp):
-        return f"method={cfg.method.name} ({method.__name__}) says packable, but a pack trains CoOp's step"
-    changed = [hook for hook in STEP_HOOKS if getattr(method, hook) is not getattr(CoOp, hook)]
-    if changed:  # a subclass that inherited `packable` and changed the step (a pack would not run it)
-        return (
-            f"method={cfg.method.name} ({method.__name__}) overrides {', '.join(changed)}, which a pack "
-            "does not run: its runs train alone"
-        )
-    trainer = cfg.trainer
-    other = [
-        f"trainer.{key}={trainer[key]}"
-        for key, kept in PACKED_TRAINER.items()
-        if trainer.get(key) not in kept
-    ]
-    if trainer.get("check_val_every_n_epoch", 1) is None:
-        other.append("trainer.check_val_every_n_epoch=null")
-    if other:
-        return f"{', '.join(other)}: a pack trains every epoch whole, as the paper's recipe; runs train alone"
-    if trainer.get("devices", 1) != 1 or trainer.get("num_nodes", 1) != 1:
-        return "several devices: each run trains on them alone (trainer.devices, trainer.num_nodes)"
-    if str(trainer.get("precision")).startswith("16"):
-        return "fp16 scales each run's loss on its own: runs train alone (trainer.precision)"
-    loggers = [c.get("_target_") for c in cfg.get("logger", {}).values()]
-    if any(target not in PACKED_LOGGERS for target in loggers):
-        return "a logger other than the CSV log (logger=csv) logs each run on its own"
-    callbacks = [c.get("_target_") for c in cfg.get("callbacks", {}).values()]
-    unknown = [target for target in callbacks if target not in PACKED_CALLBACKS]
-    if unknown:
-        return f"callbacks of their own ({', '.join(unknown)}) run for runs trained alone"
-    checkpoint = cfg.get("callbacks", {}).get("model_checkpoint") or {}
-    if checkpoint.get("monitor") or checkpoint.get("every_n_train_steps"):
-        return (
-            "a checkpoint chosen by a metric or every N steps (callbacks.model_checkpoint): runs train alone"
-        )
-    return None
-
-
-def check_pack(cfgs: list[DictConfig]) -> None:
-    """Raises ValueError when the runs of `cfgs` cannot be trained as one pack."""
-    for cfg in cfgs:
-        refusal = pack_refusal(cfg)
-        if refusal is not None:
-            raise ValueError(f"{cfg.paths.output_dir} cannot be packed: {refusal}")
-    folders = [cfg.paths.output_dir for cfg in cfgs]
-    if len(set(folders)) < len(folders):
-        raise ValueError(
-            f"runs of a pack share a run folder ({folders}): name runs by every swept setting in "
-            "hydra.sweep.subdir, or pack=false"
-        )
-    shared = _shared_settings(cfgs[0])
-    for cfg in cfgs[1:]:
-        changed = differences(shared, _shared_settings(cfg))
-        if changed:
-            raise ValueError(
-                f"{cfg.paths.output_dir} and {cfgs[0].paths.output_dir} differ in more than "
-                f"{', '.join(PACKABLE_KEYS)} ({changed}): they cannot be packed"
-            )
-
-
-def _shared_settings(cfg: DictConfig) -> dict[str, Any]:
-    """What the runs of a pack share: every setting as composed (interpolations unresolved, so that
-    `data.seed: ${seed}` is the same in every run) but the packable ones and the run's folder."""
-    own = ("seed", "ctx", "paths")
-    return {
-        key: value
-        for key, value in _leaves(OmegaConf.to_container(cfg, resolve=False))
-        if not any(key == k or key.startswith(k + ".") for k in own)
-    }
-
-
-def _leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """(dotted key, value) of every leaf of a plain config."""
-    if isinstance(node, dict) and node:
-        for key, value in node.items():
-            yield from _leaves(value, f"{prefix}{key}.")
-    elif isinstance(node, list) and node:
-        for index, value in enumerate(node):
-            yield from _leaves(value, f"{prefix}{index}.")
-    else:
-        yield prefix[:-1], node
 
 
 def group_jobs(
@@ -369,7 +216,7 @@ def _resolve_hydra_values(cfg: DictConfig) -> None:
     """Sets the values that read the Hydra config (`${hydra:runtime.output_dir}`, the run's folder)
     to this run's; the rest stays as composed, interpolations included, as in a job's config."""
     plain = OmegaConf.to_container(cfg, resolve=False)
-    for key in [k for k, v in _leaves(plain) if isinstance(v, str) and "${hydra:" in v]:
+    for key in [k for k, v in leaves(plain) if isinstance(v, str) and "${hydra:" in v]:
         OmegaConf.update(cfg, key, OmegaConf.select(cfg, key), force_add=True)
 
 

@@ -34,8 +34,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
-from src.files import exclusive_write, save_torch, unwritable
-from src.prompt_file import LAST_CHECKPOINT
+from src.common.files import exclusive_write, save_torch, unwritable
+from src.common.prompt_file import LAST_CHECKPOINT
 
 FINGERPRINT = "fingerprint.json"
 
@@ -57,7 +57,7 @@ NOT_FINGERPRINTED = (
     "model.text_path",  # every path computes the same features (tests/test_exactness.py)
     "model.text_fast",
     "skip_done",
-    "pack",  # trained alone or in a pack: the same run (src/packing.py)
+    "pack",  # trained alone or in a pack: the same run (src/packing/train.py)
     "pack_size",
 )
 
@@ -138,16 +138,20 @@ def read_checkpoint(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
 MOVED_METHODS = re.compile(
     r"^src\.models\.(coop|cocoop|kgcoop|prograd|maple|tip_adapter|tpt|linear_probe|zeroshot)\."
 )
+# Folders started before a run's machinery moved to src/run/: its callbacks' and plugins' targets.
+MOVED_MACHINERY = re.compile(r"^src\.(resume|callbacks|cluster)\.")
 FORMER_KEYS = ("method.fit", "method.zero_shot", "method.module.method")
 
 
 def upgrade_fingerprint(stored: dict[str, Any]) -> dict[str, Any]:
     """A stored fingerprint in today's names."""
-    return {
-        key: MOVED_METHODS.sub(r"src.methods.\1.", value) if isinstance(value, str) else value
-        for key, value in stored.items()
-        if key not in FORMER_KEYS
-    }
+    return {key: _upgraded(value) for key, value in stored.items() if key not in FORMER_KEYS}
+
+
+def _upgraded(value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    return MOVED_MACHINERY.sub(r"src.run.\1.", MOVED_METHODS.sub(r"src.methods.\1.", value))
 
 
 def fingerprint(cfg: DictConfig) -> dict[str, Any]:
