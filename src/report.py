@@ -13,6 +13,11 @@ Reads every results.json under DIR and writes, into DIR/report/ (or --out):
 Runs are never silently merged: a setting that lacks seeds other settings have is marked `*`
 in the tables and listed; two results for the same run (e.g. from two sweep folders) are
 listed, and only the newest is used (marked `†`).
+
+A results.json that cannot be read (cut short, not this project's) does not stop the report: the
+tables are written from every readable run, and the unreadable ones are listed in report.md and
+as `warning:` lines. Exit status: 0 when every run was read, 1 when the report left some out, 2
+when there is nothing to report (no folder, no readable run).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from src.common.files import atomic_write  # noqa: E402
 from src.data.benchmark import DOMAIN_GENERALIZATION  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -54,22 +60,37 @@ class ReportError(ValueError):
 
 
 def load_runs(root: Path) -> pd.DataFrame:
-    """One row per results.json under `root`, with its folder (`path`) and modification time."""
+    """One row per readable results.json under `root`, with its folder (`path`) and modification
+    time; the unreadable ones are logged (`read_runs` returns them)."""
+    runs, unreadable = read_runs(root)
+    for problem in unreadable:
+        log.warning("%s", problem)
+    return runs
+
+
+def read_runs(root: Path) -> tuple[pd.DataFrame, list[str]]:
+    """The readable runs under `root` (as `load_runs`) and a line for each results.json that is not
+    one; ReportError when no run is readable."""
     if not root.is_dir():
         raise ReportError(f"{root}: no such folder; give the folder of a run or of a sweep")
-    rows = []
+    rows, unreadable = [], []
     for file in sorted(root.rglob("results.json")):
         try:
             data = json.loads(file.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise ReportError(f"{file}: not a readable results file ({err}); delete or rerun it") from err
-        missing = [key for key in REQUIRED if key not in data]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            unreadable.append(f"{file}: not a readable results file ({err}); delete or rerun it")
+            continue
+        missing = [key for key in REQUIRED if key not in data] if isinstance(data, dict) else list(REQUIRED)
         if missing:
-            raise ReportError(f"{file} lacks {missing}: not a results file of this project; move it away")
+            unreadable.append(f"{file} lacks {missing}: not a results file of this project; move it away")
+            continue
         rows.append({**data, "path": str(file.parent.relative_to(root)), "mtime": file.stat().st_mtime})
     if not rows:
-        raise ReportError(f"{root}: no results.json under it; give the folder of a run or of a sweep")
-    return tidy(pd.DataFrame(rows))
+        raise ReportError(
+            "; ".join(unreadable)
+            or f"{root}: no results.json under it; give the folder of a run or of a sweep"
+        )
+    return tidy(pd.DataFrame(rows)), unreadable
 
 
 def variant_name(row: pd.Series) -> str:
@@ -289,9 +310,15 @@ def shots_label(shots: int) -> str:
 
 
 def write_report(root: Path, out: Path | None = None) -> Path:
-    """Writes runs.csv, report.md and plots/ for the runs under `root`; returns report.md."""
+    """Writes runs.csv, report.md and plots/ for the readable runs under `root` (report.md lists the
+    others); returns report.md."""
+    return report_runs(root, out)[0]
+
+
+def report_runs(root: Path, out: Path | None = None) -> tuple[Path, list[str]]:
+    """`write_report`, and the lines of the results files it could not read."""
     out = out or root / "report"
-    runs = load_runs(root)
+    runs, unreadable = read_runs(root)
     table = cells(runs)
     (out / "plots").mkdir(parents=True, exist_ok=True)
     runs.drop(columns=["mtime"]).to_csv(out / "runs.csv", index=False)
@@ -299,10 +326,14 @@ def write_report(root: Path, out: Path | None = None) -> Path:
     for backbone in sorted(table["backbone"].unique()):
         lines += section_for(table, backbone, out)
     lines += problems(runs, table)
+    if unreadable:
+        lines += ["## Unreadable runs", "", "Left out of the tables above:", ""]
+        lines += [f"- {problem}" for problem in unreadable] + [""]
     report = out / "report.md"
-    report.write_text("\n".join(lines) + "\n")
+    text = "\n".join(lines) + "\n"
+    atomic_write(report, lambda f: f.write(text.encode()))
     log.info("report: %s", report)
-    return report
+    return report, unreadable
 
 
 def section_for(table: pd.DataFrame, backbone: str, out: Path) -> list[str]:
@@ -391,10 +422,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        report = write_report(args.dir, args.out)
+        report, unreadable = report_runs(args.dir, args.out)
     except ReportError as err:
         parser.exit(2, f"error: {err}\n")
     print(report.read_text())
+    if unreadable:
+        parser.exit(1, "".join(f"warning: {problem}\n" for problem in unreadable))
 
 
 if __name__ == "__main__":

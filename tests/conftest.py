@@ -44,6 +44,12 @@ def make_cfg(overrides: list[str], output_dir: Path) -> DictConfig:
     return cfg
 
 
+def run_clip(seed: int = 1) -> FrozenCLIP:
+    """The random-weight tiny CLIP of a run of `seed` (model=tiny), as the run builds it."""
+    torch.manual_seed(seed)
+    return FrozenCLIP("coop-tiny", None)
+
+
 def caches_features(cfg: DictConfig) -> bool:
     """Whether the run of `cfg` reads cached image features: data.cache_features, unless its method
     needs raw images, which the run then turns off (src/run/checks.py, `use_images`)."""

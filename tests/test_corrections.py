@@ -304,3 +304,50 @@ def test_a_sweep_names_its_failed_run_once_and_keeps_the_others(command, tiny_ov
         "1 of 3 runs failed; the other 2 kept their results",
     ]
     assert {p.parent.name for p in sweep.glob("*/results.json")} == {"reference", "sorted"}
+
+
+def test_class_names_that_become_one_prompt_or_overflow_it_are_refused_before_the_claim(
+    command, tiny_overrides, tmp_path
+):
+    """Inputs are taken as given or refused: two classes whose names become the same prompt words,
+    and a class whose prompt would be cut at the text encoder's 77 tokens, each one line naming the
+    class, before the run folder is claimed; the corrected data trains there."""
+    root = tmp_path / "folder"
+    long = " ".join(["a"] * 60)  # 60 tokens + 16 context vectors + start, period, end > 77
+    for label, name in enumerate(("Red_Fox", "red  fox", "cat")):
+        for index in range(2):
+            write_image(root / name / f"{index}.jpg", label, index)
+    run = tmp_path / "run"
+    args = ["dataset=folder", f"dataset.root={root}", *tiny_overrides, "shots=1", "trainer.max_epochs=1"]
+    args.append(f"hydra.run.dir={run}")
+    (error,) = command(train_command.main, args)
+    assert "'Red_Fox' (label 0) and 'red  fox' (label 2) become the same prompt words ('red fox')" in error
+    assert not (run / "fingerprint.json").exists()
+    (root / "red  fox").rename(root / long)
+    (error,) = command(train_command.main, args)
+    assert f"class '{long}': its prompt" in error and "fewer context vectors (ctx.n_ctx=16 now)" in error
+    assert not (run / "fingerprint.json").exists()
+    trains(command, [*args, "ctx.n_ctx=4"], run)
+
+
+def test_a_run_resumed_on_changed_data_is_refused_and_keeps_its_record(
+    command, base_args, own_data, tmp_path
+):
+    """A run stopped after its last checkpoint, then its data changed (a class renamed in the split
+    file, images swapped): resuming would train on other images; one line says what changed and how
+    to start over, and its fewshot.json stays the record of what it trained on."""
+    run = tmp_path / "run"
+    args = [*base_args(run), f"paths.data_dir={own_data}", "trainer.max_epochs=2"]
+    trains(command, args, run)
+    (run / "results.json").unlink()  # as a run killed after its last checkpoint
+    record = (run / "fewshot.json").read_bytes()
+    split = own_data / "oxford_pets" / "split_zhou_OxfordPets.json"
+    rows = json.loads(split.read_text())
+    renamed = {key: [[p, label, "lynx" if label == 0 else n] for p, label, n in rows[key]] for key in rows}
+    split.write_text(json.dumps(renamed))
+    (error,) = command(train_command.main, args)
+    assert error.startswith(f"{run / 'fewshot.json'}: this run started on other train images")
+    assert "class 0 " in error and f"delete {run}" in error
+    assert (run / "fewshot.json").read_bytes() == record
+    split.write_text(json.dumps(rows))  # the data it started on: it continues
+    trains(command, args, run)

@@ -75,3 +75,19 @@ def test_eval_command_writes_beside_the_prompt(tiny_clip, tmp_path):
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             cfg = compose("eval", overrides=overrides, return_hydra_config=True)
         assert cfg.hydra.run.dir == str(tmp_path / "eval" / "oxford_pets_new")
+
+
+def test_a_random_weight_prompt_records_its_seed_and_refuses_another(
+    tiny_overrides, eval_overrides, tmp_path
+):
+    """Random weights are a function of the seed: the prompt file records it, src.eval rebuilds the
+    backbone from it without seed=, and a seed= that contradicts it is one line, not other numbers."""
+    run = tmp_path / "run"
+    overrides = ["dataset=oxford_pets", "shots=1", "trainer.max_epochs=1", "seed=2", *tiny_overrides]
+    trained = train(make_cfg(overrides, run))
+    assert load_prompt(run / "prompt.pt")["backbone_seed"] == 2
+    args = [f"ckpt={run}", "dataset=oxford_pets", *eval_overrides]
+    same = evaluate(compose_config("eval", args, tmp_path / "same"))
+    assert same["test_acc"] == trained["test_acc"] and same["seed"] == 2
+    with pytest.raises(ValueError, match=r"^seed=3: .* random weights of seed 2, .* use seed=2 "):
+        evaluate(compose_config("eval", [*args, "seed=3"], tmp_path / "other"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from contextlib import nullcontext
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -21,6 +22,7 @@ from src.models.clip import FrozenCLIP, weights_identity
 from src.run.backbone import image_encoder
 from src.run.training import train
 from tests.conftest import make_cfg
+from tests.miniature import make_oxford_pets
 
 
 @pytest.fixture
@@ -135,6 +137,45 @@ def test_store_load_and_unreadable_files(tmp_path):
     path.write_bytes(path.read_bytes()[:20])  # a file cut short (a disk full, a copy interrupted)
     assert torch.equal(cache.get(key, compute), features) and len(computed) == 2
     assert torch.equal(cache.load(key), features)
+
+
+def test_a_damaged_feature_file_is_computed_again(tmp_path, caplog):
+    """A file whose header reads but whose tensor bytes were damaged: its checksum tells."""
+    cache = FeatureCache(tmp_path)
+    key = {"dataset": "pets", "split": "test", "images": "2:abc"}
+    features = torch.randn(2, 8)
+    cache.save(key, features, "stamp")
+    path = cache.path(key)
+    damaged = bytearray(path.read_bytes())
+    damaged[-5] ^= 0xFF  # a byte of the last feature
+    path.write_bytes(bytes(damaged))
+    assert cache.load(key, "stamp") is None
+    assert "damaged feature file" in caplog.text and str(path) in caplog.text
+    recomputed = cache.get(key, lambda: features, "stamp")
+    assert torch.equal(recomputed, features) and torch.equal(cache.load(key, "stamp"), features)
+
+
+def test_images_replaced_in_place_are_encoded_again(tiny_clip, tmp_path, caplog):
+    """Same paths, other pixels (a re-exported data set): the cached features are not used; the
+    test accuracy is the new images'."""
+    root = make_oxford_pets(tmp_path / "data")
+    datamodule = FewShotDataModule(
+        OxfordPets(root), shots=2, seed=1, image_size=32, num_workers=0, cache_dir=tmp_path / "cache"
+    )
+    datamodule.setup("test")
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    datamodule.use_encoder(image_encoder(tiny_clip, trainer))
+    before, _ = datamodule.image_features("test")
+    first = Path(datamodule.test_items[0].path)
+    Image.fromarray(np.full((40, 48, 3), 200, dtype=np.uint8)).save(first)  # other pixels, same name
+    after, _ = datamodule.image_features("test")
+    assert "changed since their features were cached" in caplog.text
+    assert not torch.equal(after[0], before[0]) and torch.equal(after[1:], before[1:])
+    direct = FewShotDataModule(OxfordPets(root), shots=2, seed=1, image_size=32, num_workers=0)
+    direct.setup("test")
+    images, _ = next(iter(direct.test_dataloader()))
+    with torch.no_grad():
+        assert torch.equal(after[: len(images)], tiny_clip.encode_image(images))
 
 
 def test_train_views_are_seeded_and_read_back_from_the_cache(tiny_overrides, tmp_path, encoded):

@@ -128,3 +128,39 @@ def test_prompt_files_load_without_unpickling_code(tmp_path):
     path.write_text("not a torch file")
     with pytest.raises(ValueError, match="is not a prompt file of this project"):
         load_prompt(path)
+
+
+def _file_size_limit(limit: int):
+    """For a child process: files stop at `limit` bytes (EFBIG, as a full disk gives ENOSPC)."""
+
+    def apply() -> None:
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead of the process dying
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def test_a_write_the_system_refuses_names_the_file_then_the_same_command_continues(tiny_overrides, tmp_path):
+    """A full disk (here a file-size limit): one error line naming the file and what to do, no
+    traceback, nothing half-written; once there is room the same command runs to its results."""
+    run = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "src.train", "dataset=oxford_pets", "shots=1", "trainer.max_epochs=1",
+        *tiny_overrides, f"hydra.run.dir={run}", "hydra.output_subdir=null",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    root = Path(__file__).resolve().parents[1]
+    full = subprocess.run(
+        command, cwd=root, env=env, capture_output=True, text=True, timeout=300,
+        preexec_fn=_file_size_limit(2048),
+    )  # fmt: skip
+    assert full.returncode == 2, full.stderr
+    (line,) = [line for line in full.stderr.splitlines() if line.startswith("error:")]
+    assert f"{run}/fingerprint.json could not be written" in line and "free space" in line, line
+    assert "Traceback" not in full.stderr
+    assert not list(run.glob(".*.tmp")) and not (run / "fingerprint.json").exists()
+    again = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert json.loads((run / "results.json").read_text())["num_test"] > 0

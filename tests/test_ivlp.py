@@ -19,7 +19,7 @@ from src.methods.maple import MaPLe
 from src.run.config import compose_config
 from src.run.evaluation import evaluate
 from src.run.training import train
-from tests.conftest import caches_features, make_cfg
+from tests.conftest import caches_features, make_cfg, run_clip
 
 CLASSNAMES = ["cat", "dog", "sports car"]
 
@@ -177,7 +177,7 @@ def test_recipe_run_prompt_file_and_eval(tiny_overrides, eval_overrides, tmp_pat
     assert evaluated["method"] == "ivlp" and evaluated["test_acc"] == trained["test_acc"]
     state = load_prompt(ckpt)
     assert set(state["weights"]) == {"deep_text", "visual_prompts"}  # besides ctx: nothing of CLIP
-    rebuilt = method_from_prompt(state, tiny_clip, ["apple", "pear"])
+    rebuilt = method_from_prompt(state, run_clip(), ["apple", "pear"])  # the run's random weights
     assert isinstance(rebuilt, IVLP) and rebuilt.prompt_learner.classnames == ["apple", "pear"]
     assert torch.equal(rebuilt.visual_prompts, state["weights"]["visual_prompts"])
 

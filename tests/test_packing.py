@@ -31,6 +31,7 @@ from src.packing.refusal import pack_refusal
 from src.packing.train import train_packed
 from src.report import write_report
 from src.run.callbacks import NonFiniteLossError
+from src.run.cli import FailedRuns
 from src.run.config import as_hydra_overrides
 from src.run.training import train
 from src.train import main
@@ -201,6 +202,24 @@ def test_a_run_whose_loss_is_not_finite_stops_and_the_others_finish(alone, tmp_p
         train_packed(configs(overrides, tmp_path))
     assert steps[3:] and all(count == 2 for count in steps[3:])  # run1 trained no more
     assert not (tmp_path / "run1" / "results.json").exists()
+    for index in (0, 2):
+        assert_same_run(tmp_path / f"run{index}", reference / f"run{index}")
+
+
+@pytest.mark.parametrize("alone", ["features"], indirect=True)  # one mode is enough
+def test_a_run_that_fails_its_checks_leaves_the_others_to_train(alone, tmp_path):
+    """One invalid member (a context of 0 vectors): the pack's other runs train and write their
+    results, each its run alone; then the failed run is named, as a sweep names a run that fails."""
+    _, overrides, reference = alone
+    cfgs = configs(overrides, tmp_path)
+    cfgs[1] = make_cfg([*overrides, *RUNS[1], "ctx.n_ctx=0"], tmp_path / "run1")
+    with pytest.raises(FailedRuns) as failed:
+        train_packed(cfgs)
+    assert str(failed.value).splitlines() == [
+        f"run {tmp_path / 'run1'}: ctx.n_ctx=0: the context needs at least 1 vector",
+        "1 of 3 runs failed; the other 2 kept their results",
+    ]
+    assert not (tmp_path / "run1" / "fingerprint.json").exists()  # unclaimed: the corrected run trains there
     for index in (0, 2):
         assert_same_run(tmp_path / f"run{index}", reference / f"run{index}")
 

@@ -19,7 +19,7 @@ from src.methods.base import method_from_prompt
 from src.methods.promptsrc import IMAGENET_TEMPLATES, PromptSRC, gpa_weights
 from src.protocols import main as protocols
 from src.run.training import train
-from tests.conftest import caches_features, make_cfg
+from tests.conftest import caches_features, make_cfg, run_clip
 
 CLASSNAMES = ["cat", "dog", "sports car"]
 TINY = {"prompt_depth_text": 2, "prompt_depth_vision": 2}
@@ -176,7 +176,7 @@ def test_recipe_run_and_prompt_file(tiny_overrides, tmp_path, tiny_clip):
     assert (saved["gpa_mean"], saved["gpa_std"], saved["teacher_templates"]) == (15, 1, 60)
 
     state = load_prompt(tmp_path / "prompt.pt")
-    rebuilt = method_from_prompt(state, tiny_clip)
+    rebuilt = method_from_prompt(state, run_clip())  # the run's random weights
     assert type(rebuilt) is PromptSRC and rebuilt.hparams.gpa_mean == 15
     assert set(state["weights"]) == {"deep_text", "visual_prompts"}
     with pytest.raises(ValueError, match="gpa_std=0: the Gaussian's standard deviation must be > 0"):

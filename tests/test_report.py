@@ -202,3 +202,24 @@ def test_empty_folder_or_foreign_results_are_one_clear_error(tmp_path):
         timeout=60,
     )
     assert run.returncode == 2 and run.stderr.strip().count("\n") == 0 and "no results.json" in run.stderr
+
+
+def test_an_unreadable_results_file_is_listed_and_the_others_are_tabled(grid):
+    """One results.json cut short (a job killed while copying): every other run is tabled, the file
+    is listed in report.md and on stderr, and the exit status says the report left some out."""
+    broken = grid / "broken" / "results.json"
+    broken.parent.mkdir()
+    broken.write_text('{"dataset": "dtd", "method": "co')
+    run = subprocess.run(
+        [sys.executable, "-m", "src.report", str(grid)], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 1
+    (warning,) = [line for line in run.stderr.splitlines() if line.startswith("warning:")]
+    assert f"{broken}: not a readable results file" in warning
+    report = (grid / "report" / "report.md").read_text()
+    assert "## Unreadable runs" in report and str(broken) in report
+    runs = pd.read_csv(grid / "report" / "runs.csv")
+    assert "broken" not in set(runs["path"])
+    broken.unlink()
+    assert report.split("## Unreadable runs")[0] == write_report(grid, grid / "clean").read_text()
+    assert len(runs) == len(load_runs(grid))

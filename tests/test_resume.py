@@ -4,6 +4,7 @@ atomically and read without unpickling code."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -86,6 +87,49 @@ def test_killed_run_resumes_to_the_same_context_and_accuracy(data_dir, cache_dir
     assert torch.allclose(ctx_resumed, ctx_whole, rtol=0, atol=1e-6)
     assert resumed["test_acc"] == uninterrupted["test_acc"]
     assert resumed["test_macro_acc"] == uninterrupted["test_macro_acc"]
+
+
+def metrics(folder: Path) -> list[dict[str, str]]:
+    with (folder / "csv" / "metrics.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_a_run_stopped_by_sigterm_exits_143_then_resumes_with_its_whole_log(data_dir, cache_dir, tmp_path):
+    """SIGTERM (a preemption, a time limit) mid-run: exit 143 and one line saying where it continues;
+    the same command then ends as the run never stopped, csv/metrics.csv with every row."""
+    args = [*overrides(data_dir, cache_dir), "trainer.max_epochs=12", "trainer.log_every_n_steps=2"]
+    stopped, whole = tmp_path / "stopped", tmp_path / "whole"
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    run = subprocess.Popen(
+        [sys.executable, "-m", "src.train", *args, f"hydra.run.dir={stopped}"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    last = stopped / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 300
+    while checkpoint_epoch(last) is None and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    run.send_signal(signal.SIGTERM)
+    uninterrupted = train(make_cfg(args, whole))  # meanwhile, in this process
+    _, stderr = run.communicate(timeout=300)
+    assert run.returncode == 128 + signal.SIGTERM, stderr
+    (line,) = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert "stopped by SIGTERM" in line and f"{last} holds epoch" in line and "same command continues" in line
+    assert "Traceback" not in stderr and not (stopped / "results.json").exists()
+
+    resumed = train(make_cfg(args, stopped))  # the same command again
+    assert resumed["test_acc"] == uninterrupted["test_acc"]
+    ctx = [torch.load(folder / "prompt.pt", weights_only=True)["ctx"] for folder in (stopped, whole)]
+    assert torch.allclose(*ctx, rtol=0, atol=1e-6)
+    rows, expected = metrics(stopped), metrics(whole)
+    assert [row["step"] for row in rows] == [row["step"] for row in expected]
+    for row, reference in zip(rows, expected, strict=True):
+        assert row.keys() == reference.keys()
+        for key, value in reference.items():
+            assert (float(row[key]) if row[key] else None) == pytest.approx(float(value) if value else None)
 
 
 def test_a_changed_config_is_refused_in_the_same_folder(tiny_overrides, tmp_path):

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from wandb.proto.wandb_internal_pb2 import Record
 
+from src.run.resume import ContinuedWandbLogger
 from src.run.training import train
 from tests.conftest import make_cfg
 
@@ -114,3 +115,18 @@ def test_offline_run_logs_config_losses_accuracies_and_no_key(tiny_overrides, tm
     written = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert len(written) > 10
     assert not [p for p in written if FAKE_KEY.encode() in p.read_bytes()]
+
+
+def test_a_resumed_run_logs_into_the_same_wandb_run(tmp_path, monkeypatch):
+    """The W&B id is kept in the run's folder when its W&B run starts: the same command, resumed,
+    continues that W&B run; a run in an emptied folder starts a new one."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")  # nothing is logged: the id is what is tested
+    first = ContinuedWandbLogger(project="coop", save_dir=str(tmp_path))
+    run_id = first._wandb_init["id"]
+    assert not (tmp_path / ContinuedWandbLogger.ID_FILE).exists()  # nothing written before it starts
+    first.experiment  # noqa: B018  (the W&B run starts)
+    assert (tmp_path / ContinuedWandbLogger.ID_FILE).read_text().strip() == run_id
+    resumed = ContinuedWandbLogger(project="coop", save_dir=str(tmp_path))
+    assert resumed._wandb_init["id"] == run_id and resumed._wandb_init["resume"] == "allow"
+    (tmp_path / ContinuedWandbLogger.ID_FILE).unlink()
+    assert ContinuedWandbLogger(project="coop", save_dir=str(tmp_path))._wandb_init["id"] != run_id

@@ -1,8 +1,11 @@
 """Writing files (and folders) so that a crash never leaves a truncated one: write a temp one, then
-rename (or link, to create a file only where none exists)."""
+rename (or link, to create a file only where none exists). A write the system refuses (a full disk,
+a file-size limit, a quota) is a `WriteError` naming the file and what to do; the temporary file is
+removed, and the target keeps its previous contents."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -12,6 +15,21 @@ from pathlib import Path
 from typing import IO, Any
 
 import torch
+
+
+class WriteError(OSError):
+    """A file the system would not let us write: its path, the system's reason, and what to do."""
+
+    def __init__(self, path: Path, err: OSError) -> None:
+        super().__init__(err.errno, err.strerror or str(err), str(path))
+        self.message = (
+            f"{path} could not be written ({err.strerror or err}): free space on its disk (or raise the "
+            "file-size limit or quota) and run the same command again, or write elsewhere: "
+            "paths.output_dir=<folder> (the feature cache: paths.cache_dir=<folder>)"
+        )
+
+    def __str__(self) -> str:
+        return self.message
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
@@ -43,16 +61,23 @@ def exclusive_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> boo
 
 def _written_beside(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
     """A temporary file beside `path` (on its file system), written by `write(f)` and on disk."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except (PermissionError, FileNotFoundError):
+        raise  # not a matter of space: the caller's checks name the folder
+    except OSError as err:
+        raise WriteError(path, err) from err
     try:
         os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and not isinstance(err, WriteError):
+            raise WriteError(path, err) from err
         raise
     return Path(tmp)
 
@@ -110,4 +135,8 @@ def write_json(path: str | Path, data: Any) -> Path:
 
 
 def save_torch(path: str | Path, data: Any) -> Path:
-    return atomic_write(path, lambda f: torch.save(data, f))
+    # Serialised in memory first: torch's own writer turns the system's error (ENOSPC, EFBIG) into a
+    # RuntimeError without its errno; written here, it is a WriteError naming the file.
+    buffer = io.BytesIO()
+    torch.save(data, buffer)
+    return atomic_write(path, lambda f: f.write(buffer.getbuffer()))

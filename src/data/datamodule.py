@@ -23,8 +23,9 @@ from src.data.feature_cache import (
     SeededViews,
     extract_features,
     feature_key,
+    image_stamp,
 )
-from src.data.fewshot import FewShotSampler, draw_fewshot, load_fewshot, save_fewshot
+from src.data.fewshot import FewShotSampler, check_record, draw_fewshot, load_fewshot, save_fewshot
 from src.data.image_check import ImageCheck
 from src.data.in_memory import (
     CropBatch,
@@ -186,6 +187,7 @@ class FewShotDataModule(pl.LightningDataModule):
         if self.train_items is not None:
             return
         splits, everything = self.splits, self.all_splits
+        check_distinct_classnames(splits.classnames, self.dataset.root)
         check = ImageCheck(skip_bad=self.skip_bad_images)
         pickled = reference_fewshot_file(self.dataset.root, self.shots, self.seed)
         if self.fewshot_file:
@@ -269,6 +271,13 @@ class FewShotDataModule(pl.LightningDataModule):
             if len(good) == len(chosen):
                 return train, val
             bad |= {item.path for item in chosen} - {item.path for item in good}
+
+    def check_resumed(self) -> None:
+        """For a run that continues from a checkpoint: its few-shot images are still the ones its
+        fewshot.json (`save_fewshot_to`) recorded when it started (`fewshot.check_record`)."""
+        self.select()
+        if self.save_fewshot_to and Path(self.save_fewshot_to).is_file():
+            check_record(Path(self.save_fewshot_to), self.dataset.root, *self._drawn)
 
     def require_training_images(self) -> None:
         """A method that trains needs training images of every class."""
@@ -377,11 +386,12 @@ class FewShotDataModule(pl.LightningDataModule):
             return compute(), labels
         name = getattr(self.dataset, "name", "") or type(self.dataset).__name__.lower()
         key = feature_key(encoder, name, split, items, transform)
+        stamp = image_stamp(items)
         # Rank 0 computes and stores first; the other ranks then read its file.
-        features = self.cache.get(key, compute) if encoder.is_global_zero() else None
+        features = self.cache.get(key, compute, stamp) if encoder.is_global_zero() else None
         encoder.barrier()
         if features is None:
-            features = self.cache.get(key, compute)
+            features = self.cache.get(key, compute, stamp)
         return features, labels
 
     def _loader(
@@ -410,6 +420,22 @@ class FewShotDataModule(pl.LightningDataModule):
             collate_fn=collate,
             generator=generator,
         )
+
+
+def check_distinct_classnames(classnames: list[str], root: Path | str) -> None:
+    """Two classes whose names become one prompt (CLIP's tokenizer lowercases and collapses spaces;
+    the methods write `_` as a space) would train two labels on one text: refused, naming them."""
+    seen: dict[str, int] = {}
+    for label, name in enumerate(classnames):
+        words = " ".join(name.replace("_", " ").lower().split())
+        if words in seen:
+            other = seen[words]
+            raise DatasetError(
+                f"{root}: classes {classnames[other]!r} (label {other}) and {name!r} (label {label}) become "
+                f"the same prompt words ({words!r}): rename one in the dataset's class list (or merge their "
+                "labels)"
+            )
+        seen[words] = label
 
 
 def unrepeated_sampler(data: Dataset, trainer: pl.Trainer | None) -> Sampler | None:

@@ -108,7 +108,7 @@ def save_fewshot(
     """
 
     def rows(items: list[Sample]) -> list[list]:
-        return [[relative_path(item.path, root), item.label, item.classname] for item in items]
+        return fewshot_rows(items, root)
 
     return write_json(
         path,
@@ -122,6 +122,35 @@ def save_fewshot(
             "val": rows(val),
         },
     )
+
+
+def fewshot_rows(items: list[Sample], root: Path) -> list[list]:
+    """A few-shot list's rows as fewshot.json holds them: [path relative to `root`, label, class]."""
+    return [[relative_path(item.path, root), item.label, item.classname] for item in items]
+
+
+def check_record(path: Path, root: Path, train: list[Sample], val: list[Sample]) -> None:
+    """The few-shot images a resumed run selects now are the ones its fewshot.json recorded when it
+    started; else DatasetError naming what changed and how to start over (the record is kept)."""
+    try:
+        saved = json.loads(path.read_text())
+        recorded = {key: [tuple(row[:3]) for row in saved[key]] for key in ("train", "val")}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise DatasetError(
+            f"{path} cannot be read ({type(err).__name__}): the resumed run cannot tell its few-shot "
+            f"images; start over with another folder (hydra.run.dir=<folder>) or delete {path.parent}"
+        ) from err
+    for key, items in (("train", train), ("val", val)):
+        now = [tuple(row) for row in fewshot_rows(items, root)]
+        if now == recorded[key]:
+            continue
+        changed = sorted(set(recorded[key]) ^ set(now)) or recorded[key][:1]
+        rel, label, classname = changed[0]
+        raise DatasetError(
+            f"{path}: this run started on other {key} images than the data gives now ({len(changed)} "
+            f"differ, e.g. {rel} of class {label} {classname!r}): its images, class list or split file "
+            f"changed; start over with another folder (hydra.run.dir=<folder>) or delete {path.parent}"
+        )
 
 
 def load_fewshot(

@@ -194,6 +194,7 @@ class Method(pl.LightningModule):
             "class": class_path(type(self)),
             "backbone": self.clip.name,
             "pretrained": self.clip.pretrained,
+            "backbone_seed": self.clip.seed,  # random weights: the seed that rebuilds them
             "classnames": list(self.classnames),
             **state,
         }
@@ -306,12 +307,18 @@ def overridden(cls: type, reference: type, names: frozenset[str] | tuple[str, ..
 
 
 def check_backbone(state: dict[str, Any], clip: FrozenCLIP) -> None:
-    """A prompt file is used on the backbone it was learned on."""
+    """A prompt file is used on the backbone it was learned on (random weights: of its seed)."""
     if (clip.name, clip.pretrained) != (state["backbone"], state["pretrained"]):
         raise ValueError(
             f"the prompt was learned on {state['backbone']} ({state['pretrained'] or 'random weights'}), "
             f"not {clip.name} ({clip.pretrained or 'random weights'}): use "
             f"{override('model.name', state['backbone'])} {override('model.pretrained', state['pretrained'])}"
+        )
+    seed = state.get("backbone_seed")  # files from before it was recorded: not checked
+    if clip.pretrained is None and seed is not None and clip.seed != seed:
+        raise ValueError(
+            f"seed={clip.seed}: the prompt was learned on {clip.name}'s random weights of seed {seed}, "
+            f"which only that seed rebuilds: use seed={seed} (or leave seed= out: it is the default)"
         )
 
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from src.methods.frozen_classifier import FrozenClassifier
 from src.models.clip import Architecture, FrozenCLIP
+from src.models.prompt_learner import check_prompts_fit
 
 
 class HandMadeGuided:
@@ -89,7 +90,9 @@ def template_text_features(
     autocast = torch.amp.is_autocast_available(device.type)
     with torch.autocast(device.type, enabled=False) if autocast else contextlib.nullcontext():
         for template in templates:
-            tokens = clip.tokenize([template.format(name) for name in names]).to(device)
+            prompts = [template.format(name) for name in names]
+            check_prompts_fit(clip.tokenize, prompts, classnames, f"a shorter template than {template!r}")
+            tokens = clip.tokenize(prompts).to(device)
             features = clip.model.encode_text(tokens).float()
             total = total + (F.normalize(features, dim=-1) if normalize_each else features)
     return F.normalize(total / len(templates), dim=-1)

@@ -103,6 +103,9 @@ class FrozenCLIP(nn.Module):
         self.name = name
         self.pretrained = pretrained or None
         check_weights(name, self.pretrained, cache_dir)  # in seconds, where a download would wait
+        # Random weights are drawn from torch's generator: the seed it was last seeded with (a run's
+        # seed, `pl.seed_everything`) rebuilds them, and a prompt file records it.
+        self.seed = torch.initial_seed() if self.pretrained is None else None
         try:
             self.model = open_clip.create_model(
                 name, pretrained=self.pretrained, cache_dir=cache_dir, device="cpu"

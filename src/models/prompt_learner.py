@@ -84,7 +84,11 @@ class PromptLearner(nn.Module):
                 shape = (n_cls, n_ctx, width) if class_specific else (n_ctx, width)
                 ctx = torch.empty(shape).normal_(std=0.02).to(device)
                 prompt_prefix = " ".join(["X"] * n_ctx)
-            tokens = tokenize([f"{prompt_prefix} {name}." for name in names])
+            prompts = [f"{prompt_prefix} {name}." for name in names]
+            check_prompts_fit(
+                tokenize, prompts, classnames, f"use fewer context vectors (ctx.n_ctx={n_ctx} now)"
+            )
+            tokens = tokenize(prompts)
             embedding = token_embedding(tokens.to(device)).float()
         self.ctx = nn.Parameter(ctx)  # fp32 always, also under mixed precision
         self.classnames = list(classnames)
@@ -156,6 +160,22 @@ def _init_length(tokenize, words: str, count: InitCount) -> int:
             n_words,
         )
     return n_words
+
+
+def check_prompts_fit(tokenize, prompts: list[str], classnames: list[str], fix: str) -> None:
+    """Each class's prompt fits the text encoder's context: the tokenizer would cut a longer one
+    silently (and the class would train on a prompt without its end), so it is refused, naming the
+    class and `fix` (what shortens the prompt besides the class name)."""
+    tokens = tokenize(prompts)
+    overflowing = [i for i in range(len(prompts)) if int(tokens[i, -1]) != 0]  # no padding left
+    if overflowing:
+        i = overflowing[0]
+        raise ValueError(
+            f"class {classnames[i]!r}: its prompt {prompts[i]!r} fills or exceeds the text encoder's "
+            f"{tokens.shape[1]} tokens and would be cut: shorten the class name in the dataset's class "
+            f"list{', or ' + fix if fix else ''}"
+            + (f" ({len(overflowing)} classes are too long)" if len(overflowing) > 1 else "")
+        )
 
 
 def token_count(tokenize, text: str) -> int:

@@ -38,7 +38,7 @@ PACKED_CALLBACKS = (
     "pytorch_lightning.callbacks.LearningRateMonitor",
     "src.run.callbacks.StopOnNonFiniteLoss",
 )
-PACKED_LOGGERS = ("pytorch_lightning.loggers.CSVLogger",)
+PACKED_LOGGERS = ("src.run.resume.ContinuedCSVLogger", "pytorch_lightning.loggers.CSVLogger")
 
 
 # Trainer settings a pack runs as Lightning does only at these values (or without them).

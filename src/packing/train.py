@@ -28,9 +28,10 @@ from src.packing.refusal import check_pack
 from src.packing.runs import PackedRun, RandomStream
 from src.run.backbone import describe_backbone, describe_devices, image_encoder
 from src.run.callbacks import NonFiniteLossError
-from src.run.checks import check_training_run
+from src.run.checks import CheckedRun, check_training_run
+from src.run.cli import FailedRuns, user_error
 from src.run.logs import silence_known_warnings
-from src.run.resume import prepare_run_dir, read_checkpoint
+from src.run.resume import continue_logs, prepare_run_dir, read_checkpoint, stopped_by_sigterm
 from src.run.training import (
     finished_run,
     run_results,
@@ -53,22 +54,29 @@ def train_packed_job(cfg: DictConfig) -> list[dict[str, Any]]:
 def train_packed(cfgs: list[DictConfig]) -> list[dict[str, Any]]:
     """Trains the runs of `cfgs` (one method and data, seeds and contexts of their own; see
     src/packing/jobs.py) as one pack and writes each run's folder; returns their results, in order.
-    Runs with results (`skip_done`) are not trained again."""
+    Runs with results (`skip_done`) are not trained again. A run that fails its checks is left out,
+    the others train, and then FailedRuns names it (as the sweep names a run that fails alone)."""
     silence_known_warnings()
     results: dict[int, dict[str, Any]] = {}
-    pending = []
+    checked: dict[int, CheckedRun] = {}
+    refused: list[tuple[str, BaseException]] = []
     for index, cfg in enumerate(cfgs):
-        done = finished_run(cfg, Path(cfg.paths.output_dir))
-        if done is None:
-            pending.append(index)
-        else:
-            results[index] = done
+        out = Path(cfg.paths.output_dir)
+        try:
+            done = finished_run(cfg, out)
+            if done is None:  # every run's checks first, then the folders are claimed, as alone
+                checked[index] = check_training_run(cfg, out)
+            else:
+                results[index] = done
+        except Exception as err:
+            if user_error(err) is None:
+                raise  # a bug: its traceback
+            log.error("%s: %s; the pack's other runs go on", out, user_error(err))
+            refused.append((str(out), err))
+    pending = list(checked)
     if pending:
         check_pack([cfgs[i] for i in pending])
-        # every run's checks first, then the folders are claimed (fingerprint.json), as alone
-        runs = [
-            PackedRun(cfgs[i], check_training_run(cfgs[i], Path(cfgs[i].paths.output_dir))) for i in pending
-        ]
+        runs = [PackedRun(cfgs[i], checked[i]) for i in pending]
         for run in runs:
             run.last = prepare_run_dir(run.cfg, run.out)
         clip = build_runs(runs)
@@ -85,6 +93,8 @@ def train_packed(cfgs: list[DictConfig]) -> list[dict[str, Any]]:
                 f"{len(failed)} of the pack's {len(cfgs)} runs stopped, the others finished: "
                 + "; ".join(failed)
             )
+    if refused:  # the others have their results: the corrected sweep trains these only
+        raise FailedRuns(refused, len(cfgs))
     return [results[index] for index in range(len(cfgs))]
 
 
@@ -115,6 +125,7 @@ def build_runs(runs: list[PackedRun]) -> FrozenCLIP:
         if run.last is not None:
             log.info("%s: resuming from %s", run.out, run.last)
             run.restore(read_checkpoint(run.last))
+        continue_logs(run.loggers, run.last)
     return clip
 
 
@@ -147,10 +158,11 @@ def train_together(clip: FrozenCLIP, runs: list[PackedRun], first_epoch: int) ->
     )
     pack = PackedRuns(clip, runs, first_epoch)
     start = time.perf_counter()
-    if epochs > 0:
-        trainer.fit(pack)
-    train_time = (time.perf_counter() - start) / len(runs)  # each run's share of the pack's time
-    trainer.test(pack, verbose=False)
+    with stopped_by_sigterm(*(run.out for run in runs)):
+        if epochs > 0:
+            trainer.fit(pack)
+        train_time = (time.perf_counter() - start) / len(runs)  # each run's share of the pack's time
+        trainer.test(pack, verbose=False)
     results = []
     for run, metrics in zip(runs, pack.test_metrics, strict=True):
         if run.failed is not None:  # no results.json: as alone, the run stopped

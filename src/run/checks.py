@@ -9,8 +9,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
+import open_clip
 import pytorch_lightning as pl
 import torch
 from hydra.errors import InstantiationException
@@ -19,9 +20,11 @@ from lightning_fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, open_dict
 
 from src.common.messages import one_of, override
+from src.common.prompt_file import LAST_CHECKPOINT
 from src.data.datamodule import FewShotDataModule
 from src.methods.base import Method, method_arguments, method_class
 from src.models.clip import Architecture
+from src.models.prompt_learner import check_prompts_fit
 from src.models.text_encoder import check_text_path
 from src.models.weights import check_weights
 from src.run.cli import UserErrors, user_error
@@ -83,7 +86,11 @@ def check_training_run(cfg: DictConfig, out: Path) -> CheckedRun:
     trainer = checks.run(lambda: build_trainer(cfg))
     datamodule = checks.run(lambda: instantiate(cfg.data, dataset=instantiate(cfg.dataset.reader)))
     if datamodule is not None:
-        checks.run(lambda: check_data(datamodule, method))
+        selected = checks.run(lambda: check_data(datamodule, method)) is not None
+        if selected and (out / LAST_CHECKPOINT).is_file():  # a run that continues: on the same images
+            checks.run(datamodule.check_resumed)
+        if selected and args is not None and architecture is not None:
+            checks.run(lambda: check_context_fits(model.name, datamodule.classnames, args))
         if datamodule.cache is not None:
             checks.run(datamodule.cache.check_writable)
     checks.raise_mistakes()
@@ -107,12 +114,25 @@ def use_images(cfg: DictConfig) -> None:
         cfg.data.cache_features = False
 
 
-def check_data(datamodule: FewShotDataModule, method: type[Method] | None) -> None:
+def check_data(datamodule: FewShotDataModule, method: type[Method] | None) -> bool:
     """The data folder, its split file, the few-shot subsets (drawn, or read from data.fewshot_file
     or the reference's pickle) and their images: what `setup` would refuse once training starts."""
     datamodule.select()
     if method is None or method.trains:
         datamodule.require_training_images()
+    return True
+
+
+def check_context_fits(model_name: str, classnames: list[str], args: dict[str, Any]) -> None:
+    """A learned context's prompts (context, class name, period) fit the text encoder: what the
+    prompt learner would refuse, found before anything loads (the tokenizer needs no weights)."""
+    if "n_ctx" not in args:
+        return
+    init = (args.get("ctx_init") or "").replace("_", " ").strip()
+    prefix = init or " ".join(["X"] * int(args["n_ctx"]))
+    prompts = [f"{prefix} {name.replace('_', ' ')}." for name in classnames]
+    fix = f"use fewer context vectors (ctx.n_ctx={args['n_ctx']} now)" if not init else "a shorter ctx.init"
+    check_prompts_fit(open_clip.get_tokenizer(model_name), prompts, classnames, fix)
 
 
 def build_trainer(cfg: DictConfig) -> pl.Trainer:

@@ -14,9 +14,11 @@ The fixes a message prints are command-line overrides that work when pasted as p
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import re
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
@@ -29,6 +31,8 @@ from omegaconf.errors import InterpolationResolutionError, OmegaConfBaseExceptio
 from src.run.cluster import sbatch_refusal
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 128 + signal.SIGTERM  # as a shell reports a process that SIGTERM ended
+NO_ROOM = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)  # writes the system refuses for want of room
 
 # Errors of these kinds raised by project code are on purpose, each message naming the option or
 # file and the fix; so are the project's own exception classes (DatasetError, NonFiniteLossError, ...).
@@ -58,7 +62,8 @@ def run(hydra_main: Callable[[], Any]) -> None:
         raise error
     for line in message.splitlines():
         sys.stderr.write(f"error: {line}\n")
-    raise SystemExit(EXIT_USAGE)
+    interrupted = any(isinstance(cause, Interrupted) for cause in _chain(error))
+    raise SystemExit(EXIT_INTERRUPTED if interrupted else EXIT_USAGE)
 
 
 class _RunFailed(BaseException):  # noqa: N818  (not an error of its own: it carries one)
@@ -77,7 +82,9 @@ Task = TypeVar("Task", bound=Callable[..., Any])
 def task(function: Task) -> Task:
     """The task function of an entry point, under its `@hydra.main`: in a single run its error
     reaches `run` without Hydra's line before it; in a sweep it stays the run's error, which the
-    sweeper reports (hydra_plugins/coop_grid_sweeper)."""
+    sweeper reports (hydra_plugins/coop_grid_sweeper), except a run stopped by SIGTERM: the job
+    process exits with status 143 and no result, as a job that SLURM (or submitit) requeues must,
+    so that the requeued job continues it."""
 
     @functools.wraps(function)
     def reported(*args: Any, **kwargs: Any) -> Any:
@@ -86,9 +93,19 @@ def task(function: Task) -> Task:
         except Exception as err:
             if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.RUN:
                 raise _RunFailed(err) from None
+            if isinstance(err, Interrupted):
+                for line in str(err).splitlines():
+                    sys.stderr.write(f"error: {line}\n")
+                raise SystemExit(EXIT_INTERRUPTED) from err
             raise
 
     return reported  # type: ignore[return-value]
+
+
+class Interrupted(Exception):  # noqa: N818  (named as the user reads it)
+    """The run was stopped by SIGTERM (what SLURM sends at a preemption or a time limit): one line
+    saying where it will continue from, and exit status 143 (128 + SIGTERM), so that a scheduler,
+    a sweep or a script sees that it did not finish."""
 
 
 class UserErrors(ValueError):
@@ -126,6 +143,8 @@ def user_error(err: BaseException, task: Callable | None = None) -> str | None:
     for cause in _chain(err):
         if isinstance(cause, UserErrors):
             return "\n".join(cause.messages)
+        if isinstance(cause, Interrupted):  # a line per run (of a pack)
+            return str(cause)
         if _project_class(cause) or _raised_on_purpose(cause):
             return _one_line(str(cause))
         refused = sbatch_refusal(cause)
@@ -151,6 +170,12 @@ def user_error(err: BaseException, task: Callable | None = None) -> str | None:
                 "; choose a writable run folder with hydra.run.dir=<folder> (or paths.log_dir=<folder>)"
             )
         return message
+    if isinstance(err, OSError) and err.errno in NO_ROOM:  # a library's write, which names no file
+        folder = HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else "the run folder"
+        return (
+            f"{err.strerror or err} while writing a file of {folder} (a full disk, a file-size limit or a "
+            "quota): free space and run the same command again, or write elsewhere: hydra.run.dir=<folder>"
+        )
     return None
 
 

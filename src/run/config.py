@@ -77,6 +77,13 @@ def prompt_field(path: str | ListConfig, field: str) -> Any:
     return load_prompt(prompt_paths(path)[0])[field]
 
 
+def prompt_seed(ckpt: str | ListConfig) -> int:
+    """The default `seed=` of a command on a prompt: the seed its random-weight backbone was built
+    with (the first prompt's, for an ensemble); 1 for loaded weights or a file older than the record."""
+    seed = load_prompt(prompt_paths(ckpt)[0]).get("backbone_seed")
+    return 1 if seed is None else int(seed)
+
+
 def run_dir(ckpt: str | ListConfig) -> str:
     """Where outputs "beside the prompt" go: the run folder, whether ckpt= names it, its prompt.pt or
     its last.ckpt (the first prompt's, for an ensemble). Every prompt is read first, so that a
@@ -99,6 +106,7 @@ OmegaConf.register_new_resolver("shipped_weights", shipped_weights, replace=True
 OmegaConf.register_new_resolver("isatty", lambda: sys.stdout.isatty(), replace=True)
 OmegaConf.register_new_resolver("prompt_field", prompt_field, replace=True)
 OmegaConf.register_new_resolver("run_dir", run_dir, replace=True)
+OmegaConf.register_new_resolver("prompt_seed", prompt_seed, replace=True)
 OmegaConf.register_new_resolver("ensemble_suffix", ensemble_suffix, replace=True)
 # A recipe's count from another setting (method=clip_lora: trainer.max_steps=${mul:500,${shots}}).
 OmegaConf.register_new_resolver("mul", lambda *factors: math.prod(factors), replace=True)

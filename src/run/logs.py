@@ -28,6 +28,8 @@ KNOWN_WARNINGS = (
     r"The number of training batches \(\d+\) is smaller than",
     # a method that validates nothing (method=clip_lora: its official code tests the last model)
     r"You passed in a `val_dataloader` but have no `validation_step`",
+    # a resumed run writes its checkpoints into its own folder again, on purpose
+    r"Checkpoint directory .* exists and is not empty",
 )
 
 

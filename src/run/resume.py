@@ -21,21 +21,32 @@ the run with one line naming it, before the folder is used (`check_run_dir`).
 from __future__ import annotations
 
 import copy
+import csv
+import io
 import json
 import pickle
 import random
 import re
+import secrets
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from lightning_fabric.loggers.logger import rank_zero_experiment
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
+from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.plugins.io import TorchCheckpointIO
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from src.common.files import exclusive_write, save_torch, unwritable
+from src.common.files import atomic_write, exclusive_write, save_torch, unwritable
 from src.common.prompt_file import LAST_CHECKPOINT
+from src.run.cli import Interrupted
 
 FINGERPRINT = "fingerprint.json"
 
@@ -259,3 +270,112 @@ def _last_epoch(trainer: pl.Trainer) -> bool:
     max_epochs = trainer.max_epochs or 0
     by_epochs = 0 < max_epochs <= trainer.current_epoch + 1
     return by_epochs or 0 < trainer.max_steps <= trainer.global_step
+
+
+class ContinuedCSVLogger(CSVLogger):
+    """Lightning's CSV log (csv/metrics.csv) that a resumed run continues: the rows logged before
+    the checkpoint it continues from are kept, and those logged after it, which the resumed run
+    logs again, are dropped (Lightning's own logger deletes the file, and says so, when it starts
+    in a folder that has one). `continue_from(step)` is called before the log is first written;
+    the rows are written with every checkpoint, so a killed run keeps those its checkpoint covers."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._kept_before = 0
+
+    def continue_from(self, step: int) -> None:
+        """Keep the rows of the optimiser steps before `step` (the checkpoint's `global_step`)."""
+        self._kept_before = step
+
+    def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
+        # The rows a checkpoint covers are on disk with it, also if the run is killed after it.
+        self.save()
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> Any:
+        if self._experiment is not None:
+            return self._experiment
+        path = Path(self.log_dir) / ExperimentWriter.NAME_METRICS_FILE
+        kept, keys = self._rows_before(path)
+        with warnings.catch_warnings():  # it is not deleted: its rows before the checkpoint stay
+            warnings.filterwarnings("ignore", message="Experiment logs directory")
+            writer = super().experiment
+        if kept:
+            writer.metrics_keys = sorted(keys)
+            text = io.StringIO()
+            table = csv.DictWriter(text, fieldnames=writer.metrics_keys)
+            table.writeheader()
+            table.writerows(kept)
+            atomic_write(path, lambda f: f.write(text.getvalue().encode()))
+        return writer
+
+    def _rows_before(self, path: Path) -> tuple[list[dict[str, str]], list[str]]:
+        if not self._kept_before or not path.is_file():
+            return [], []
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            rows = [row for row in reader if row.get("step") and float(row["step"]) < self._kept_before]
+            return rows, list(reader.fieldnames or [])
+
+
+def continue_logs(loggers: list[Logger], last: Path | None) -> None:
+    """The run's logs go on from the checkpoint it continues from (`last`; None: a new run)."""
+    step = read_checkpoint(last)["global_step"] if last is not None else 0
+    for logger in loggers:
+        if isinstance(logger, ContinuedCSVLogger):
+            logger.continue_from(step)
+
+
+@contextmanager
+def stopped_by_sigterm(*folders: Path) -> Iterator[None]:
+    """Turns Lightning's exit on SIGTERM (a SystemExit with status 0, no results) into `Interrupted`,
+    naming the checkpoint the same command continues from (of each run of a pack)."""
+    try:
+        yield
+    except SIGTERMException as err:
+        lines = []
+        for out in folders:
+            last = out / LAST_CHECKPOINT
+            epoch = checkpoint_epoch(last)
+            where = (
+                f"its checkpoint {last} holds epoch {epoch + 1}; the same command continues from it"
+                if epoch is not None
+                else "no checkpoint was written yet; the same command starts the run again"
+            )
+            lines.append(f"{out}: stopped by SIGTERM (a preemption or a time limit): {where}")
+        raise Interrupted("\n".join(lines)) from err
+
+
+def checkpoint_epoch(path: Path) -> int | None:
+    """The epoch (0-based) a run's checkpoint ends, None when there is none to read."""
+    try:
+        return int(read_checkpoint(path)["epoch"]) if path.is_file() else None
+    except (RunDirError, KeyError, TypeError, ValueError):
+        return None
+
+
+class ContinuedWandbLogger(WandbLogger):
+    """Lightning's W&B logger, whose W&B run a resumed run continues: the run's W&B id is kept in its
+    folder (`wandb_run_id`, written when the W&B run starts), so the same command logs into the
+    same W&B run (`resume="allow"`), which keeps what was logged before the interruption (W&B keeps
+    the first value of a step the resumed run logs again); a run in a new or emptied folder gets a
+    new id."""
+
+    ID_FILE = "wandb_run_id"
+
+    def __init__(self, *args: Any, save_dir: str | Path | None = None, **kwargs: Any) -> None:
+        self._id_file = Path(save_dir) / self.ID_FILE if save_dir is not None else None
+        if self._id_file is not None and kwargs.get("id") is None and kwargs.get("version") is None:
+            kwargs["id"] = (
+                self._id_file.read_text().strip() if self._id_file.is_file() else secrets.token_hex(4)
+            )
+        super().__init__(*args, save_dir=save_dir, **kwargs)
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> Any:
+        if self._experiment is None and self._id_file is not None and not self._id_file.is_file():
+            run_id = self._wandb_init["id"]
+            atomic_write(self._id_file, lambda f: f.write(f"{run_id}\n".encode()))
+        return super().experiment

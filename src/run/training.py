@@ -25,7 +25,7 @@ from src.run.backbone import build_backbone, describe_backbone, describe_devices
 from src.run.checks import check_training_run
 from src.run.logs import silence_known_warnings
 from src.run.results import evaluation_fields, method_fields
-from src.run.resume import check_run_dir, prepare_run_dir
+from src.run.resume import check_run_dir, continue_logs, prepare_run_dir, stopped_by_sigterm
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     checked = check_training_run(cfg, out)
     datamodule, trainer = checked.datamodule, checked.trainer
     last = prepare_run_dir(cfg, out)  # the folder remembers this configuration
+    continue_logs(trainer.loggers, last)
     clip = build_backbone(cfg, datamodule, trainer)
     module = build_method(cfg.method, clip, datamodule.classnames)
     log.info("%s with %s on %s", cfg.method.name, describe_backbone(clip), describe_devices(trainer))
@@ -57,10 +58,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if last is not None:
         log.info("resuming from %s", last)
     start = time.perf_counter()
-    if module.trains:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=last)
-    train_time = time.perf_counter() - start
-    (metrics,) = trainer.test(module, datamodule=datamodule, verbose=False)
+    with stopped_by_sigterm(out):
+        if module.trains:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=last)
+        train_time = time.perf_counter() - start
+        (metrics,) = trainer.test(module, datamodule=datamodule, verbose=False)
 
     epochs = trainer.max_epochs if module.trains else 0
     results = run_results(cfg, module, datamodule, trainer, metrics, train_time, epochs, baseline)
