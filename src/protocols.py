@@ -28,10 +28,11 @@ from omegaconf import DictConfig, open_dict
 
 from src.common.files import write_json
 from src.data.benchmark import BASE_TO_NEW, CROSS_DATASET, DOMAIN_GENERALIZATION
-from src.methods.base import method_class
+from src.methods.base import method_arguments, method_class
 from src.run.cli import run
 from src.run.config import compose_config
 from src.run.evaluation import evaluate
+from src.run.logs import console_logging
 from src.run.results import training_results
 from src.run.training import train
 
@@ -72,11 +73,12 @@ def base_to_new(
             cfg = compose_config("train", [*args, "dataset.subsample=base"])
             method = method_class(cfg.method)
             zero_shot = method.zero_shot
-            if not (method.trains and method.transfers or zero_shot):
+            refusal = method.transfer_refusal(method_arguments(method, cfg.method.module))
+            if not (method.trains and refusal is None or zero_shot):
                 raise ValueError(
-                    f"method={cfg.method.name} learns weights of the base classes only: base-to-new "
-                    "needs a trained method that transfers to other classes (a prompt: method=coop, "
-                    "cocoop, ...) or a zero-shot method"
+                    f"method={cfg.method.name} learns weights of the base classes only "
+                    f"({refusal or 'it trains nothing'}): base-to-new needs a trained method that "
+                    "transfers to other classes (a prompt: method=coop, cocoop, ...) or a zero-shot method"
                 )
             if out is None:
                 out = Path(cfg.paths.log_dir) / "base_to_new" / f"{cfg.method.name}_{cfg.model.name}"
@@ -143,5 +145,5 @@ def main(argv: list[str]) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    console_logging()  # the project's lines and libraries' errors
     run(lambda: main(sys.argv[1:]))

@@ -109,7 +109,7 @@ def variant_name(row: pd.Series) -> str:
 
 def tidy(runs: pd.DataFrame) -> pd.DataFrame:
     """Adds the columns that place each run in a table, and marks duplicated runs."""
-    runs = runs.copy()
+    runs = with_baselines(runs)
     defaults = {"subsample": "all", SOURCE_KEY: None, "ctx_init": None, "label_noise": 0.0, "ensemble": None}
     for column, default in defaults.items():
         if column not in runs:
@@ -131,9 +131,43 @@ def tidy(runs: pd.DataFrame) -> pd.DataFrame:
     runs["protocol"] = "fewshot"
     runs.loc[runs["source"] != runs["dataset"], "protocol"] = "transfer"
     runs.loc[runs["subsample"] != "all", "protocol"] = "base_to_new"
+    # src.eval of one prompt on the classes it was trained on repeats its run's test: not a run of
+    # its own (kept in runs.csv, out of the tables). On other classes or data it is the protocol's.
+    own_test = runs["ckpt"].notna() & runs["ensemble"].isna() & (runs["source"] == runs["dataset"])
+    own_test &= runs["subsample"] == runs["trained_subsample"].fillna("all")
+    runs.loc[own_test, "protocol"] = "evaluation"
+    # A run's baseline (zeroshot_acc) is zero-shot CLIP's run on its test set: one row per test set,
+    # and none where that run itself is there.
+    runs = runs.sort_values(["baseline", "mtime"], kind="stable")  # the runs first, then baselines
+    runs = runs[~(runs["baseline"] & runs.duplicated([*CELL, "seed"], keep="first"))]
     runs = runs.sort_values("mtime", kind="stable")
     runs["duplicate_of_newer"] = runs.duplicated([*CELL, "seed"], keep="last")
     return runs.sort_values([*CELL, "seed"], kind="stable").reset_index(drop=True)
+
+
+def with_baselines(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs, plus a zero-shot row for each run that measured its baseline (`baseline=zeroshot`:
+    zero-shot CLIP with the dataset's hand-made template on the same test set)."""
+    runs = runs.assign(baseline=False)
+    for column in ("zeroshot_acc", "ckpt", "trained_subsample"):
+        if column not in runs:
+            runs[column] = None
+    measured = runs[runs["zeroshot_acc"].notna() & ~runs["method"].eq("zeroshot")]
+    if measured.empty:
+        return runs
+    zero = measured.assign(
+        method="zeroshot",
+        test_acc=measured["zeroshot_acc"],
+        test_macro_acc=float("nan"),
+        zero_shot=True,
+        learns_context=False,
+        ensemble=None,
+        label_noise=0.0,
+        ckpt=None,
+        baseline=True,
+        path=measured["path"] + " (baseline)",
+    )
+    return pd.concat([runs, zero], ignore_index=True)
 
 
 def cells(runs: pd.DataFrame) -> pd.DataFrame:

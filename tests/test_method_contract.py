@@ -71,6 +71,7 @@ def test_the_readmes_example_method_trains_evaluates_and_reports_under_its_own_n
     assert evaluated["test_acc"] == pytest.approx(trained["test_acc"])  # the same prompt, rebuilt
     report = (folder / "outputs" / "report" / "report.md").read_text()
     assert "| digits    | smoothed_coop unified end M16 |" in report
+    assert "†" not in report  # its evaluation repeats its test: not a second run
 
     # Without the package on PYTHONPATH, its prompt file is one error line naming the class and the fix
     env["PYTHONPATH"] = ""
@@ -192,3 +193,48 @@ def test_entry_points_import_helpers_never_each_other():
             node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module
         } | {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
         assert not imported & {f"src.{other}" for other in ENTRY_POINTS}, name
+
+
+def test_a_users_method_refusing_its_options_is_one_error_line(tmp_path, cache_dir):
+    """A ValueError from the `check_config` of a method in the user's own package is one `error:` line
+    (no traceback), before the run folder is claimed; an unknown method= says how methods of one's
+    own package are found."""
+    package = tmp_path / "mine" / "mine"
+    package.mkdir(parents=True)
+    (package / "__init__.py").touch()
+    (package / "margin_coop.py").write_text(
+        "from src.methods.coop import CoOp\n\n\n"
+        "class MarginCoOp(CoOp):\n"
+        "    def __init__(self, clip, classnames, margin: float = 0.1, **coop_args):\n"
+        "        super().__init__(clip, classnames, **coop_args)\n"
+        "        self.margin = margin\n\n"
+        "    @classmethod\n"
+        "    def check_config(cls, args, architecture):\n"
+        "        super().check_config(args, architecture)\n"
+        "        if args['margin'] < 0:\n"
+        "            raise ValueError(f\"method.module.margin={args['margin']}: use a margin >= 0\")\n"
+    )
+    conf = tmp_path / "mine" / "conf" / "method"
+    conf.mkdir(parents=True)
+    (conf / "margin_coop.yaml").write_text(
+        "defaults:\n  - coop\n  - _self_\nname: margin_coop\nmodule:\n"
+        "  _target_: mine.margin_coop.MarginCoOp\n  margin: 0.1\n"
+    )
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path / 'mine'}{os.pathsep}{ROOT}", "COOP_CACHE": str(cache_dir)}
+    run = tmp_path / "run"
+    common = ["experiment=quickstart", f"hydra.run.dir={run}", f"hydra.searchpath=[file://{conf.parent}]"]
+    for method, expected in (
+        (
+            ["method=margin_coop", "method.module.margin=-1"],
+            "method.module.margin=-1: use a margin >= 0",
+        ),
+        (["method=margin"], "hydra.searchpath=[file://<folder>]"),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "src.train", *common, *method],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+        (line,) = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+        assert expected in line, line
+        assert not (run / "fingerprint.json").exists()

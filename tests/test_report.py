@@ -223,3 +223,24 @@ def test_an_unreadable_results_file_is_listed_and_the_others_are_tabled(grid):
     broken.unlink()
     assert report.split("## Unreadable runs")[0] == write_report(grid, grid / "clean").read_text()
     assert len(runs) == len(load_runs(grid))
+
+
+def test_a_runs_own_evaluation_is_no_second_run_and_its_baseline_is_tabled(tmp_path):
+    """The README's steps (train, src.eval on the same dataset, src.report): the evaluation repeats
+    the run's test and is not a second run (no `†`); a run's zero-shot baseline (`zeroshot_acc`) is
+    zero-shot CLIP's row, once per test set, and none where zero-shot CLIP ran itself."""
+    for seed in (1, 2):
+        run = f"pets/coop/{seed}"
+        write_run(tmp_path, run, 90.0 + seed, shots=4, seed=seed, zeroshot_acc=70.0)
+        write_run(tmp_path, f"{run}/eval/oxford_pets", 90.0 + seed, shots=4, seed=seed,
+                  ckpt=f"{run}/prompt.pt", trained_on="oxford_pets", trained_subsample="all")  # fmt: skip
+    write_run(tmp_path, "dtd/coop/1", 60.0, dataset="dtd", shots=4, zeroshot_acc=40.0)
+    write_run(tmp_path, "dtd/zeroshot", 41.0, dataset="dtd", method="zeroshot", shots=1)
+    runs = load_runs(tmp_path)
+    assert set(runs.loc[runs["ckpt"].notna(), "protocol"]) == {"evaluation"}
+    assert not runs["duplicate_of_newer"].any()
+    fewshot = fewshot_table(cells(runs), BACKBONE)
+    assert fewshot.loc[("oxford_pets", COOP), "4-shot"] == "91.50 ± 0.50"
+    assert fewshot.loc[("oxford_pets", "zeroshot"), "zero-shot"] == "70.00"  # the runs' baseline, once
+    assert fewshot.loc[("dtd", "zeroshot"), "zero-shot"] == "41.00"  # its own run, not the baseline
+    assert "†" not in write_report(tmp_path).read_text()

@@ -27,6 +27,8 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -40,6 +42,12 @@ from src.common.prompt_file import CHECKPOINT_PROMPT, PROMPT_FORMAT
 from src.models.clip import Architecture, FrozenCLIP
 
 LossTerms = dict[str, torch.Tensor]  # a batch's loss by its named terms, each already weighted
+
+
+class MethodOptionError(ValueError):
+    """A method's options that do not fit each other or the backbone. A method raises it (or a plain
+    ValueError) from `check_config` or its constructor, in the project or in the user's own package,
+    and the command reports it as one `error:` line, before the run folder is claimed."""
 
 
 class Method(pl.LightningModule):
@@ -91,8 +99,9 @@ class Method(pl.LightningModule):
         """The method built with `args` once `check_config` has passed: what a run does from its
         config (`build_method`), for code that builds a method by hand (constructors do not check
         their options again)."""
-        cls.check_config(method_arguments(cls, args), Architecture.of(clip.name))
-        return cls(clip, classnames, **args)
+        check_options(cls, method_arguments(cls, args), Architecture.of(clip.name))
+        with options_refused():
+            return cls(clip, classnames, **args)
 
     def __init__(self, clip: FrozenCLIP, classnames: list[str]) -> None:
         super().__init__()
@@ -102,6 +111,13 @@ class Method(pl.LightningModule):
         self.strict_loading = False
         self.test_acc = MulticlassAccuracy(num_classes=len(classnames), average="micro")
         self.test_macro_acc = MulticlassAccuracy(num_classes=len(classnames), average="macro")
+
+    @classmethod
+    def transfer_refusal(cls, options: dict[str, Any]) -> str | None:
+        """Why the method built with `options` (its arguments, or its prompt file's state) cannot
+        serve other class lists than its trained one; None when it can (`transfers`, unless an
+        option makes its weights one per class: CoOp's class-specific context)."""
+        return None if cls.transfers else "its trained weights are one per class of its trained class list"
 
     @classmethod
     def needs_images_for(cls, args: dict[str, Any]) -> bool:
@@ -400,10 +416,41 @@ def build_method(method_cfg: DictConfig, clip: FrozenCLIP, classnames: list[str]
     from hydra.utils import instantiate  # noqa: PLC0415  (Hydra only where a config is built)
 
     cls = method_class(method_cfg)
-    cls.check_config(method_arguments(cls, method_cfg.module), Architecture.of(clip.name))
-    module = instantiate(method_cfg.module, clip=clip, classnames=classnames)
+    check_options(cls, method_arguments(cls, method_cfg.module), Architecture.of(clip.name))
+    with options_refused():
+        module = instantiate(method_cfg.module, clip=clip, classnames=classnames)
     module.name = method_cfg.name
     return module
+
+
+def check_options(
+    cls: type[Method], args: dict[str, Any], architecture: Architecture, name: str = ""
+) -> None:
+    """`cls.check_config(args, architecture)`, a ValueError it raises as a `MethodOptionError`."""
+    with options_refused():
+        cls.check_config(args, architecture)
+
+
+@contextmanager
+def options_refused() -> Iterator[None]:
+    """A ValueError from a method's own code (its checks, its constructor; the user's package's too)
+    as a `MethodOptionError`, which the command reports as one line. Hydra wraps a constructor's
+    error in its own; the method's is taken out of it."""
+    from hydra.errors import InstantiationException  # noqa: PLC0415  (Hydra only where a config is built)
+
+    try:
+        yield
+    except MethodOptionError:
+        raise
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, ValueError) and not isinstance(cause, MethodOptionError):
+            raise MethodOptionError(str(cause)) from cause
+        if isinstance(cause, MethodOptionError):
+            raise cause from None
+        raise
+    except ValueError as err:
+        raise MethodOptionError(str(err)) from err
 
 
 def plain(value: Any) -> Any:

@@ -68,6 +68,12 @@ class CoOp(TextOncePerEvaluation, Method):
         self.val_acc = MulticlassAccuracy(num_classes=len(classnames), average="micro")
 
     @classmethod
+    def transfer_refusal(cls, options: dict[str, Any]) -> str | None:
+        if options.get("class_specific", False):
+            return "a class-specific context only applies to the class list it was trained on"
+        return super().transfer_refusal(options)
+
+    @classmethod
     def check_config(cls, args: dict[str, Any], architecture: Architecture) -> None:
         super().check_config(args, architecture)
         check_context(args["n_ctx"], args["ctx_init"], args["class_token_position"], args["ctx_init_count"])

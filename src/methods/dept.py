@@ -132,6 +132,13 @@ class DePT(Method):
         base.check_config(base_args, architecture)
 
     @classmethod
+    def transfer_refusal(cls, options: dict[str, Any]) -> str | None:
+        """As its base's (on other classes DePT is its base alone); `options`: DePT's arguments or
+        its prompt file's state (the base's state, and DePT's record under `dept`)."""
+        base = options["dept"]["base_class"] if "dept" in options else options["base"]
+        return (type(base) if isinstance(base, Method) else base_class(base)).transfer_refusal(options)
+
+    @classmethod
     def needs_images_for(cls, args: dict[str, Any]) -> bool:
         base = args["base"]
         return (type(base) if isinstance(base, Method) else base_class(base)).needs_images

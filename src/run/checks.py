@@ -22,7 +22,7 @@ from omegaconf import DictConfig, open_dict
 from src.common.messages import one_of, override
 from src.common.prompt_file import LAST_CHECKPOINT
 from src.data.datamodule import FewShotDataModule
-from src.methods.base import Method, method_arguments, method_class
+from src.methods.base import Method, check_options, method_arguments, method_class
 from src.models.clip import Architecture
 from src.models.prompt_learner import check_prompts_fit
 from src.models.text_encoder import check_text_path
@@ -77,7 +77,7 @@ def check_training_run(cfg: DictConfig, out: Path) -> CheckedRun:
     method = checks.run(lambda: method_class(cfg.method))
     args = checks.run(lambda: method_arguments(method, cfg.method.module)) if method else None
     if args is not None and architecture is not None:
-        checks.run(lambda: method.check_config(args, architecture))
+        checks.run(lambda: check_options(method, args, architecture))
     if args is not None and checks.run(lambda: method.needs_images_for(args)):
         checks.run(lambda: use_images(cfg))
     if architecture is not None:  # the weights of a known architecture only

@@ -152,7 +152,13 @@ def user_error(err: BaseException, task: Callable | None = None) -> str | None:
             return refused
     if isinstance(err, MissingConfigException) and err.missing_cfg_file and err.options:
         group, _, choice = err.missing_cfg_file.rpartition("/")
-        return f"{group}={choice}: unknown {group} option; choose one of: {', '.join(err.options)}"
+        message = f"{group}={choice}: unknown {group} option; choose one of: {', '.join(err.options)}"
+        if group == "method":
+            message += (
+                "; a method of your own package: its method/<name>.yaml under a folder given with "
+                "'hydra.searchpath=[file://<folder>]', and the folder holding its package on PYTHONPATH"
+            )
+        return message
     required = re.match(r"You must specify '([^']+)'", str(err))
     if isinstance(err, HydraException) and required:
         options = [line.strip() for line in str(err).splitlines() if line.startswith("\t")]

@@ -18,8 +18,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig
 
 from src.common.files import write_json
+from src.common.messages import override
 from src.common.prompt_file import load_prompt
-from src.methods.base import method_from_prompt
+from src.methods.base import method_from_prompt, prompt_method_class
 from src.methods.prompt_ensemble import PromptEnsemble
 from src.run.backbone import image_encoder
 from src.run.config import prompt_paths
@@ -36,14 +37,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     out = Path(cfg.paths.output_dir)
     paths = prompt_paths(cfg.ckpt)
     states = [load_prompt(path) for path in paths]
+    datamodule = instantiate(cfg.data, dataset=instantiate(cfg.dataset.reader))
+    classnames = datamodule.classnames
+    for state, path in zip(states, paths, strict=True):  # before any weights load
+        check_classes(state, path, classnames, cfg)
     pl.seed_everything(cfg.seed, workers=True)
     clip = instantiate(cfg.model)
-    datamodule = instantiate(
-        cfg.data,
-        dataset=instantiate(cfg.dataset.reader),
-        image_size=clip.image_size,
-    )
-    classnames = datamodule.classnames
     members = [
         method_from_prompt(s, clip, classnames, path, transfer_template(s, cfg))
         for s, path in zip(states, paths, strict=True)
@@ -87,6 +86,25 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         write_json(out / "results.json", results)
         log.info("%s: test accuracy %.2f%%; results in %s", cfg.dataset.name, results["test_acc"], out)
     return results
+
+
+def check_classes(state: dict[str, Any], path: str, classnames: list[str], cfg: DictConfig) -> None:
+    """A prompt whose weights are one per trained class (`Method.transfers_for`) is tested on those
+    classes only: on another class list, one line before anything loads."""
+    if list(classnames) == list(state["classnames"]):
+        return
+    refusal = prompt_method_class(state, path).transfer_refusal(state)
+    if refusal is not None:
+        trained = state.get("trained_on") or {}
+        where = f" of {trained['dataset']}" if trained.get("dataset") else ""
+        if trained.get("subsample", "all") != "all":
+            where += f", {override('dataset.subsample', trained['subsample'])}"
+        raise ValueError(
+            f"ckpt={path}: {state['method']}: {refusal} ({len(state['classnames'])} classes{where}), not "
+            f"the {len(classnames)} classes of dataset={cfg.dataset.name} "
+            f"({override('dataset.subsample', cfg.dataset.subsample)}): test it on those classes, or "
+            "train a method that transfers (a unified context)"
+        )
 
 
 def transfer_template(state: dict[str, Any], cfg: DictConfig) -> str | None:

@@ -8,11 +8,14 @@ the commands that run a Lightning Trainer (`silence_known_warnings`), in every p
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 
 # The loggers of this project: its modules, the module run with `python -m`, the sweeper plugin.
 PROJECT_LOGGERS = ("src.", "hydra_plugins.")
 PROJECT_MAIN = "__main__"
+# Libraries that print through console handlers of their own, set up when nothing else logs yet.
+LIBRARY_CONSOLES = ("pytorch_lightning", "lightning_fabric", "lightning.pytorch", "lightning.fabric")
 
 # (message pattern, why it says nothing to a user of this project). pyproject.toml filters the same
 # for tests that run a Trainer without these commands.
@@ -49,3 +52,22 @@ class ProjectRecords(logging.Filter):
 def silence_known_warnings() -> None:
     for message in KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
+
+
+def console_logging(log_file: str | None = None) -> None:
+    """The logging of a command that Hydra does not set up (src.protocols), as
+    conf/hydra/job_logging/quiet.yaml sets it up for the others: the console shows the project's
+    lines and libraries' errors; `log_file` (when given) has every line."""
+    formatter = logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(formatter)
+    console.addFilter(ProjectRecords())
+    handlers: list[logging.Handler] = [console]
+    if log_file is not None:
+        handlers.append(logging.FileHandler(log_file))
+        handlers[-1].setFormatter(formatter)
+    logging.basicConfig(level=logging.INFO, handlers=handlers, force=True)
+    for name in LIBRARY_CONSOLES:  # printed through handlers of their own: through the root instead
+        library = logging.getLogger(name)
+        library.handlers.clear()
+        library.propagate = True
