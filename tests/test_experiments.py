@@ -17,7 +17,7 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from hydra_plugins.coop_grid_sweeper.grid_sweeper import drop_repeats
+from hydra_plugins.coop_grid_sweeper.grid_sweeper import drop_context_repeats, drop_repeats
 from src.methods.base import method_arguments, method_class
 from src.models.clip import Architecture
 from src.report import write_report
@@ -195,3 +195,24 @@ def test_the_methods_digits_script_runs_every_method_on_the_tiny_clip():
         assert cfg.model.name == "coop-tiny-narrow", name
         method = method_class(cfg.method)
         method.check_config(method_arguments(method, cfg.method.module), architecture)
+
+
+def test_a_method_that_takes_no_context_is_launched_once_per_context_sweep(tmp_path, caplog):
+    """`-m method=clip_lora ctx=unified,class_specific seed=1,2`: its config takes nothing from the
+    context, so each seed runs once (the log says so), into a folder named without a context; CoOp's
+    runs, which differ by context, all run."""
+    jobs = [
+        [f"method={method}", f"ctx={ctx}", f"seed={seed}"]
+        for method in ("clip_lora", "coop")
+        for ctx in ("unified", "class_specific")
+        for seed in (1, 2)
+    ]
+    with caplog.at_level("INFO"):
+        kept = drop_context_repeats(jobs, lambda job: make_cfg(["dataset=oxford_pets", *job], tmp_path))
+    assert kept == [job for job in jobs if job[0] == "method=coop" or job[1] == "ctx=unified"]
+    assert "method=clip_lora takes nothing from the context: 2 runs" in caplog.text
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(
+            "train", overrides=["dataset=oxford_pets", "method=clip_lora"], return_hydra_config=True
+        )
+    assert cfg.hydra.run.dir.endswith("/clip_lora/RN50-quickgelu/shots16/seed1")  # no `_unified_m16_end`

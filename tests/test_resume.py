@@ -50,25 +50,25 @@ def checkpoint_epoch(path: Path) -> int | None:
         return None
 
 
-def kill_after_first_checkpoint(run: subprocess.Popen, last: Path) -> None:
+def kill_after_first_checkpoint(run: subprocess.Popen, last: Path, signum: int = signal.SIGKILL) -> None:
     deadline = time.monotonic() + 300
     while checkpoint_epoch(last) is None and run.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    run.send_signal(signal.SIGKILL)
+    run.send_signal(signum)
+
+
+def start_run(args: list[str], folder: Path, stderr: int = subprocess.DEVNULL) -> subprocess.Popen:
+    """`python -m src.train <args>` into `folder`, with this process's float arithmetic (as many
+    threads)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    command = [sys.executable, "-m", "src.train", *args, f"hydra.run.dir={folder}"]
+    return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
 
 
 def test_killed_run_resumes_to_the_same_context_and_accuracy(data_dir, cache_dir, tmp_path):
     args = overrides(data_dir, cache_dir)
     killed, whole = tmp_path / "killed", tmp_path / "whole"
-    # the same float arithmetic in the child as in this process: the same number of threads
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    run = subprocess.Popen(
-        [sys.executable, "-m", "src.train", *args, f"hydra.run.dir={killed}"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    run = start_run(args, killed)
     killer = threading.Thread(
         target=kill_after_first_checkpoint, args=(run, killed / "checkpoints" / "last.ckpt")
     )
@@ -99,20 +99,9 @@ def test_a_run_stopped_by_sigterm_exits_143_then_resumes_with_its_whole_log(data
     the same command then ends as the run never stopped, csv/metrics.csv with every row."""
     args = [*overrides(data_dir, cache_dir), "trainer.max_epochs=12", "trainer.log_every_n_steps=2"]
     stopped, whole = tmp_path / "stopped", tmp_path / "whole"
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    run = subprocess.Popen(
-        [sys.executable, "-m", "src.train", *args, f"hydra.run.dir={stopped}"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    run = start_run(args, stopped, stderr=subprocess.PIPE)
     last = stopped / "checkpoints" / "last.ckpt"
-    deadline = time.monotonic() + 300
-    while checkpoint_epoch(last) is None and run.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    run.send_signal(signal.SIGTERM)
+    kill_after_first_checkpoint(run, last, signal.SIGTERM)
     uninterrupted = train(make_cfg(args, whole))  # meanwhile, in this process
     _, stderr = run.communicate(timeout=300)
     assert run.returncode == 128 + signal.SIGTERM, stderr

@@ -25,8 +25,10 @@ swept values, and the others keep their results (src.run.cli.FailedRuns).
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Sequence
+from collections import defaultdict
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
@@ -62,6 +64,7 @@ class GridSweeper(BasicSweeper):
                 len(kept),
                 len(jobs) - len(kept),
             )
+        kept = drop_context_repeats(kept, self._compose)
         if self.config.get("pack"):  # runs that differ only in seed and context: one job each pack
             kept = group_jobs(kept, self._compose, int(self.config.get("pack_size", 12)))
         return list(BasicSweeper.split_overrides_to_chunks(kept, max_batch_size))
@@ -113,6 +116,40 @@ def run_name(index: int, job: Sequence[str], swept: list[str]) -> str:
     """'#3 (shots=4 seed=2)': the run's number in the sweep and its swept values."""
     shown = [item for item in job if item.partition("=")[0] in swept] or list(job)
     return f"#{index} ({' '.join(shown)})"
+
+
+def drop_context_repeats(
+    jobs: list[list[str]], compose: Callable[[list[str]], DictConfig]
+) -> list[list[str]]:
+    """The jobs, less those that differ from an earlier one only in context settings (`ctx=...`,
+    `ctx.*=...`) when the method's config takes nothing from the context (zero-shot CLIP, the
+    linear probe, CLIP-LoRA, a method of one's own without one): the same run, launched once; the
+    log says so once per method. `compose` gives a job's config."""
+    first: dict[tuple[str, ...], list[str]] = {}
+    context_free: dict[tuple[str, ...], str | None] = {}  # the method's name when it takes no context
+    skipped: dict[str, int] = defaultdict(int)
+    kept = []
+    for job in jobs:
+        rest = tuple(item for item in job if item.partition("=")[0].split(".")[0].lstrip("+~") != "ctx")
+        if rest not in first:
+            first[rest] = job
+            kept.append(job)
+            continue
+        if rest not in context_free:
+            method = compose(first[rest]).method
+            takes = "${ctx." in json.dumps(OmegaConf.to_container(method, resolve=False))
+            context_free[rest] = None if takes else str(method.name)
+        if context_free[rest] is None:
+            kept.append(job)
+        else:
+            skipped[context_free[rest]] += 1
+    for name, count in skipped.items():
+        log.info(
+            "method=%s takes nothing from the context: %d runs that differ only in ctx are launched once",
+            name,
+            count,
+        )
+    return kept
 
 
 def drop_repeats(jobs: list[list[str]], once: dict[str, list[str]]) -> list[list[str]]:

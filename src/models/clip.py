@@ -82,11 +82,18 @@ class Architecture:
 
 
 class FrozenCLIP(nn.Module):
-    """An open_clip model whose weights never train and which stays in eval mode.
+    """An open_clip model whose weights never train and which stays in eval mode: what every method
+    is built on (docs/writing_a_method.md).
 
     `pretrained` is an open_clip tag (e.g. "openai"), a local weights file, or None for random
     weights (the tiny test architecture). `text_path` picks the text encoder's computation
     (src/models/text_encoder.py); `text_fast=false`, its former switch, still means "reference".
+
+    What a method uses: `encode_image` / `image_features` (images, or cached features, to image
+    features), `encode_text` (token ids to text features), `text` (prompt embeddings to text
+    features, the exact fast path), `tokenize`, `token_embedding`, `logit_scale`, and the sizes
+    `embed_dim`, `text_width`, `context_length`, `image_size`; `device` and `dtype` say where and
+    in which precision its weights are.
     """
 
     def __init__(
@@ -131,14 +138,50 @@ class FrozenCLIP(nn.Module):
 
     @property
     def token_embedding(self) -> nn.Embedding:
+        """The text encoder's token embedding table [vocabulary, `text_width`]: token ids to the
+        vectors a prompt is made of (a learned context replaces some of them)."""
         return self.text.token_embedding
 
     @property
     def logit_scale(self) -> torch.Tensor:
+        """CLIP's learned temperature, exponentiated (about 100 for the released weights): logits
+        are `logit_scale * cos(image, text)`."""
         return self.model.logit_scale.exp()
 
+    @property
+    def embed_dim(self) -> int:
+        """The width of the joint image-text space: image and text features are [.., embed_dim]."""
+        return int(self.model.text_projection.shape[-1])
+
+    @property
+    def text_width(self) -> int:
+        """The width of the text encoder's tokens: a prompt embedding is [.., length, text_width]."""
+        return int(self.token_embedding.weight.shape[1])
+
+    @property
+    def context_length(self) -> int:
+        """How many tokens a prompt can hold (77 for CLIP), start and end tokens included."""
+        return self.text.context_length
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are."""
+        return self.token_embedding.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weights' precision (float32: mixed precision comes from the trainer's autocast)."""
+        return self.token_embedding.weight.dtype
+
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Image features [b, embed_dim] of a batch of images [b, 3, image_size, image_size]."""
         return self.model.encode_image(images)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Text features [n, embed_dim] of token ids [n, context_length] (`tokenize`'s): the
+        reference computation, all 77 positions (`text` computes the same from prompt embeddings,
+        faster)."""
+        return self.model.encode_text(tokens)
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """Features of a batch of images [b, 3, h, w], or the batch itself when it already holds
@@ -146,6 +189,7 @@ class FrozenCLIP(nn.Module):
         return images if images.ndim == 2 else self.encode_image(images)
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
+        """Token ids [len(texts), context_length] of CLIP's tokenizer (start, words, end, padding 0)."""
         return self.tokenizer(texts)
 
 

@@ -68,6 +68,7 @@ NOT_FINGERPRINTED = (
     "model.text_path",  # every path computes the same features (tests/test_exactness.py)
     "model.text_fast",
     "skip_done",
+    "method.variant",  # the run folder's name
     "pack",  # trained alone or in a pack: the same run (src/packing/train.py)
     "pack_size",
 )
