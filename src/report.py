@@ -172,6 +172,7 @@ def with_baselines(runs: pd.DataFrame) -> pd.DataFrame:
 
 def cells(runs: pd.DataFrame) -> pd.DataFrame:
     """Mean and std (over seeds, ddof 0 as the reference's parse script) of each setting."""
+    runs = runs[runs["protocol"] != "evaluation"]  # a run's own test repeated: in runs.csv only
     used = runs[~runs["duplicate_of_newer"]]
     duplicated = runs[runs["duplicate_of_newer"]].groupby(CELL, dropna=False).size()
     table = (

@@ -29,27 +29,26 @@ ROOT = Path(__file__).resolve().parents[1]
 ENTRY_POINTS = ("train", "eval", "protocols", "report", "predict", "interpret")
 
 
+SECOND_EXAMPLE = "\n### A method that is not CoOp's child\n"
+
+
 def readme_section(title: str) -> str:
     text = (ROOT / "README.md").read_text()
     start = text.index(f"\n## {title}\n")
     return text[start : text.index("\n## ", start + 1)]
 
 
-def code_blocks(section: str) -> list[tuple[str, str]]:
-    return re.findall(r"```(\w+)\n(.*?)```", section, flags=re.S)
-
-
-def test_the_readmes_example_method_trains_evaluates_and_reports_under_its_own_name(tmp_path, cache_dir):
-    """The README's "Add a method", copied into a folder outside the project and run as written."""
-    blocks = code_blocks(readme_section("Add a method"))
-    files = [(lang, code) for lang, code in blocks if lang in ("python", "yaml")]
+def run_example(section: str, folder: Path, cache_dir: Path) -> None:
+    """A README example's files written into `folder` (each block names its file) and its bash
+    block run there as written, with this project's Python as `python`."""
+    blocks = code_blocks(section)
     (commands,) = [code for lang, code in blocks if lang == "bash"]
-    for _, code in files:
-        path = tmp_path / code.splitlines()[0].lstrip("# ").split()[0]  # the block names its file
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(code)
-    (tmp_path / "my_methods" / "my_methods" / "__init__.py").touch()
-    folder = tmp_path / "my_methods"
+    for lang, code in blocks:
+        if lang in ("python", "yaml"):
+            path = folder.parent / code.splitlines()[0].lstrip("# ").split()[0]  # the block names its file
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(code)
+    (folder / "my_methods" / "__init__.py").touch()
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",  # `python`: this one
@@ -58,9 +57,19 @@ def test_the_readmes_example_method_trains_evaluates_and_reports_under_its_own_n
     }
     env.pop("PYTHONPATH", None)
     done = subprocess.run(
-        ["bash", "-e", "-c", commands], cwd=folder, env=env, capture_output=True, text=True, timeout=600
+        ["bash", "-e", "-c", commands], cwd=folder, env=env, capture_output=True, text=True, timeout=900
     )
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def code_blocks(section: str) -> list[tuple[str, str]]:
+    return re.findall(r"```(\w+)\n(.*?)```", section, flags=re.S)
+
+
+def test_the_readmes_example_method_trains_evaluates_and_reports_under_its_own_name(tmp_path, cache_dir):
+    """The README's "Add a method", copied into a folder outside the project and run as written."""
+    folder = tmp_path / "my_methods"
+    run_example(readme_section("Add a method").split(SECOND_EXAMPLE)[0], folder, cache_dir)
 
     run = folder / "outputs/digits/smoothed_coop/coop-tiny-narrow_unified_m16_end/shots4/seed1"
     trained = json.loads((run / "results.json").read_text())
@@ -74,7 +83,7 @@ def test_the_readmes_example_method_trains_evaluates_and_reports_under_its_own_n
     assert "†" not in report  # its evaluation repeats its test: not a second run
 
     # Without the package on PYTHONPATH, its prompt file is one error line naming the class and the fix
-    env["PYTHONPATH"] = ""
+    env = {**os.environ, "COOP_CACHE": str(cache_dir), "PYTHONPATH": ""}
     evaluation = subprocess.run(
         [sys.executable, "-m", "src.eval", f"ckpt={run}", "dataset=digits"],
         cwd=ROOT,
@@ -86,6 +95,25 @@ def test_the_readmes_example_method_trains_evaluates_and_reports_under_its_own_n
     assert evaluation.returncode == 2
     (line,) = [line for line in evaluation.stderr.splitlines() if line.startswith("error:")]
     assert "my_methods.smoothed_coop.SmoothedCoOp" in line and "PYTHONPATH" in line and "'my_methods'" in line
+
+
+def test_the_readmes_method_that_is_not_coops_child_runs_every_entry_point(tmp_path, cache_dir):
+    """The README's second example (a `Method` written with the documented API), run as written:
+    train, src.eval, base-to-new, a sweep over seeds and contexts, src.report."""
+    folder = tmp_path / "my_methods"
+    run_example(readme_section("Add a method").split(SECOND_EXAMPLE)[1], folder, cache_dir)
+    run = folder / "outputs/digits/shifted_clip/coop-tiny-narrow/shots4/seed1"  # no context in its name
+    trained = json.loads((run / "results.json").read_text())
+    assert trained["method"] == "shifted_clip" and not trained["learns_context"]
+    assert trained["test_acc"] > trained["zeroshot_acc"]  # the shift learned something
+    evaluated = json.loads((run / "eval" / "digits" / "results.json").read_text())
+    assert evaluated["test_acc"] == pytest.approx(trained["test_acc"])
+    summary = json.loads((folder / "outputs" / "base_to_new" / "base_to_new.json").read_text())
+    assert summary["datasets"]["digits"]["seeds"] == 1 and summary["average"]["H"] > 0
+    swept = sorted(p.parent.name for p in (folder / "outputs" / "sweep").rglob("results.json"))
+    assert swept == ["seed1", "seed2"]  # two context settings x two seeds: one run per seed
+    report = (folder / "outputs" / "report" / "report.md").read_text()
+    assert "| shifted_clip |" in report and "†" not in report
 
 
 def test_a_prompt_file_naming_anything_but_a_method_is_refused(tiny_clip, tmp_path):
