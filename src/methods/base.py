@@ -423,9 +423,7 @@ def build_method(method_cfg: DictConfig, clip: FrozenCLIP, classnames: list[str]
     return module
 
 
-def check_options(
-    cls: type[Method], args: dict[str, Any], architecture: Architecture, name: str = ""
-) -> None:
+def check_options(cls: type[Method], args: dict[str, Any], architecture: Architecture) -> None:
     """`cls.check_config(args, architecture)`, a ValueError it raises as a `MethodOptionError`."""
     with options_refused():
         cls.check_config(args, architecture)
