@@ -16,6 +16,11 @@ like an uninterrupted one:
 
 A checkpoint that cannot be resumed from (truncated, holding pickled code, not this project's) stops
 the run with one line naming it, before the folder is used (`check_run_dir`).
+
+What a stopped run leaves for its continuation: SIGTERM (a preemption, a time limit) ends it with
+exit status 143 and a line naming the checkpoint it continues from (`stopped_by_sigterm`); its logs
+go on where the checkpoint left them (`ContinuedCSVLogger` keeps csv/metrics.csv's rows before it,
+`ContinuedWandbLogger` logs into the same W&B run).
 """
 
 from __future__ import annotations
