@@ -109,11 +109,13 @@ def variant_name(row: pd.Series) -> str:
 
 def tidy(runs: pd.DataFrame) -> pd.DataFrame:
     """Adds the columns that place each run in a table, and marks duplicated runs."""
-    runs = with_baselines(runs)
+    runs = runs.copy()
     defaults = {"subsample": "all", SOURCE_KEY: None, "ctx_init": None, "label_noise": 0.0, "ensemble": None}
+    defaults |= {"zeroshot_acc": None, "ckpt": None, "trained_subsample": None}
     for column, default in defaults.items():
         if column not in runs:
             runs[column] = default
+    runs = with_baselines(runs)
     for column, legacy in zip(CONTRACT_FIELDS, (LEGACY_ZERO_SHOT, LEGACY_CONTEXT), strict=True):
         known = runs[column] if column in runs else pd.Series(None, index=runs.index, dtype=object)
         runs[column] = known.where(known.notna(), runs["method"].isin(legacy)).astype(bool)
@@ -149,9 +151,6 @@ def with_baselines(runs: pd.DataFrame) -> pd.DataFrame:
     """The runs, plus a zero-shot row for each run that measured its baseline (`baseline=zeroshot`:
     zero-shot CLIP with the dataset's hand-made template on the same test set)."""
     runs = runs.assign(baseline=False)
-    for column in ("zeroshot_acc", "ckpt", "trained_subsample"):
-        if column not in runs:
-            runs[column] = None
     measured = runs[runs["zeroshot_acc"].notna() & ~runs["method"].eq("zeroshot")]
     if measured.empty:
         return runs

@@ -140,9 +140,8 @@ class Method(pl.LightningModule):
         terms = self.loss_terms(images, labels)
         loss = total_loss(terms)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(labels))
-        if len(terms) > 1:
-            for name, term in terms.items():
-                self.log(f"train/{name}", term, batch_size=len(labels))
+        for name, term in term_metrics(terms).items():
+            self.log(name, term, batch_size=len(labels))
         return loss
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
@@ -297,6 +296,12 @@ class TextOncePerEvaluation:
 
     def on_test_epoch_end(self) -> None:
         self._end_eval()
+
+
+def term_metrics(terms: LossTerms) -> dict[str, torch.Tensor]:
+    """What a step logs of its terms beside `train/loss`: each term as `train/<name>`, when there
+    are several (a single term is the loss itself)."""
+    return {f"train/{name}": term for name, term in terms.items()} if len(terms) > 1 else {}
 
 
 def total_loss(terms: LossTerms) -> torch.Tensor:

@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from src.common.files import save_torch
-from src.methods.base import LIGHTNING_HOOKS, Method, overridden, total_loss
+from src.methods.base import LIGHTNING_HOOKS, Method, overridden, term_metrics, total_loss
 from src.methods.coop import CoOp
 from src.models.clip import FrozenCLIP
 from src.packing.runs import PackedRun, StreamLoader
@@ -205,8 +205,7 @@ class PackedRuns(pl.LightningModule):
                 if self.device.type == "cpu" or self._logs_now(run):
                     self._stop_if_non_finite(run)
             if self._logs_now(run) and run.failed is None:  # as the step logs for the run alone
-                logged = {f"train/{name}": term.item() for name, term in run_terms.items()}
-                logged = logged if len(run_terms) > 1 else {}
+                logged = {name: term.item() for name, term in term_metrics(run_terms).items()}
                 run.log_metrics({"train/loss": loss.item(), **logged, "epoch": self.epoch}, step=run.steps)
             run.steps += 1
             run.epoch_steps += 1

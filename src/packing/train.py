@@ -125,7 +125,7 @@ def build_runs(runs: list[PackedRun]) -> FrozenCLIP:
         if run.last is not None:
             log.info("%s: resuming from %s", run.out, run.last)
             run.restore(read_checkpoint(run.last))
-        continue_logs(run.loggers, run.last)
+        continue_logs(run.loggers, run.steps)  # the restored checkpoint's step, 0 for a new run
     return clip
 
 

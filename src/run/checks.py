@@ -50,6 +50,12 @@ class Checks:
             self.mistakes.append((err, message))
             return None
 
+    def passed(self, check: Callable[[], Any]) -> bool:
+        """Runs `check` as `run` does; whether it found no mistake."""
+        before = len(self.mistakes)
+        self.run(check)
+        return len(self.mistakes) == before
+
     def raise_mistakes(self) -> None:
         if len(self.mistakes) == 1:
             raise self.mistakes[0][0]
@@ -86,7 +92,7 @@ def check_training_run(cfg: DictConfig, out: Path) -> CheckedRun:
     trainer = checks.run(lambda: build_trainer(cfg))
     datamodule = checks.run(lambda: instantiate(cfg.data, dataset=instantiate(cfg.dataset.reader)))
     if datamodule is not None:
-        selected = checks.run(lambda: check_data(datamodule, method)) is not None
+        selected = checks.passed(lambda: check_data(datamodule, method))
         if selected and (out / LAST_CHECKPOINT).is_file():  # a run that continues: on the same images
             checks.run(datamodule.check_resumed)
         if selected and args is not None and architecture is not None:
@@ -114,13 +120,12 @@ def use_images(cfg: DictConfig) -> None:
         cfg.data.cache_features = False
 
 
-def check_data(datamodule: FewShotDataModule, method: type[Method] | None) -> bool:
+def check_data(datamodule: FewShotDataModule, method: type[Method] | None) -> None:
     """The data folder, its split file, the few-shot subsets (drawn, or read from data.fewshot_file
     or the reference's pickle) and their images: what `setup` would refuse once training starts."""
     datamodule.select()
     if method is None or method.trains:
         datamodule.require_training_images()
-    return True
 
 
 def check_context_fits(model_name: str, classnames: list[str], args: dict[str, Any]) -> None:

@@ -60,10 +60,15 @@ def run(hydra_main: Callable[[], Any]) -> None:
     message = user_error(error, task=getattr(hydra_main, "__wrapped__", None))
     if message is None:
         raise error
-    for line in message.splitlines():
-        sys.stderr.write(f"error: {line}\n")
+    print_errors(message)
     interrupted = any(isinstance(cause, Interrupted) for cause in _chain(error))
     raise SystemExit(EXIT_INTERRUPTED if interrupted else EXIT_USAGE)
+
+
+def print_errors(message: str) -> None:
+    """A message's lines on stderr, each as `error: <line>`."""
+    for line in message.splitlines():
+        sys.stderr.write(f"error: {line}\n")
 
 
 class _RunFailed(BaseException):  # noqa: N818  (not an error of its own: it carries one)
@@ -94,8 +99,7 @@ def task(function: Task) -> Task:
             if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.RUN:
                 raise _RunFailed(err) from None
             if isinstance(err, Interrupted):
-                for line in str(err).splitlines():
-                    sys.stderr.write(f"error: {line}\n")
+                print_errors(str(err))
                 raise SystemExit(EXIT_INTERRUPTED) from err
             raise
 

@@ -6,6 +6,7 @@ Every entry point imports this module, which registers the resolvers once.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import sys
@@ -16,7 +17,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
-from src.common.prompt_file import load_prompt, run_folder
+from src.common.prompt_file import load_prompt, prompt_file, run_folder
 from src.data.subsample import subsample_suffix
 from src.models.clip import shipped_weights
 
@@ -71,16 +72,29 @@ def prompt_paths(ckpt: str | ListConfig | list) -> list[str]:
     return paths
 
 
+def read_prompt(path: str) -> dict[str, Any]:
+    """A prompt file as the resolvers read it: once per file and version, however many of them ask
+    (model=from_ckpt's name and weights, the seed, the run folder)."""
+    file = prompt_file(path)
+    stat = file.stat()
+    return _read_prompt(str(file.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _read_prompt(file: str, mtime_ns: int, size: int) -> dict[str, Any]:
+    return load_prompt(file)
+
+
 def prompt_field(path: str | ListConfig, field: str) -> Any:
     """A field of a prompt file (of the first, for an ensemble), for the config (model=from_ckpt
     reads the backbone from it)."""
-    return load_prompt(prompt_paths(path)[0])[field]
+    return read_prompt(prompt_paths(path)[0])[field]
 
 
 def prompt_seed(ckpt: str | ListConfig) -> int:
     """The default `seed=` of a command on a prompt: the seed its random-weight backbone was built
     with (the first prompt's, for an ensemble); 1 for loaded weights or a file older than the record."""
-    seed = load_prompt(prompt_paths(ckpt)[0]).get("backbone_seed")
+    seed = read_prompt(prompt_paths(ckpt)[0]).get("backbone_seed")
     return 1 if seed is None else int(seed)
 
 
@@ -90,7 +104,7 @@ def run_dir(ckpt: str | ListConfig) -> str:
     mistyped or unreadable ckpt= stops the command before Hydra makes a folder from it."""
     paths = prompt_paths(ckpt)
     for path in paths:
-        load_prompt(path)
+        read_prompt(path)
     return str(run_folder(paths[0]))
 
 

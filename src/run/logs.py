@@ -54,19 +54,14 @@ def silence_known_warnings() -> None:
         warnings.filterwarnings("ignore", message=message)
 
 
-def console_logging(log_file: str | None = None) -> None:
-    """The logging of a command that Hydra does not set up (src.protocols), as
-    conf/hydra/job_logging/quiet.yaml sets it up for the others: the console shows the project's
-    lines and libraries' errors; `log_file` (when given) has every line."""
-    formatter = logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+def console_logging() -> None:
+    """The console of a command that Hydra does not set up (src.protocols), as
+    conf/hydra/job_logging/quiet.yaml sets it up for the others: the project's lines and libraries'
+    errors."""
     console = logging.StreamHandler(sys.stdout)
-    console.setFormatter(formatter)
+    console.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
     console.addFilter(ProjectRecords())
-    handlers: list[logging.Handler] = [console]
-    if log_file is not None:
-        handlers.append(logging.FileHandler(log_file))
-        handlers[-1].setFormatter(formatter)
-    logging.basicConfig(level=logging.INFO, handlers=handlers, force=True)
+    logging.basicConfig(level=logging.INFO, handlers=[console], force=True)
     for name in LIBRARY_CONSOLES:  # printed through handlers of their own: through the root instead
         library = logging.getLogger(name)
         library.handlers.clear()

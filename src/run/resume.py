@@ -325,9 +325,9 @@ class ContinuedCSVLogger(CSVLogger):
             return rows, list(reader.fieldnames or [])
 
 
-def continue_logs(loggers: list[Logger], last: Path | None) -> None:
-    """The run's logs go on from the checkpoint it continues from (`last`; None: a new run)."""
-    step = read_checkpoint(last)["global_step"] if last is not None else 0
+def continue_logs(loggers: list[Logger], step: int) -> None:
+    """The run's logs go on from the optimiser step of the checkpoint it continues from (0: a new
+    run)."""
     for logger in loggers:
         if isinstance(logger, ContinuedCSVLogger):
             logger.continue_from(step)

@@ -25,7 +25,13 @@ from src.run.backbone import build_backbone, describe_backbone, describe_devices
 from src.run.checks import check_training_run
 from src.run.logs import silence_known_warnings
 from src.run.results import evaluation_fields, method_fields
-from src.run.resume import check_run_dir, continue_logs, prepare_run_dir, stopped_by_sigterm
+from src.run.resume import (
+    check_run_dir,
+    continue_logs,
+    prepare_run_dir,
+    read_checkpoint,
+    stopped_by_sigterm,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +48,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     checked = check_training_run(cfg, out)
     datamodule, trainer = checked.datamodule, checked.trainer
     last = prepare_run_dir(cfg, out)  # the folder remembers this configuration
-    continue_logs(trainer.loggers, last)
+    continue_logs(trainer.loggers, read_checkpoint(last)["global_step"] if last is not None else 0)
     clip = build_backbone(cfg, datamodule, trainer)
     module = build_method(cfg.method, clip, datamodule.classnames)
     log.info("%s with %s on %s", cfg.method.name, describe_backbone(clip), describe_devices(trainer))
