@@ -49,13 +49,17 @@ def overrides(method: str) -> list[str]:
 
 def config_recipe(cfg: Any) -> dict[str, Any]:
     """The settings a method's recipe decides, from the resolved run config."""
+    from src.methods.base import method_arguments, method_class
+
     data = cfg.data
+    cls = method_class(cfg.method)
     module = {
         k: v
-        for k, v in OmegaConf.to_container(cfg.method.module, resolve=True).items()
-        if k not in FORMER_OPTIMISATION and not k.startswith("_")
+        for k, v in method_arguments(cls, cfg.method.module).items()
+        if k not in FORMER_OPTIMISATION and k not in ("base",)
     }
     module["_target_"] = cfg.method.module.get("_target_")
+    module["base"] = str(cfg.method.module.get("base"))
     test_transform = OmegaConf.select(cfg, "data.test_transform")
     return {
         "data": {
