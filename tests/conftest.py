@@ -44,6 +44,20 @@ def make_cfg(overrides: list[str], output_dir: Path) -> DictConfig:
     return cfg
 
 
+def with_sgd(
+    module: Any, lr: float = 0.002, momentum: float = 0.9, weight_decay: float = 5e-4, **schedule: Any
+) -> Any:
+    """A method built by hand, given CoOp's recipe (conf/method/coop.yaml: SGD, warm-up and cosine),
+    with these values."""
+    from functools import partial
+
+    from src.methods.schedules import warmup_cosine
+
+    optimizer = partial(torch.optim.SGD, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    module.use_recipe(optimizer, partial(warmup_cosine, **schedule))
+    return module
+
+
 def run_clip(seed: int = 1) -> FrozenCLIP:
     """The random-weight tiny CLIP of a run of `seed` (model=tiny), as the run builds it."""
     torch.manual_seed(seed)

@@ -78,7 +78,7 @@ def test_recipe_preset_run_and_prompt_file(tiny_overrides, tmp_path, tiny_clip):
         4,
         "a photo of a",
     )
-    assert cfg.method.module.lr == 0.002
+    assert cfg.method.optimizer.lr == 0.002
     cfg.trainer.max_epochs = 1
     results = train(cfg)
     saved = json.loads((tmp_path / "results.json").read_text())

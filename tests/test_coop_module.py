@@ -10,14 +10,16 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from src.methods.coop import CoOp, warmup_cosine
+from src.methods.coop import CoOp
+from src.methods.schedules import warmup_cosine_factors
+from tests.conftest import with_sgd
 
 CLASSNAMES = ["cat", "dog", "bird"]
 
 
-def make_module(clip, **kwargs) -> CoOp:
+def make_module(clip, lr: float = 0.002, warmup_epochs: int = 1, **kwargs) -> CoOp:
     torch.manual_seed(0)
-    return CoOp(clip, CLASSNAMES, n_ctx=4, **kwargs)
+    return with_sgd(CoOp(clip, CLASSNAMES, n_ctx=4, **kwargs), lr=lr, warmup_epochs=warmup_epochs)
 
 
 def batches(clip, n: int = 8) -> DataLoader:
@@ -71,14 +73,14 @@ def test_clip_stays_frozen_and_in_eval_mode_through_training(tiny_clip, tmp_path
 
 
 def test_warmup_then_cosine_per_epoch():
-    factor = warmup_cosine(lr=0.002, warmup_lr=1e-5, warmup_epochs=1, max_epochs=10)
+    factor = warmup_cosine_factors(lr=0.002, warmup_lr=1e-5, warmup_epochs=1, epochs=10)
     lrs = [0.002 * factor(e) for e in range(10)]
     assert lrs[0] == pytest.approx(1e-5)
     for e in range(1, 10):
         assert lrs[e] == pytest.approx(0.001 * (1 + math.cos(math.pi * (e - 1) / 10)))
     assert lrs[1] == pytest.approx(0.002)
-    with pytest.raises(ValueError, match=r"method.module.lr=0: the learning rate must be positive"):
-        warmup_cosine(lr=0, warmup_lr=1e-5, warmup_epochs=1, max_epochs=10)
+    with pytest.raises(ValueError, match=r"method.optimizer.lr=0: the learning rate must be positive"):
+        warmup_cosine_factors(lr=0, warmup_lr=1e-5, warmup_epochs=1, epochs=10)
 
 
 def test_scheduler_steps_once_per_epoch(tiny_clip, tmp_path):

@@ -19,7 +19,7 @@ from src.methods.prograd import ProGrad
 from src.methods.promptsrc import PromptSRC, aggregate_name
 from src.report import load_runs
 from src.run.training import train
-from tests.conftest import make_cfg
+from tests.conftest import make_cfg, with_sgd
 
 TRAINED = ["cat", "dog", "sports car"]
 NEW = ["ship", "tree"]
@@ -117,7 +117,7 @@ def test_loss_is_the_weighted_sum_plus_the_base_regulariser(tiny_clip):
 
 
 def test_optimiser_is_the_bases_with_the_head_at_its_lr_ratio(tiny_clip):
-    module = trained_dept(tiny_clip, "coop")
+    module = with_sgd(trained_dept(tiny_clip, "coop"))
     module.trainer = pl.Trainer(max_epochs=10, logger=False, enable_checkpointing=False)
     assert module.base.trainer is module.trainer  # Lightning hands it to the base too
     config = module.configure_optimizers()
@@ -178,7 +178,7 @@ def test_each_base_composes_trains_and_reports_under_its_name(tiny_overrides, tm
     for base in BASES:
         args = ["dataset=oxford_pets", "method=dept", f"method/base={base}", "shots=1", *tiny_overrides]
         cfg = make_cfg([*args, "dataset.subsample=base", *TINY_DEPTH.get(base, [])], tmp_path / base)
-        recipes[base] = (cfg.trainer.max_epochs, cfg.data.batch_size, cfg.method.module.lr)
+        recipes[base] = (cfg.trainer.max_epochs, cfg.data.batch_size, cfg.method.optimizer.lr)
         cfg.trainer.max_epochs = 2
         results = train(cfg)
         assert results["method"] == f"{base}_dept" and results["base_method"] == base
@@ -211,7 +211,7 @@ def test_with_cat_weight_0_the_run_is_the_base_methods_with_the_same_recipe(tiny
     """The official baselines are re-runs with DePT's recipe: cat_weight=0 is that run, exactly."""
     args = ["dataset=oxford_pets", "shots=2", "trainer.max_epochs=2", *tiny_overrides]
     dept = train(make_cfg([*args, "method=dept", "method.module.cat_weight=0"], tmp_path / "dept"))
-    recipe = ["data.batch_size=4", "trainer.max_epochs=2", "method.module.lr=0.0035"]
+    recipe = ["data.batch_size=4", "trainer.max_epochs=2", "method.optimizer.lr=0.0035"]
     coop = train(make_cfg([*args, "method=coop", *recipe], tmp_path / "coop"))
     assert dept["test_acc"] == coop["test_acc"]
     contexts = [load_prompt(tmp_path / run)["ctx"] for run in ("dept", "coop")]

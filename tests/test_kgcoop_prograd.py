@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from src.methods.kgcoop import KgCoOp
 from src.methods.prograd import ProGrad, project_conflicting
 from src.run.training import train
-from tests.conftest import make_cfg
+from tests.conftest import make_cfg, with_sgd
 from tests.test_coop_module import fit
 
 NAMES = ["abyssinian", "american bulldog", "basset hound", "bengal"]
@@ -62,9 +62,8 @@ def test_prograd_update_never_works_against_the_kl_gradient(tiny_clip, tmp_path)
     """One real optimiser step (SGD, no momentum or decay): the applied update has a non-negative dot
     product with the KL gradient, though the plain CE gradient conflicts with it."""
     torch.manual_seed(0)
-    module = ProGrad(
-        tiny_clip, NAMES, template="a photo of a {}.", lr=1.0, momentum=0.0, weight_decay=0.0, warmup_epochs=0
-    )
+    module = ProGrad(tiny_clip, NAMES, template="a photo of a {}.")
+    with_sgd(module, lr=1.0, momentum=0.0, weight_decay=0.0, warmup_epochs=0)
     assert module.prompt_learner.n_ctx == 16
     ctx = module.prompt_learner.ctx
     assert torch.count_nonzero(ctx[:12]) == 0 and torch.count_nonzero(ctx[12:]) > 0  # zeros, then the words

@@ -107,7 +107,7 @@ def test_recipe_run_and_prompt_file(tiny_overrides, tmp_path, tiny_clip):
         2,
         "a photo of a",
     )
-    assert (cfg.method.module.lr, cfg.method.module.prompt_depth, caches_features(cfg)) == (
+    assert (cfg.method.optimizer.lr, cfg.method.module.prompt_depth, caches_features(cfg)) == (
         0.0035,
         9,
         False,

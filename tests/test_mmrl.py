@@ -262,9 +262,9 @@ def test_recipe_per_dataset_and_a_run(tiny_overrides, tmp_path, tiny_clip):
         return make_cfg([f"dataset={dataset}", "method=mmrl", *tiny_overrides, *extra], tmp_path)
 
     cfg = recipe("oxford_pets", "shots=1")
-    module = cfg.method.module
+    module, optimizer = cfg.method.module, cfg.method.optimizer
     assert (cfg.trainer.max_epochs, cfg.data.batch_size, list(cfg.data.crop_scale)) == (10, 4, [0.5, 1.0])
-    assert (module.lr, module.weight_decay, module.alpha, module.n_tokens, module.rep_dim) == (
+    assert (optimizer.lr, optimizer.weight_decay, module.alpha, module.n_tokens, module.rep_dim) == (
         0.001,
         5e-4,
         0.7,

@@ -40,7 +40,7 @@ def test_bf16_autocast_trains_an_fp32_context(tiny_overrides, tmp_path):
 def test_non_finite_loss_stops_the_run_with_one_clear_line(tiny_overrides, tmp_path):
     # lr = nan: the first step is finite, its update makes the context NaN, the second loss is NaN
     cfg = make_cfg(
-        ["dataset=oxford_pets", "shots=2", "trainer.max_epochs=3", *tiny_overrides, "method.module.lr=nan"],
+        ["dataset=oxford_pets", "shots=2", "trainer.max_epochs=3", *tiny_overrides, "method.optimizer.lr=nan"],  # noqa: E501
         tmp_path,
     )
     with pytest.raises(NonFiniteLossError) as caught:
@@ -48,6 +48,6 @@ def test_non_finite_loss_stops_the_run_with_one_clear_line(tiny_overrides, tmp_p
     message = user_error(caught.value)
     assert message == (
         "training loss is nan at epoch 1, batch 0 (precision 32-true): the run stopped; try "
-        "trainer.precision=bf16-mixed or 32-true, or a lower method.module.lr"
+        "trainer.precision=bf16-mixed or 32-true, or a lower method.optimizer.lr"
     )
     assert not (tmp_path / "results.json").exists()

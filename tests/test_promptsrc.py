@@ -19,7 +19,7 @@ from src.methods.base import method_from_prompt
 from src.methods.promptsrc import IMAGENET_TEMPLATES, PromptSRC, gpa_weights
 from src.protocols import main as protocols
 from src.run.training import train
-from tests.conftest import caches_features, make_cfg, run_clip
+from tests.conftest import caches_features, make_cfg, run_clip, with_sgd
 
 CLASSNAMES = ["cat", "dog", "sports car"]
 TINY = {"prompt_depth_text": 2, "prompt_depth_vision": 2}
@@ -119,7 +119,7 @@ class EpochPrompts(Callback):
 
 def fit(clip, epochs: int, callbacks: list, ckpt_path: str | None = None, seed: int = 0) -> PromptSRC:
     torch.manual_seed(seed)
-    module = PromptSRC(clip, CLASSNAMES, gpa_mean=2.5, gpa_std=1.0, lr=0.05, **TINY)
+    module = with_sgd(PromptSRC(clip, CLASSNAMES, gpa_mean=2.5, gpa_std=1.0, **TINY), lr=0.05)
     data = TensorDataset(images(clip, 6), torch.tensor([0, 1, 2, 0, 1, 2]))
     trainer = pl.Trainer(
         max_epochs=epochs,

@@ -125,7 +125,7 @@ def test_a_changed_config_is_refused_in_the_same_folder(tiny_overrides, tmp_path
     base = ["dataset=oxford_pets", *tiny_overrides]
     assert prepare_run_dir(make_cfg([*base, "trainer.max_epochs=4"], tmp_path), tmp_path) is None
     stored = json.loads((tmp_path / "fingerprint.json").read_text())["config"]
-    assert stored["trainer.max_epochs"] == 4 and stored["method.module.lr"] == 0.002
+    assert stored["trainer.max_epochs"] == 4 and stored["method.optimizer.lr"] == 0.002
     # settings that do not change what a run computes may differ
     same = make_cfg(
         [*base, "trainer.max_epochs=4", "data.num_workers=3", "trainer.enable_progress_bar=true"], tmp_path

@@ -84,7 +84,9 @@ def test_augmented_views_are_the_image_then_random_views():
 
 
 def test_tpt_run_writes_results(tiny_overrides, tmp_path):
-    overrides = ["dataset=oxford_pets", "dataset.subsample=new", "method=tpt", "data.test_transform.views=3"]
+    overrides = [
+        "dataset=oxford_pets", "dataset.subsample=new", "method=tpt", "method.data.test_transform.views=3"
+    ]  # fmt: skip
     cfg = make_cfg([*overrides, *tiny_overrides], tmp_path)
     assert (cfg.data.test_batch_size, cfg.method.module.lr, cfg.method.module.steps) == (1, 5e-3, 1)
     results = train(cfg)

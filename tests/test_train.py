@@ -38,8 +38,9 @@ RESULT_KEYS = {
 def test_paper_recipe_is_the_default(tmp_path):
     cfg = make_cfg(["dataset=oxford_pets", "shots=8"], tmp_path)
     assert cfg.model.name == "RN50-quickgelu" and cfg.model.pretrained == "openai"
-    assert cfg.method.module.lr == 0.002 and cfg.method.module.momentum == 0.9
-    assert cfg.method.module.weight_decay == 5e-4 and cfg.method.module.warmup_lr == 1e-5
+    assert cfg.method.optimizer._target_ == "torch.optim.SGD"
+    assert cfg.method.optimizer.lr == 0.002 and cfg.method.optimizer.momentum == 0.9
+    assert cfg.method.optimizer.weight_decay == 5e-4 and cfg.method.scheduler.warmup_lr == 1e-5
     assert cfg.data.batch_size == 32 and cfg.data.test_batch_size == 100
     assert cfg.ctx.n_ctx == 16 and cfg.ctx.class_token_position == "end"
     assert cfg.trainer.max_epochs == 200

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from src.methods.base import Method, MethodOptionError
+from src.methods.schedules import RunLength
 
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "writing_a_method.md"
 
@@ -74,14 +76,15 @@ def test_the_pages_example_trains_with_the_contracts_step(tiny_clip):
     names = ["cat", "dog", "car"]
     with pytest.raises(MethodOptionError, match="method.module.template='a photo': put {} where"):
         cls.create(tiny_clip, names, template="a photo")
-    module = cls.create(tiny_clip, names, lr=2.0)
+    module = cls.create(tiny_clip, names)
+    module.use_recipe(partial(torch.optim.SGD, lr=2.0))  # the config's `optimizer`, as a run gives it
     assert module.transfers and not module.learns_context  # the contract's defaults
     torch.manual_seed(0)
     features, labels = (
         torch.randn(12, tiny_clip.embed_dim),
         torch.tensor([0] * 10 + [1, 2]),
     )  # a prior to learn
-    optimizer = module.configure_optimizers()
+    optimizer = module.optimization(RunLength(epochs=1, steps=20))  # no schedule: the optimiser
     losses = []
     for _ in range(20):
         loss = module.training_step((features, labels), 0)  # the contract's one step

@@ -71,7 +71,9 @@ class AugmentedViews:
 
     def __init__(self, size: int, views: int = 63, augmix: bool = True) -> None:
         if views < 1:
-            raise ValueError(f"data.test_transform.views={views}: test-time tuning needs at least 1 view")
+            raise ValueError(
+                f"method.data.test_transform.views={views}: test-time tuning needs at least 1 view"
+            )
         self.views = views
         self.original = eval_transform(size)
         augment = [T.Lambda(_rgb), T.RandomResizedCrop(size), T.RandomHorizontalFlip()]

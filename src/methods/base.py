@@ -20,6 +20,10 @@ What a class gives, all optional but `forward`:
   folder is claimed (constructors do not check them again; `create` checks, then builds);
 - `result_fields()`, `method_state()` and `from_prompt()`: what it writes into results.json and
   prompt.pt, and its rebuild from prompt.pt.
+
+Its optimiser and schedule are its config's (`method.optimizer`, `method.scheduler`: Hydra
+partials), given to it by `build_method` (`use_recipe`); the inherited `configure_optimizers` applies
+them to the parameters that train (`param_groups`).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar
@@ -39,6 +43,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from src.common.messages import override
 from src.common.prompt_file import CHECKPOINT_PROMPT, PROMPT_FORMAT
+from src.methods.schedules import RunLength
 from src.models.clip import Architecture, FrozenCLIP
 
 LossTerms = dict[str, torch.Tensor]  # a batch's loss by its named terms, each already weighted
@@ -111,6 +116,8 @@ class Method(pl.LightningModule):
         self.strict_loading = False
         self.test_acc = MulticlassAccuracy(num_classes=len(classnames), average="micro")
         self.test_macro_acc = MulticlassAccuracy(num_classes=len(classnames), average="macro")
+        self.optimizer: Callable[..., torch.optim.Optimizer] | None = None
+        self.scheduler: Callable[..., dict[str, Any]] | None = None
 
     @classmethod
     def transfer_refusal(cls, options: dict[str, Any]) -> str | None:
@@ -143,6 +150,47 @@ class Method(pl.LightningModule):
         for name, term in term_metrics(terms).items():
             self.log(name, term, batch_size=len(labels))
         return loss
+
+    # -- the optimiser and schedule of the method's config ----------------------------------------
+    def use_recipe(
+        self,
+        optimizer: Callable[..., torch.optim.Optimizer] | None,
+        scheduler: Callable[..., dict[str, Any]] | None = None,
+    ) -> None:
+        """The optimiser and schedule factories that `configure_optimizers` applies: the run's
+        `method.optimizer` (`optimizer(param_groups)`, e.g. a `torch.optim.SGD` partial) and
+        `method.scheduler` (`scheduler(optimizer, length)`, `src.methods.schedules`)."""
+        self.optimizer, self.scheduler = optimizer, scheduler
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The parameter groups the optimiser gets: one group of every parameter that trains (CLIP's
+        never do). A group may carry `lr_scale`: its lr is the optimiser's lr times that (DePT's head)."""
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
+    def configure_optimizers(self) -> Any:
+        """Lightning's hook: `optimization` for the trainer's run."""
+        return self.optimization(RunLength.of(self.trainer))
+
+    def optimization(self, length: RunLength, groups: list[dict[str, Any]] | None = None) -> Any:
+        """The recipe's optimiser over `groups` (`param_groups` when None) and its schedule for a run
+        of `length`, as configure_optimizers gives Lightning (a pack asks without a trainer). None
+        when the method has no optimiser and trains nothing (zero-shot, training-free, test-time)."""
+        groups = self.param_groups() if groups is None else groups
+        if self.optimizer is None:
+            if type(self).trains and any(p.requires_grad for group in groups for p in group["params"]):
+                raise MethodOptionError(
+                    f"{class_path(type(self))} has parameters that train and no optimiser: give "
+                    "method.optimizer in its config (or Method.use_recipe when building it by hand)"
+                )
+            return None
+        scales = [group.pop("lr_scale", None) for group in groups]
+        optimizer = self.optimizer(groups)
+        for group, scale in zip(optimizer.param_groups, scales, strict=True):
+            if scale is not None:
+                group["lr"] = group["lr"] * scale
+        if self.scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": self.scheduler(optimizer, length)}
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         images, labels = batch
@@ -192,7 +240,7 @@ class Method(pl.LightningModule):
         """`from_prompt`'s common case: the class built with `hparams` on the prompt file's backbone,
         for `classnames` (None: its own), with the trained tensors the file holds."""
         check_backbone(state, clip)
-        module = cls(clip, list(classnames or state["classnames"]), **hparams)
+        module = cls(clip, list(classnames or state["classnames"]), **constructor_hparams(cls, hparams))
         module.load_trained_weights(state["weights"], f"the prompt file of {state['method']}")
         module.name = state["method"]
         return module
@@ -415,6 +463,25 @@ def method_arguments(cls: type[Method], module_cfg: DictConfig | dict[str, Any])
     return args
 
 
+# A prompt file's hyper-parameters from before the optimiser and schedule moved into the config
+# (method.optimizer, method.scheduler): no longer constructor arguments, left out of a rebuild.
+FORMER_RECIPE_ARGUMENTS = frozenset(
+    {"lr", "momentum", "weight_decay", "warmup_epochs", "warmup_lr", "betas", "eps", "eta_min"}
+)
+
+
+def constructor_hparams(cls: type[Method], hparams: dict[str, Any]) -> dict[str, Any]:
+    """A prompt file's `hparams` that `cls` still takes: those of older files that are now the
+    config's recipe (FORMER_RECIPE_ARGUMENTS) left out."""
+    taken = {
+        name
+        for klass in cls.__mro__
+        if issubclass(klass, Method) and "__init__" in vars(klass)
+        for name in inspect.signature(klass.__init__).parameters
+    }
+    return {k: v for k, v in hparams.items() if k in taken or k not in FORMER_RECIPE_ARGUMENTS}
+
+
 def build_method(method_cfg: DictConfig, clip: FrozenCLIP, classnames: list[str]) -> Method:
     """The method of a run's config (`method.module`, named `method.name`), its options checked
     first (`Method.check_config`: constructors do not check them again)."""
@@ -425,7 +492,19 @@ def build_method(method_cfg: DictConfig, clip: FrozenCLIP, classnames: list[str]
     with options_refused():
         module = instantiate(method_cfg.module, clip=clip, classnames=classnames)
     module.name = method_cfg.name
+    module.use_recipe(*recipe_factories(method_cfg))
     return module
+
+
+def recipe_factories(method_cfg: DictConfig) -> tuple[Callable[..., Any] | None, Callable[..., Any] | None]:
+    """The optimiser and schedule factories of a method's config (`method.optimizer`,
+    `method.scheduler`: Hydra partials; absent or null: none)."""
+    from hydra.utils import instantiate  # noqa: PLC0415  (Hydra only where a config is built)
+
+    return tuple(  # type: ignore[return-value]
+        None if OmegaConf.select(method_cfg, key) is None else instantiate(method_cfg[key])
+        for key in ("optimizer", "scheduler")
+    )
 
 
 def check_options(cls: type[Method], args: dict[str, Any], architecture: Architecture) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import math
 import re
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -24,7 +23,6 @@ from open_clip.transformer import VisionTransformer
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 from torch import nn
-from torch.optim.lr_scheduler import CosineAnnealingLR
 
 from src.common.messages import override
 from src.methods.base import Method, TextOncePerEvaluation, plain
@@ -152,8 +150,9 @@ class CLIPLoRA(TextOncePerEvaluation, Method):
     dropout on the adapters' input, A kaiming-uniform and B zero, so an untrained model is CLIP.
     Logits: a fixed `logit_scale` (100, the official; None: CLIP's) times the cosine of the adapted
     image features and the adapted text features of `template` for each class, recomputed with
-    gradients at every step. AdamW on the adapters only, cosine per step to `eta_min`, no warm-up;
-    the number of steps is the trainer's (`trainer.max_steps`, 500 x shots in the recipe)."""
+    gradients at every step. The recipe (conf/method/clip_lora.yaml): AdamW on the adapters only,
+    cosine per step to 1e-6, no warm-up, over the trainer's steps (`trainer.max_steps`, 500 x
+    shots)."""
 
     name = "clip_lora"
     needs_images = True  # the adapted image encoder: images, never cached features
@@ -170,10 +169,6 @@ class CLIPLoRA(TextOncePerEvaluation, Method):
         layers: Sequence[int] | None = None,
         template: str = "a photo of a {}.",
         logit_scale: float | None = 100.0,
-        lr: float = 2e-4,
-        betas: Sequence[float] = (0.9, 0.999),
-        weight_decay: float = 1e-2,
-        eta_min: float = 1e-6,
     ) -> None:
         super().__init__(clip, classnames)
         params, layers = list(params), None if layers is None else list(layers)
@@ -214,7 +209,7 @@ class CLIPLoRA(TextOncePerEvaluation, Method):
     @classmethod
     def check_config(cls, args: dict[str, Any], architecture: Architecture) -> None:
         super().check_config(args, architecture)
-        check_options(args["rank"], args["dropout"], args["encoder"], list(args["params"]), args["lr"])
+        check_options(args["rank"], args["dropout"], args["encoder"], list(args["params"]))
         HandMadeGuided.check_template(args["template"])
         encoder, layers = args["encoder"], args["layers"]
         if encoder in ("both", "vision") and architecture.image_encoder != "vit":
@@ -268,22 +263,6 @@ class CLIPLoRA(TextOncePerEvaluation, Method):
     def loss_terms(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """`ce`: the cross-entropy of the adapted model's logits."""
         return {"ce": F.cross_entropy(self(images), labels)}
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
-        steps = self.trainer.estimated_stepping_batches
-        if not math.isfinite(steps):
-            raise ValueError(
-                "method=clip_lora counts iterations: set trainer.max_steps (the recipe: 500 x shots)"
-            )
-        optimizer = torch.optim.AdamW(
-            [p for p in self.parameters() if p.requires_grad],  # the adapters only
-            lr=hp.lr,
-            betas=tuple(hp.betas),
-            weight_decay=hp.weight_decay,
-        )
-        schedule = CosineAnnealingLR(optimizer, T_max=int(steps), eta_min=hp.eta_min)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # -- results and the adapters, as a small portable file ---------------------------------
     def trained_iterations(self) -> int | None:
@@ -344,7 +323,7 @@ class CLIPLoRA(TextOncePerEvaluation, Method):
         return module
 
 
-def check_options(rank: int, dropout: float, encoder: str, params: list[str], lr: float) -> None:
+def check_options(rank: int, dropout: float, encoder: str, params: list[str]) -> None:
     if rank < 1:
         raise ValueError(f"method.module.rank={rank}: the adapters' rank must be at least 1")
     if not 0 <= dropout < 1:
@@ -353,5 +332,3 @@ def check_options(rank: int, dropout: float, encoder: str, params: list[str], lr
         raise ValueError(f"method.module.encoder={encoder}: use both, text or vision")
     if not params or not set(params) <= set(PROJECTIONS):
         raise ValueError(f"method.module.params={params}: use some of q, k, v, o (o: the output projection)")
-    if lr <= 0:
-        raise ValueError(f"method.module.lr={lr}: the learning rate must be positive")

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.classification import MulticlassAccuracy
 
 from src.common.messages import override
@@ -18,6 +16,7 @@ from src.methods.base import (
     Method,
     TextOncePerEvaluation,
     check_backbone,
+    constructor_hparams,
     plain,
 )
 from src.models.clip import Architecture, FrozenCLIP
@@ -48,11 +47,6 @@ class CoOp(TextOncePerEvaluation, Method):
         class_specific: bool = False,
         class_token_position: Position = "end",
         ctx_init_count: InitCount = "words",
-        lr: float = 0.002,
-        momentum: float = 0.9,
-        weight_decay: float = 5e-4,
-        warmup_epochs: int = 1,
-        warmup_lr: float = 1e-5,
     ) -> None:
         super().__init__(clip, classnames)
         self.save_hyperparameters(ignore=["clip"])
@@ -132,27 +126,6 @@ class CoOp(TextOncePerEvaluation, Method):
         self.val_acc(self(images), labels)
         self.log("val/acc", self.val_acc, prog_bar=True, batch_size=len(labels))
 
-    def configure_optimizers(self, groups: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-        return self.optimization(self.trainer.max_epochs, groups)
-
-    def optimization(self, max_epochs: int, groups: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-        """SGD over every parameter that trains, at `lr`, or over parameter `groups` (those of a
-        method built on this one: DePT's own layers at an lr of their own); every group warms up at
-        `warmup_lr`, then follows the cosine from its own lr over `max_epochs` epochs: what
-        configure_optimizers gives Lightning (a pack asks for it without a trainer, src/packing/train.py)."""
-        hp = self.hparams
-        if groups is None:
-            groups = [{"params": [p for p in self.parameters() if p.requires_grad]}]  # CLIP's are frozen
-        optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
-        schedules = [
-            warmup_cosine(group["lr"], hp.warmup_lr, hp.warmup_epochs, max_epochs)
-            for group in optimizer.param_groups
-        ]
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": LambdaLR(optimizer, schedules), "interval": "epoch"},
-        }
-
     # -- results and the learned prompt, as a small portable file ---------------------------
     def result_fields(self) -> dict[str, Any]:
         learner = self.prompt_learner
@@ -208,7 +181,7 @@ class CoOp(TextOncePerEvaluation, Method):
             clip,
             classnames,
             **{
-                **state.get("hparams", {}),
+                **constructor_hparams(cls, state.get("hparams", {})),
                 "n_ctx": state["n_ctx"],
                 "ctx_init": state.get("ctx_init"),
                 "class_specific": state["class_specific"],
@@ -236,17 +209,3 @@ def _of_dataset(trained_on: dict[str, str] | None) -> str:
     subsample = trained_on["subsample"]
     classes = "" if subsample == "all" else f", {override('dataset.subsample', subsample)}"
     return f" of {trained_on['dataset']}{classes}"
-
-
-def warmup_cosine(lr: float, warmup_lr: float, warmup_epochs: int, max_epochs: int):
-    """LR factor per epoch: constant `warmup_lr` for the warm-up epochs, then the cosine of the
-    reference, lr * 0.5 * (1 + cos(pi * (e - warmup) / max_epochs)), stepped once per epoch."""
-    if lr <= 0:
-        raise ValueError(f"method.module.lr={lr}: the learning rate must be positive")
-
-    def factor(epoch: int) -> float:
-        if epoch < warmup_epochs:
-            return warmup_lr / lr
-        return 0.5 * (1 + math.cos(math.pi * (epoch - warmup_epochs) / max_epochs))
-
-    return factor

@@ -166,13 +166,11 @@ class DePT(Method):
         self.val_acc(self(images), labels)
         self.log("val/acc", self.val_acc, prog_bar=True, batch_size=len(labels))
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        """The base's optimiser and schedule, the head's layers at `cat_lr_ratio` times its lr."""
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The base's trained parameters, and the head's at `cat_lr_ratio` times the optimiser's lr
+        (the recipe's `method.optimizer`: the base's)."""
         base = [p for p in self.base.parameters() if p.requires_grad]
-        head_lr = self.base.hparams.lr * self.cat_lr_ratio
-        return self.base.configure_optimizers(
-            [{"params": base}, {"params": list(self.head.parameters()), "lr": head_lr}]
-        )
+        return [{"params": base}, {"params": list(self.head.parameters()), "lr_scale": self.cat_lr_ratio}]
 
     # The base's own epoch hooks (PromptSRC aggregates its prompts over the epochs); the base is
     # attached to the trainer as a child module (Lightning passes it on).

@@ -77,7 +77,6 @@ class IVLP(DeepPrompts):
         ctx_init: str | None = "a photo of a",
         class_specific: bool = False,
         class_token_position: Position = "end",
-        lr: float = 0.0025,
         **coop_args: Any,
     ) -> None:
         visual = clip.model.visual
@@ -90,7 +89,6 @@ class IVLP(DeepPrompts):
             ctx_init=ctx_init,
             class_specific=class_specific,
             class_token_position=class_token_position,
-            lr=lr,
             **coop_args,
         )
         text_width = clip.token_embedding.weight.shape[1]

@@ -38,13 +38,12 @@ class MaPLe(DeepPrompts):
         ctx_init: str | None = "a photo of a",
         class_specific: bool = False,
         class_token_position: Position = "end",
-        lr: float = 0.0035,
         **coop_args: Any,
     ) -> None:
         visual = clip.model.visual
         deep_prompts.check_prompt_ready_vit(visual, clip.name)
         ctx_init = words_or_random(clip, n_ctx, ctx_init)
-        super().__init__(clip, classnames, n_ctx=n_ctx, ctx_init=ctx_init, lr=lr, **coop_args)
+        super().__init__(clip, classnames, n_ctx=n_ctx, ctx_init=ctx_init, **coop_args)
         n_ctx = self.prompt_learner.n_ctx
         text_width = clip.token_embedding.weight.shape[1]
         image_width = visual.transformer.width

@@ -11,12 +11,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.classification import MulticlassAccuracy
 
 from src.common.messages import override
 from src.methods.base import Method, TextOncePerEvaluation, plain
-from src.methods.coop import warmup_cosine
 from src.methods.zeroshot import HandMadeGuided, template_text_features
 from src.models import rep_tokens
 from src.models.clip import Architecture, FrozenCLIP
@@ -54,10 +52,6 @@ class MMRL(TextOncePerEvaluation, Method):
         rep_layers: Sequence[int] = OFFICIAL_REP_LAYERS,
         alpha: float = 0.7,
         reg_weight: float = 1.0,
-        lr: float = 1e-3,
-        weight_decay: float = 5e-4,
-        warmup_epochs: int = 1,
-        warmup_lr: float = 1e-5,
         trained_classnames: list[str] | None = None,
     ) -> None:
         visual = clip.model.visual
@@ -68,8 +62,6 @@ class MMRL(TextOncePerEvaluation, Method):
         self.rep_layers = list(rep_layers)
         self.alpha = alpha
         self.reg_weight = reg_weight
-        self.lr, self.weight_decay = lr, weight_decay
-        self.warmup_epochs, self.warmup_lr = warmup_epochs, warmup_lr
         self.trained_classnames = list(trained_classnames or classnames)
         # the official test: fused logits on the classes trained on, the class token's on others
         self.fuse = self.classnames == self.trained_classnames
@@ -214,18 +206,6 @@ class MMRL(TextOncePerEvaluation, Method):
         self.val_acc(self(images), labels)
         self.log("val/acc", self.val_acc, prog_bar=True, batch_size=len(labels))
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        """AdamW on the tokens, their Linears and proj_rep; the warm-up epoch(s) then the cosine
-        stepped per epoch, as CoOp's schedule."""
-        optimizer = torch.optim.AdamW(
-            [p for p in self.parameters() if p.requires_grad], lr=self.lr, weight_decay=self.weight_decay
-        )
-        schedule = warmup_cosine(self.lr, self.warmup_lr, self.warmup_epochs, self.trainer.max_epochs)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": LambdaLR(optimizer, schedule), "interval": "epoch"},
-        }
-
     # -- results and the prompt file ----------------------------------------------------------
     def hyperparameters(self) -> dict[str, Any]:
         """The arguments that rebuild the method (besides CLIP and the class list)."""
@@ -236,10 +216,6 @@ class MMRL(TextOncePerEvaluation, Method):
             "rep_layers": self.rep_layers,
             "alpha": self.alpha,
             "reg_weight": self.reg_weight,
-            "lr": self.lr,
-            "weight_decay": self.weight_decay,
-            "warmup_epochs": self.warmup_epochs,
-            "warmup_lr": self.warmup_lr,
             "trained_classnames": self.trained_classnames,
         }
 

@@ -51,8 +51,6 @@ class TipAdapter(Method):
         search_scale: Sequence[float] = (7.0, 3.0),
         search_steps: Sequence[int] = (200, 20),
         finetune: bool = False,
-        lr: float = 0.001,
-        eps: float = 1e-4,
     ) -> None:
         super().__init__(clip, classnames)
         if augment_views < 1:
@@ -62,7 +60,6 @@ class TipAdapter(Method):
         self.init_alpha, self.init_beta = alpha, beta
         self.search_scale, self.search_steps = tuple(search_scale), tuple(search_steps)
         self.finetune = finetune
-        self.lr, self.eps = lr, eps
         self.val_acc = MulticlassAccuracy(num_classes=len(classnames), average="micro")
         dim = clip.model.visual.output_dim
         self.keys = nn.Parameter(torch.zeros(0, dim), requires_grad=finetune)
@@ -191,15 +188,6 @@ class TipAdapter(Method):
         # A run resumed after its last epoch skips on_train_end: search before testing.
         if not self.searched:
             self.search_hyperparameters()
-
-    def configure_optimizers(self) -> dict[str, Any] | None:
-        if not self.finetune:
-            return None
-        optimizer = torch.optim.AdamW([self.keys], lr=self.lr, eps=self.eps)
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
-            optimizer, self.trainer.estimated_stepping_batches
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # -- results and the portable file ------------------------------------------------------
     def result_fields(self) -> dict[str, Any]:

@@ -219,7 +219,7 @@ class PackedRuns(pl.LightningModule):
         run.failed = (
             f"{run.out}: training loss is not finite at epoch {self.epoch} (precision "
             f"{self.trainer.precision}): try trainer.precision=bf16-mixed or 32-true, or a lower "
-            "method.module.lr"
+            "method.optimizer.lr"
         )
         log.error("%s; the pack's other runs go on", run.failed)
         if all(r.failed is not None for r in self.runs):

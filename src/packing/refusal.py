@@ -16,9 +16,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
-from src.methods.base import method_class
+from src.methods.base import method_class, recipe_factories
+from src.methods.schedules import RunLength
 from src.packing.module import step_refusal
 from src.run.resume import differences
 
@@ -59,6 +61,9 @@ def pack_refusal(cfg: DictConfig) -> str | None:
     refusal = step_refusal(method)
     if refusal is not None:
         return f"method={cfg.method.name} ({method.__name__}) {refusal}"
+    interval = schedule_interval(cfg.method)
+    if interval not in (None, "epoch"):
+        return f"method.scheduler steps per {interval}: a pack steps schedules per epoch; runs train alone"
     trainer = cfg.trainer
     other = [
         f"trainer.{key}={trainer[key]}"
@@ -131,3 +136,13 @@ def leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
             yield from leaves(value, f"{prefix}{index}.")
     else:
         yield prefix[:-1], node
+
+
+def schedule_interval(method_cfg: DictConfig) -> str | None:
+    """Whether the schedule of a method's recipe (method.scheduler) steps per "epoch" or "step";
+    None without one."""
+    optimizer, scheduler = recipe_factories(method_cfg)
+    if optimizer is None or scheduler is None:
+        return None
+    built = scheduler(optimizer([torch.zeros(1, requires_grad=True)]), RunLength(epochs=1, steps=1))
+    return built.get("interval", "epoch")

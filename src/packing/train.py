@@ -10,6 +10,7 @@ sweep's business (src/packing/jobs.py); the pack's step is src/packing/module.py
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -21,6 +22,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from src.methods.base import build_method
+from src.methods.schedules import RunLength
 from src.models.clip import FrozenCLIP
 from src.packing.jobs import logging_to, member_configs
 from src.packing.module import PackedRuns
@@ -119,7 +121,8 @@ def build_runs(runs: list[PackedRun]) -> FrozenCLIP:
         run.datamodule.setup("fit")  # the run's few-shot subsets (fewshot.json)
         run.stream = RandomStream(states[int(run.cfg.seed)])
         run.module = run.stream.drawing(build_method, run.cfg.method, clip, run.datamodule.classnames)
-        optimization = run.module.optimization(run.max_epochs)
+        # a pack steps the schedules per epoch (`pack_refusal` leaves per-step ones to train alone)
+        optimization = run.module.optimization(RunLength(epochs=run.max_epochs, steps=math.inf))
         run.optimizer = optimization["optimizer"]
         run.scheduler = optimization["lr_scheduler"]["scheduler"]
         if run.last is not None:

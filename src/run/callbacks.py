@@ -41,5 +41,5 @@ class StopOnNonFiniteLoss(pl.Callback):
             raise NonFiniteLossError(
                 f"training loss is {loss.item()} at epoch {trainer.current_epoch}, batch {batch_idx} "
                 f"(precision {trainer.precision}): the run stopped; try trainer.precision=bf16-mixed or "
-                "32-true, or a lower method.module.lr"
+                "32-true, or a lower method.optimizer.lr"
             )

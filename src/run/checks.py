@@ -22,12 +22,14 @@ from omegaconf import DictConfig, open_dict
 from src.common.messages import one_of, override
 from src.common.prompt_file import LAST_CHECKPOINT
 from src.data.datamodule import FewShotDataModule
-from src.methods.base import Method, check_options, method_arguments, method_class
+from src.methods.base import Method, check_options, method_arguments, method_class, recipe_factories
+from src.methods.schedules import RunLength
 from src.models.clip import Architecture
 from src.models.prompt_learner import check_prompts_fit
 from src.models.text_encoder import check_text_path
 from src.models.weights import check_weights
 from src.run.cli import UserErrors, user_error
+from src.run.config import check_recipe_places
 from src.run.resume import AtomicCheckpointIO, check_run_dir
 
 T = TypeVar("T")
@@ -84,6 +86,7 @@ def check_training_run(cfg: DictConfig, out: Path) -> CheckedRun:
     args = checks.run(lambda: method_arguments(method, cfg.method.module)) if method else None
     if args is not None and architecture is not None:
         checks.run(lambda: check_options(method, args, architecture))
+    checks.run(lambda: check_recipe(cfg.method))
     if args is not None and checks.run(lambda: method.needs_images_for(args)):
         checks.run(lambda: use_images(cfg))
     if architecture is not None:  # the weights of a known architecture only
@@ -101,6 +104,35 @@ def check_training_run(cfg: DictConfig, out: Path) -> CheckedRun:
             checks.run(datamodule.cache.check_writable)
     checks.raise_mistakes()
     return CheckedRun(datamodule, trainer)
+
+
+def check_recipe(method_cfg: DictConfig) -> None:
+    """The method's recipe: only keys that a setting reads (`RECIPE_PLACES`), and an optimiser and
+    schedule that build (tried on one parameter): a wrong target or value is one line naming
+    method.optimizer or method.scheduler, before the run folder is claimed."""
+    check_recipe_places(method_cfg)
+    try:
+        optimizer, scheduler = recipe_factories(method_cfg)
+    except Exception as err:  # Hydra's InstantiationException wraps the cause
+        raise ValueError(f"method.optimizer / method.scheduler do not build: {root_cause(err)}") from err
+    if optimizer is None:
+        return
+    try:
+        built = optimizer([torch.zeros(1, requires_grad=True)])
+    except Exception as err:  # torch's own checks (lr, momentum, betas ...) or a wrong argument
+        raise ValueError(f"method.optimizer: {root_cause(err)}") from err
+    if scheduler is not None:
+        try:
+            scheduler(built, RunLength(epochs=1, steps=1))
+        except Exception as err:
+            raise ValueError(f"method.scheduler: {root_cause(err)}") from err
+
+
+def root_cause(err: BaseException) -> str:
+    """The innermost error's message, on one line."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return " ".join(str(err).split())
 
 
 def check_baseline(baseline: str | None) -> None:

@@ -113,6 +113,51 @@ def ensemble_suffix(ckpt: str | ListConfig, mode: str) -> str:
     return f"_ensemble{len(ckpt)}_{mode}" if isinstance(ckpt, (ListConfig, list)) else ""
 
 
+# Where a method's recipe (conf/method/<name>.yaml) sets the run's settings: each key below reads
+# `method.<group>.<key>` in conf/<group>/ (tests/test_recipes.py holds the two together), and a
+# value given for the key itself (data.batch_size=8) is taken over the method's.
+RECIPE_PLACES = {
+    "data": (
+        "batch_size",
+        "drop_last",
+        "test_batch_size",
+        "crop_scale",
+        "hflip",
+        "test_transform",
+        "cache_features",
+    ),
+    "trainer": ("max_epochs", "epochs_by_shots", "max_steps", "check_val_every_n_epoch"),
+    "ctx": ("n_ctx", "init"),
+}
+
+
+def check_recipe_places(method_cfg: DictConfig) -> None:
+    """A ValueError naming a key of the method's recipe that no setting reads (a typo, or a setting
+    that is not a recipe's): it would be silently ignored."""
+    for group, places in RECIPE_PLACES.items():
+        for key in method_cfg.get(group) or {}:
+            if key not in places:
+                raise ValueError(
+                    f"method.{group}.{key}: a method's recipe sets {group}.{', '.join(places)} "
+                    f"(docs/writing_a_method.md, The recipe); set {group}.{key} itself in an experiment "
+                    "config or on the command line"
+                )
+
+
+def by_shots(epochs: DictConfig | None, shots: int, default: int) -> int:
+    """A recipe's epochs for the shots of the run (method.trainer.epochs_by_shots: {1: 50, ...});
+    `default` without one. OmegaConf cannot look up a key from an integer interpolation."""
+    if epochs is None:
+        return default
+    table = {int(k): v for k, v in epochs.items()}
+    if int(shots) not in table:
+        raise ValueError(
+            f"method.trainer.epochs_by_shots has no epochs for shots={shots} (it has {sorted(table)}): "
+            "add them, or set trainer.max_epochs"
+        )
+    return table[int(shots)]
+
+
 OmegaConf.register_new_resolver("default_precision", default_precision, replace=True)
 OmegaConf.register_new_resolver("subsample_suffix", subsample_suffix, replace=True)
 OmegaConf.register_new_resolver("shipped_weights", shipped_weights, replace=True)
@@ -124,3 +169,4 @@ OmegaConf.register_new_resolver("prompt_seed", prompt_seed, replace=True)
 OmegaConf.register_new_resolver("ensemble_suffix", ensemble_suffix, replace=True)
 # A recipe's count from another setting (method=clip_lora: trainer.max_steps=${mul:500,${shots}}).
 OmegaConf.register_new_resolver("mul", lambda *factors: math.prod(factors), replace=True)
+OmegaConf.register_new_resolver("by_shots", by_shots, replace=True)

@@ -60,6 +60,10 @@ FINGERPRINT = "fingerprint.json"
 # compared with its values replaced by placeholders, so a moved data or output folder still resumes.
 NOT_FINGERPRINTED = (
     "logger",
+    # a method's recipe places: what they set is fingerprinted where it is read (data.*, trainer.*, ctx.*)
+    "method.ctx",
+    "method.data",
+    "method.trainer",
     "trainer.enable_progress_bar",
     "trainer.enable_model_summary",
     "trainer.log_every_n_steps",
@@ -112,7 +116,7 @@ def check_run_dir(cfg: DictConfig, out: Path, resuming: bool = True) -> None:
 def _check_same_configuration(cfg: DictConfig, out: Path) -> None:
     stored_file = out / FINGERPRINT
     try:
-        stored = upgrade_fingerprint(json.loads(stored_file.read_text())["config"])
+        stored = upgrade_fingerprint(json.loads(stored_file.read_text())["config"], fingerprint(cfg))
     except (ValueError, KeyError, TypeError) as err:
         raise RunDirError(
             f"{stored_file} is not a run's fingerprint ({type(err).__name__}): delete that folder to "
@@ -160,9 +164,30 @@ MOVED_MACHINERY = re.compile(r"^src\.(resume|callbacks|cluster)\.")
 FORMER_KEYS = ("method.fit", "method.zero_shot", "method.module.method")
 
 
-def upgrade_fingerprint(stored: dict[str, Any]) -> dict[str, Any]:
-    """A stored fingerprint in today's names."""
-    return {key: _upgraded(value) for key, value in stored.items() if key not in FORMER_KEYS}
+# Folders started before the recipes moved into the method configs: the optimiser's and schedule's
+# arguments were the constructor's (method.module.lr ...), their classes the method's own, and
+# data.drop_last and trainer.max_steps were not keys unless a recipe set them.
+FORMER_OPTIMISER = ("lr", "momentum", "weight_decay", "betas", "eps")
+FORMER_SCHEDULE = ("warmup_epochs", "warmup_lr", "eta_min")
+FORMER_RECIPE_KEYS = {
+    **{f"method.module.{k}": f"method.optimizer.{k}" for k in FORMER_OPTIMISER},
+    **{f"method.module.{k}": f"method.scheduler.{k}" for k in FORMER_SCHEDULE},
+}
+FORMER_DEFAULTS = {"data.drop_last": None, "trainer.max_steps": -1}
+
+
+def upgrade_fingerprint(stored: dict[str, Any], current: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A stored fingerprint in today's names. One from before the recipes moved into the method
+    configs takes the optimiser's and schedule's targets from `current` (the class's former, fixed
+    choice is what its recipe now names: tests/test_recipes.py)."""
+    upgraded = {key: _upgraded(value) for key, value in stored.items() if key not in FORMER_KEYS}
+    if current is None or any(_under(k, "method.optimizer") for k in stored):
+        return upgraded
+    recipe = {k: v for k, v in current.items() if k.startswith(("method.optimizer.", "method.scheduler."))}
+    for old, new in FORMER_RECIPE_KEYS.items():
+        if old in upgraded and old not in current:  # (TPT's lr is still its own: a test-time step's)
+            recipe[new] = upgraded.pop(old)
+    return {**FORMER_DEFAULTS, **recipe, **upgraded}
 
 
 def _upgraded(value: Any) -> Any:
