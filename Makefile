@@ -37,8 +37,9 @@ prepare:
 	$(PY) -m src.data.prepare $(NAME) --data-dir $(or $(DATA),data)
 
 # make report DIR=outputs/fewshot_grid: runs.csv, report.md (tables) and plots/ in DIR/report/
+# (ARGS=--wandb: also as one W&B run)
 report:
-	$(PY) -m src.report $(or $(DIR),outputs)
+	$(PY) -m src.report $(or $(DIR),outputs) $(ARGS)
 
 # A one-node SLURM cluster on this machine for the SLURM tests (as root: installs slurm-wlm, munge)
 slurm-up:

@@ -1,6 +1,7 @@
 """The paper's tables and figures from a folder of runs.
 
     python -m src.report outputs/fewshot_grid            # or: make report DIR=outputs/fewshot_grid
+    python -m src.report outputs/fewshot_grid --wandb    # also as one W&B run (WANDB_MODE=offline works)
 
 Reads every results.json under DIR and writes, into DIR/report/ (or --out):
   runs.csv      one row per run (duplicates marked),
@@ -14,10 +15,17 @@ Runs are never silently merged: a setting that lacks seeds other settings have i
 in the tables and listed; two results for the same run (e.g. from two sweep folders) are
 listed, and only the newest is used (marked `†`).
 
+--wandb also logs the report as one W&B run of job_type `report` (src/run/wandb_runs.py), in the
+project the runs logged to (logger=wandb) unless --wandb-project names another: each table of
+report.md as a wandb.Table of the numbers its cells are formatted from (mean, std, number of seeds,
+missing seeds, the printed cell), the plots as images, and runs.csv with each run's W&B run
+(`wandb_run`, also a column of runs.csv) and its page (`wandb_url`, where the entity is known).
+
 A results.json that cannot be read (cut short, not this project's) does not stop the report: the
 tables are written from every readable run, and the unreadable ones are listed in report.md and
 as `warning:` lines. Exit status: 0 when every run was read, 1 when the report left some out, 2
-when there is nothing to report (no folder, no readable run).
+when there is nothing to report (no folder, no readable run) or --wandb could not log it (one
+`error:` line; the files are written unless the project name was refused).
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import argparse
 import json
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -38,6 +47,13 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from src.common.files import atomic_write  # noqa: E402
 from src.data.benchmark import DOMAIN_GENERALIZATION  # noqa: E402
+from src.run.wandb_runs import (  # noqa: E402
+    WandbReportError,
+    import_wandb,
+    log_report,
+    report_project,
+    wandb_run_path,
+)
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +100,9 @@ def read_runs(root: Path) -> tuple[pd.DataFrame, list[str]]:
         if missing:
             unreadable.append(f"{file} lacks {missing}: not a results file of this project; move it away")
             continue
-        rows.append({**data, "path": str(file.parent.relative_to(root)), "mtime": file.stat().st_mtime})
+        folder = file.parent
+        place = {"path": str(folder.relative_to(root)), "mtime": file.stat().st_mtime}
+        rows.append({**data, **place, "wandb_run": wandb_run_path(folder)})
     if not rows:
         raise ReportError(
             "; ".join(unreadable)
@@ -204,63 +222,120 @@ def cell_text(row: pd.Series) -> str:
     return fmt(row["mean"], row["std"], row["n"], bool(row["missing_seeds"]), row["duplicated"])
 
 
+def cell_numbers(row: pd.Series) -> dict:
+    """A setting of `cells` as a table's cell: its mean, std and number of seeds, the seeds that are
+    missing (`incomplete`), whether a run of it was there twice, and `cell`, the text report.md
+    prints."""
+    return {
+        "mean": row["mean"],
+        "std": row["std"],
+        "n_seeds": row["n"],
+        "missing_seeds": row["missing_seeds"],
+        "incomplete": bool(row["missing_seeds"]),
+        "duplicated": row["duplicated"],
+        "cell": cell_text(row),
+    }
+
+
+CELL_NUMBERS = ["mean", "std", "n_seeds", "missing_seeds", "incomplete", "duplicated", "cell"]
+
+
+def fewshot_cells(table: pd.DataFrame, backbone: str) -> pd.DataFrame:
+    """The few-shot table's cells, one row per dataset x method x shots (0: training-free methods)."""
+    part = table[(table["protocol"] == "fewshot") & (table["backbone"] == backbone)]
+    place = ["dataset", "variant", "shots"]
+    rows = [{**row[place].to_dict(), **cell_numbers(row)} for _, row in part.iterrows()]
+    return pd.DataFrame(rows, columns=[*place, *CELL_NUMBERS])
+
+
 def fewshot_table(table: pd.DataFrame, backbone: str) -> pd.DataFrame:
     """Rows dataset x method, columns shots (0: training-free methods)."""
-    part = table[(table["protocol"] == "fewshot") & (table["backbone"] == backbone)].copy()
-    part["text"] = part.apply(cell_text, axis=1)
-    wide = part.pivot_table(index=["dataset", "variant"], columns="shots", values="text", aggfunc="first")
+    return fewshot_wide(fewshot_cells(table, backbone))
+
+
+def fewshot_wide(numbers: pd.DataFrame) -> pd.DataFrame:
+    wide = numbers.pivot_table(index=["dataset", "variant"], columns="shots", values="cell", aggfunc="first")
     return wide.rename(columns=shots_label).rename_axis(columns=None)
+
+
+def average_cells(table: pd.DataFrame, backbone: str) -> pd.DataFrame:
+    """One row per method x shots: the mean over datasets of the per-dataset means, how many
+    datasets have the setting, and whether some dataset lacks it or some seeds."""
+    part = table[(table["protocol"] == "fewshot") & (table["backbone"] == backbone)]
+    datasets = part["dataset"].nunique()
+    rows = []
+    for (variant, shots), group in part.groupby(["variant", "shots"]):
+        incomplete = len(group) < datasets or any(map(bool, group["missing_seeds"]))
+        mean, dup = group["mean"].mean(), bool(group["duplicated"].any())
+        cell = fmt(mean, incomplete=incomplete, dup=dup)
+        rows.append((variant, shots, mean, len(group), incomplete, dup, cell))
+    columns = ["variant", "shots", "mean", "datasets", "incomplete", "duplicated", "cell"]
+    return pd.DataFrame(rows, columns=columns)
 
 
 def average_over_datasets(table: pd.DataFrame, backbone: str) -> pd.DataFrame:
     """Rows method, columns shots: the mean over datasets of the per-dataset means, marked when
     some dataset lacks the setting or some seeds."""
-    part = table[(table["protocol"] == "fewshot") & (table["backbone"] == backbone)]
-    datasets = part["dataset"].nunique()
-    rows = {}
-    for (variant, shots), group in part.groupby(["variant", "shots"]):
-        incomplete = len(group) < datasets or any(map(bool, group["missing_seeds"]))
-        rows.setdefault(variant, {})[shots] = fmt(
-            group["mean"].mean(), incomplete=incomplete, dup=group["duplicated"].any()
-        )
-    frame = pd.DataFrame.from_dict(rows, orient="index").sort_index(axis=1)
-    return frame.rename(columns=shots_label).rename_axis("variant")
+    return average_wide(average_cells(table, backbone))
 
 
-def transfer_table(table: pd.DataFrame, backbone: str, targets: list[str]) -> pd.DataFrame:
-    """Rows source x method x shots; columns the source's own test set, each target that was
-    run and the average over the targets (marked when some were not run)."""
+def average_wide(numbers: pd.DataFrame) -> pd.DataFrame:
+    wide = numbers.pivot(index="variant", columns="shots", values="cell").sort_index(axis=1)
+    return wide.rename(columns=shots_label).rename_axis(columns=None)
+
+
+def transfer_cells(table: pd.DataFrame, backbone: str, targets: list[str]) -> pd.DataFrame:
+    """One row per source x method x shots x test set: the source's own test set (`<source>
+    (source)`), each target that was run, and the average over the targets (marked when some were
+    not run)."""
     part = table[(table["backbone"] == backbone) & (table["subsample"] == "all")]
     moved = part[(part["protocol"] == "transfer") & part["dataset"].isin(targets)]
     rows = []
     for (source, variant, shots), group in moved.groupby(["source", "variant", "shots"]):
+        place = {"source": source, "variant": variant, "shots": shots}
         own = part[
             (part["protocol"] == "fewshot")
             & (part["dataset"] == source)
             & (part["variant"] == variant)
             & (part["shots"] == shots)
         ]
-        row = {"source": source, "variant": variant, "shots": shots}
-        row[f"{source} (source)"] = cell_text(own.iloc[0]) if len(own) else ""
-        for _, target in group.iterrows():
-            row[target["dataset"]] = cell_text(target)
-        row["average"] = fmt(group["mean"].mean(), incomplete=len(group) < len(targets))
-        rows.append(row)
-    columns = [t for t in targets if t in set(moved["dataset"])]
-    frame = pd.DataFrame(rows)
-    if frame.empty:
-        return frame
-    first = [c for c in frame.columns if c.endswith("(source)")]
-    return frame.set_index(["source", "variant", "shots"])[[*first, *columns, "average"]].fillna("")
+        if len(own):
+            rows.append({**place, "test_set": f"{source} (source)", **cell_numbers(own.iloc[0])})
+        rows += [{**place, "test_set": t["dataset"], **cell_numbers(t)} for _, t in group.iterrows()]
+        mean, incomplete = group["mean"].mean(), len(group) < len(targets)
+        average = {"mean": mean, "incomplete": incomplete, "cell": fmt(mean, incomplete=incomplete)}
+        rows.append({**place, "test_set": "average", **average})
+    frame = pd.DataFrame(rows, columns=["source", "variant", "shots", "test_set", *CELL_NUMBERS])
+    return frame.astype({"n_seeds": "Int64"})  # none on the average rows
+
+
+def transfer_table(table: pd.DataFrame, backbone: str, targets: list[str]) -> pd.DataFrame:
+    """Rows source x method x shots; columns the source's own test set, each target that was
+    run and the average over the targets (marked when some were not run)."""
+    return transfer_wide(transfer_cells(table, backbone, targets), targets)
+
+
+def transfer_wide(numbers: pd.DataFrame, targets: list[str]) -> pd.DataFrame:
+    if numbers.empty:
+        return pd.DataFrame()
+    wide = numbers.pivot(index=["source", "variant", "shots"], columns="test_set", values="cell")
+    first = [f"{source} (source)" for source in sorted(numbers["source"].unique())]
+    columns = [t for t in targets if t in set(numbers["test_set"])]
+    return wide.reindex(columns=[*first, *columns, "average"]).rename_axis(columns=None).fillna("")
 
 
 def harmonic_mean(base: float, new: float) -> float:
     return 2 * base * new / (base + new) if base + new > 0 else 0.0
 
 
-def base_to_new_table(table: pd.DataFrame, backbone: str) -> pd.DataFrame:
-    """Base and new accuracy per dataset x method (means over seeds), H from those means; the
-    average row is H of the average base and new accuracies, as in the CoCoOp paper."""
+SIDE = {"mean": "mean", "std": "std", "n_seeds": "n"}  # what a base-to-new row has of each half
+B2N_TEXT = ("base", "new", "H")
+
+
+def base_to_new_cells(table: pd.DataFrame, backbone: str) -> pd.DataFrame:
+    """One row per method x shots x dataset: base and new accuracy (means over seeds, with their std
+    and number of seeds), H from those means; the average row is H of the average base and new
+    accuracies, as in the CoCoOp paper. `base`, `new` and `H` are the text report.md prints."""
     part = table[(table["protocol"] == "base_to_new") & (table["backbone"] == backbone)]
     rows = []
     for (variant, shots), group in part.groupby(["variant", "shots"]):
@@ -269,20 +344,39 @@ def base_to_new_table(table: pd.DataFrame, backbone: str) -> pd.DataFrame:
         datasets = sorted(set(base.index) & set(new.index))
         for dataset in datasets:
             b, n = base.loc[dataset], new.loc[dataset]
-            h = fmt(
-                harmonic_mean(b["mean"], n["mean"]), incomplete=bool(b["missing_seeds"] or n["missing_seeds"])
+            h = harmonic_mean(b["mean"], n["mean"])
+            incomplete = bool(b["missing_seeds"] or n["missing_seeds"])
+            numbers = {f"{half}_{k}": r[c] for half, r in (("base", b), ("new", n)) for k, c in SIDE.items()}
+            text = {"base": cell_text(b), "new": cell_text(n), "H": fmt(h, incomplete=incomplete)}
+            rows.append(
+                {"variant": variant, "shots": shots, "dataset": dataset, **numbers}
+                | {"harmonic_mean": h, "incomplete": incomplete, **text}
             )
-            rows.append((variant, shots, dataset, cell_text(b), cell_text(n), h))
         if datasets:
             b, n = base.loc[datasets], new.loc[datasets]
             incomplete = len(datasets) < len(set(base.index) | set(new.index)) or any(
                 map(bool, [*b["missing_seeds"], *n["missing_seeds"]])
             )
             mb, mn = b["mean"].mean(), n["mean"].mean()
-            averages = [fmt(v, incomplete=incomplete) for v in (mb, mn, harmonic_mean(mb, mn))]
-            rows.append((variant, shots, "average", *averages))
-    frame = pd.DataFrame(rows, columns=["variant", "shots", "dataset", "base", "new", "H"])
-    return frame.set_index(["variant", "shots", "dataset"])
+            numbers = {"base_mean": mb, "new_mean": mn, "harmonic_mean": harmonic_mean(mb, mn)}
+            text = {k: fmt(v, incomplete=incomplete) for k, v in zip(B2N_TEXT, numbers.values(), strict=True)}
+            rows.append(
+                {"variant": variant, "shots": shots, "dataset": "average", **numbers}
+                | {"incomplete": incomplete, **text}
+            )
+    halves = [f"{half}_{k}" for half in ("base", "new") for k in SIDE]
+    columns = ["variant", "shots", "dataset", *halves, "harmonic_mean", "incomplete", *B2N_TEXT]
+    return pd.DataFrame(rows, columns=columns).astype({"base_n_seeds": "Int64", "new_n_seeds": "Int64"})
+
+
+def base_to_new_table(table: pd.DataFrame, backbone: str) -> pd.DataFrame:
+    """Base and new accuracy per dataset x method (means over seeds), H from those means; the
+    average row is H of the average base and new accuracies, as in the CoCoOp paper."""
+    return base_to_new_wide(base_to_new_cells(table, backbone))
+
+
+def base_to_new_wide(numbers: pd.DataFrame) -> pd.DataFrame:
+    return numbers.set_index(["variant", "shots", "dataset"])[list(B2N_TEXT)]
 
 
 def plot_fewshot(table: pd.DataFrame, backbone: str, dataset: str | None = None) -> Figure:
@@ -343,23 +437,56 @@ def shots_label(shots: int) -> str:
     return "zero-shot" if shots == 0 else f"{shots}-shot"
 
 
+@dataclass(frozen=True)
+class ReportTable:
+    """A table of the report: `text` as report.md prints it, `numbers` the cells it is formatted
+    from (one row per cell: where it stands, mean, std, number of seeds... and the printed `cell`),
+    which `--wandb` logs. `key` names it on W&B: `<backbone>/<table>`, or `problems/<table>`."""
+
+    key: str
+    title: str
+    text: pd.DataFrame
+    numbers: pd.DataFrame
+
+
+@dataclass(frozen=True)
+class Report:
+    """What a report is written from: the runs (runs.csv), the tables (report.md) and the figures
+    (plots/, by W&B key), the results files it could not read; `path` is report.md."""
+
+    path: Path
+    runs: pd.DataFrame
+    tables: list[ReportTable]
+    plots: dict[str, Path]
+    unreadable: list[str]
+
+
 def write_report(root: Path, out: Path | None = None) -> Path:
     """Writes runs.csv, report.md and plots/ for the readable runs under `root` (report.md lists the
     others); returns report.md."""
-    return report_runs(root, out)[0]
+    return report_runs(root, out).path
 
 
-def report_runs(root: Path, out: Path | None = None) -> tuple[Path, list[str]]:
-    """`write_report`, and the lines of the results files it could not read."""
+def report_runs(root: Path, out: Path | None = None) -> Report:
+    """`write_report`, returning what it was written from."""
     out = out or root / "report"
     runs, unreadable = read_runs(root)
     table = cells(runs)
     (out / "plots").mkdir(parents=True, exist_ok=True)
-    runs.drop(columns=["mtime"]).to_csv(out / "runs.csv", index=False)
+    runs = runs.drop(columns=["mtime"])
+    runs.to_csv(out / "runs.csv", index=False)
     lines = [f"# Results under {root}", "", f"{len(runs)} runs; runs.csv lists them all.", ""]
+    tables, plots = [], {}
     for backbone in sorted(table["backbone"].unique()):
-        lines += section_for(table, backbone, out)
-    lines += problems(runs, table)
+        own = tables_for(table, backbone)
+        fewshot = any(t.key.endswith("/fewshot") for t in own)
+        drawn = plots_for(table, backbone, out / "plots") if fewshot else {}
+        lines += section_for(backbone, own, drawn)
+        tables += own
+        plots |= {f"{backbone}/plot_{label}": path for label, path in drawn.items()}
+    found = problem_tables(runs, table)
+    lines += problems(found)
+    tables += [t for t in found.values() if not t.text.empty]
     if unreadable:
         lines += ["## Unreadable runs", "", "Left out of the tables above:", ""]
         lines += [f"- {problem}" for problem in unreadable] + [""]
@@ -367,44 +494,82 @@ def report_runs(root: Path, out: Path | None = None) -> tuple[Path, list[str]]:
     text = "\n".join(lines) + "\n"
     atomic_write(report, lambda f: f.write(text.encode()))
     log.info("report: %s", report)
-    return report, unreadable
+    return Report(report, runs, tables, plots, unreadable)
 
 
-def section_for(table: pd.DataFrame, backbone: str, out: Path) -> list[str]:
-    lines = [f"## {backbone}", ""]
-    fewshot = table[(table["protocol"] == "fewshot") & (table["backbone"] == backbone)]
+def tables_for(table: pd.DataFrame, backbone: str) -> list[ReportTable]:
+    """The tables of one backbone, in report.md's order: few-shot and its average over datasets,
+    domain generalisation and cross-dataset transfer, base-to-new; those with no runs left out."""
+    tables = []
+    fewshot = fewshot_cells(table, backbone)
     if not fewshot.empty:
-        lines += [
-            "### Few-shot accuracy (%), mean ± std over seeds",
-            "",
-            markdown(fewshot_table(table, backbone)),
+        average = average_cells(table, backbone)
+        tables += [
+            ReportTable(f"{backbone}/fewshot", FEWSHOT_TITLE, fewshot_wide(fewshot), fewshot),
+            ReportTable(f"{backbone}/average", "Average over datasets", average_wide(average), average),
         ]
-        lines += ["", "### Average over datasets", "", markdown(average_over_datasets(table, backbone)), ""]
-        for dataset in [*sorted(fewshot["dataset"].unique()), None]:
-            fig = plot_fewshot(table, backbone, dataset)
-            name = f"fewshot_{backbone}_{dataset or 'average'}.png"
-            fig.savefig(out / "plots" / name)
-            plt.close(fig)
-            lines.append(f"![{dataset or 'average'}](plots/{name})")
-        lines.append("")
     transferred = set(
         table.loc[(table["protocol"] == "transfer") & (table["backbone"] == backbone), "dataset"]
     )
     cross = sorted(transferred - set(DOMAIN_GENERALIZATION))
-    if transferred & set(DOMAIN_GENERALIZATION):
-        dg = transfer_table(table, backbone, list(DOMAIN_GENERALIZATION))
-        lines += ["### Domain generalisation", "", markdown(dg), ""]
-    if cross:
-        lines += ["### Cross-dataset transfer", "", markdown(transfer_table(table, backbone, cross)), ""]
-    b2n = base_to_new_table(table, backbone)
+    studies = [("domain_generalisation", "Domain generalisation", list(DOMAIN_GENERALIZATION))]
+    studies += [("cross_dataset", "Cross-dataset transfer", cross)]
+    for key, title, targets in studies:
+        if transferred & set(targets):
+            numbers = transfer_cells(table, backbone, targets)
+            tables.append(ReportTable(f"{backbone}/{key}", title, transfer_wide(numbers, targets), numbers))
+    b2n = base_to_new_cells(table, backbone)
     if not b2n.empty:
-        lines += ["### Base-to-new (H: harmonic mean of base and new)", "", markdown(b2n), ""]
+        title = "Base-to-new (H: harmonic mean of base and new)"
+        tables.append(ReportTable(f"{backbone}/base_to_new", title, base_to_new_wide(b2n), b2n))
+    return tables
+
+
+FEWSHOT_TITLE = "Few-shot accuracy (%), mean ± std over seeds"
+
+
+def plots_for(table: pd.DataFrame, backbone: str, folder: Path) -> dict[str, Path]:
+    """Draws the few-shot curves of each dataset and their average into `folder`, by label."""
+    fewshot = table[(table["protocol"] == "fewshot") & (table["backbone"] == backbone)]
+    plots = {}
+    for dataset in [*sorted(fewshot["dataset"].unique()), None]:
+        fig = plot_fewshot(table, backbone, dataset)
+        plots[dataset or "average"] = path = folder / f"fewshot_{backbone}_{dataset or 'average'}.png"
+        fig.savefig(path)
+        plt.close(fig)
+    return plots
+
+
+def section_for(backbone: str, tables: list[ReportTable], plots: dict[str, Path]) -> list[str]:
+    lines = [f"## {backbone}", ""]
+    for table in tables:
+        lines += [f"### {table.title}", "", markdown(table.text), ""]
+        if table.key.endswith("/average"):  # the curves below the few-shot tables
+            lines += [f"![{label}](plots/{path.name})" for label, path in plots.items()] + [""]
     return lines
 
 
-def problems(runs: pd.DataFrame, table: pd.DataFrame) -> list[str]:
-    lines = ["## Incomplete and duplicated runs", ""]
+def problem_tables(runs: pd.DataFrame, table: pd.DataFrame) -> dict[str, ReportTable]:
+    """The settings missing seeds, the settings not run at all and the duplicated runs (each may be
+    empty), by name."""
     incomplete = table[table["missing_seeds"].map(bool)]
+    seeds = {c: incomplete[c].map(lambda s: ", ".join(map(str, s))) for c in ("seeds", "missing_seeds")}
+    duplicates = runs[runs.duplicated([*CELL, "seed"], keep=False)]
+    shown = duplicates.assign(used=~duplicates["duplicate_of_newer"])
+    frames = {
+        "incomplete_settings": incomplete.assign(**seeds).set_index(CELL)[["seeds", "missing_seeds"]],
+        "settings_not_run": missing_settings(table),
+        "duplicated_runs": shown.set_index([*CELL, "seed"])[["test_acc", "used", "path"]],
+    }
+    return {
+        name: ReportTable(f"problems/{name}", name.replace("_", " "), frame, frame)
+        for name, frame in frames.items()
+    }
+
+
+def problems(found: dict[str, ReportTable]) -> list[str]:
+    lines = ["## Incomplete and duplicated runs", ""]
+    incomplete = found["incomplete_settings"].text
     if incomplete.empty:
         lines.append("Every setting has all seeds.")
     else:
@@ -412,20 +577,18 @@ def problems(runs: pd.DataFrame, table: pd.DataFrame) -> list[str]:
             f"Settings missing seeds (`{INCOMPLETE}` in the tables: the mean of the seeds present):",
             "",
         ]
-        seeds = {c: incomplete[c].map(lambda s: ", ".join(map(str, s))) for c in ("seeds", "missing_seeds")}
-        lines.append(markdown(incomplete.assign(**seeds).set_index(CELL)[["seeds", "missing_seeds"]]))
-    missing = missing_settings(table)
+        lines.append(markdown(incomplete))
+    missing = found["settings_not_run"].text
     if not missing.empty:
         lines += ["", "Settings not run at all (other datasets or shots of the same method have them):", ""]
         lines.append(markdown(missing))
-    duplicates = runs[runs.duplicated([*CELL, "seed"], keep=False)]
+    duplicates = found["duplicated_runs"].text
     lines.append("")
     if duplicates.empty:
         lines.append("No run is duplicated.")
     else:
         lines += [f"Duplicated runs (`{DUPLICATED}` in the tables: only the newest of each is used):", ""]
-        shown = duplicates.assign(used=~duplicates["duplicate_of_newer"])
-        lines.append(markdown(shown.set_index([*CELL, "seed"])[["test_acc", "used", "path"]]))
+        lines.append(markdown(duplicates))
     return lines
 
 
@@ -453,15 +616,47 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("dir", type=Path, help="a folder with results.json files below it (a run or a sweep)")
     parser.add_argument("--out", type=Path, default=None, help="where to write (default: DIR/report)")
+    parser.add_argument(
+        "--wandb", action="store_true", help="also log the report as one W&B run (job_type report)"
+    )
+    parser.add_argument(
+        "--wandb-project", default=None, help="its project (default: the runs' W&B project, else coop)"
+    )
+    parser.add_argument(
+        "--wandb-entity", default=None, help="its entity (default: the runs', else the account's)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        report, unreadable = report_runs(args.dir, args.out)
-    except ReportError as err:
+        if args.wandb:
+            import_wandb(args.wandb_project, args.wandb_entity)  # a bad name stops it before any work
+        report = report_runs(args.dir, args.out)
+        if args.wandb:
+            log.info("W&B: %s", log_to_wandb(report, args.dir, args.wandb_project, args.wandb_entity))
+    except (ReportError, WandbReportError) as err:
         parser.exit(2, f"error: {err}\n")
-    print(report.read_text())
-    if unreadable:
-        parser.exit(1, "".join(f"warning: {problem}\n" for problem in unreadable))
+    print(report.path.read_text())
+    if report.unreadable:
+        parser.exit(1, "".join(f"warning: {problem}\n" for problem in report.unreadable))
+
+
+def log_to_wandb(report: Report, root: Path, project: str | None, entity: str | None) -> str:
+    """Logs the report as one W&B run of job_type `report`, in the project its runs logged to unless
+    `project` is given: every table (its cells' numbers), the figures, the runs with their W&B runs."""
+    project, entity = report_project(report.runs["wandb_run"], project, entity)
+    name = f"report-{root.resolve().name}"
+    config = {"dir": str(root.resolve()), "runs": len(report.runs), "unreadable": len(report.unreadable)}
+    tables = {table.key: table.numbers for table in report.tables}
+    return log_report(
+        tables,
+        report.plots,
+        report.runs,
+        project=project,
+        entity=entity,
+        name=name,
+        config=config,
+        folder=report.path.parent,
+    )
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import wandb
+import yaml
 from matplotlib.image import imread
 
 from src.report import (
@@ -22,10 +24,12 @@ from src.report import (
     fewshot_table,
     harmonic_mean,
     load_runs,
+    main,
     plot_fewshot,
     transfer_table,
     write_report,
 )
+from tests.wandb_records import finished_records
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKBONE = "RN50-quickgelu"
@@ -244,3 +248,103 @@ def test_a_runs_own_evaluation_is_no_second_run_and_its_baseline_is_tabled(tmp_p
     assert fewshot.loc[("oxford_pets", "zeroshot"), "zero-shot"] == "70.00"  # the runs' baseline, once
     assert fewshot.loc[("dtd", "zeroshot"), "zero-shot"] == "41.00"  # its own run, not the baseline
     assert "†" not in write_report(tmp_path).read_text()
+
+
+def logged_to_wandb(grid: Path, tmp_path: Path, monkeypatch) -> Path:
+    """Two runs of `grid` as logger=wandb leaves them, one recording its id (`wandb_run_id`), one only
+    its wandb/ folder; the offline W&B settings of a test. Returns WANDB_DIR."""
+    pets, dtd = grid / "oxford_pets/coop/1/1", grid / "dtd/coop/2/1"
+    (pets / "wandb_run_id").write_text("abc123\n")
+    (dtd / "wandb/offline-run-20250101_120000-def456").mkdir(parents=True)
+    for folder, entity in ((pets, "myteam"), (dtd, None)):
+        logger = {"logger": {"wandb": {"project": "coop-sweep", "entity": entity, "job_type": "train"}}}
+        (folder / "config.yaml").write_text(yaml.safe_dump(logger))
+    for name in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / name.lower()))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    wandb.teardown()  # wandb reads the environment once a process: read these
+    return tmp_path / "wandb_dir"
+
+
+def test_report_logs_one_wandb_run_of_its_tables_figures_and_runs(grid, tmp_path_factory, monkeypatch):
+    """`--wandb`, offline: one W&B run of job_type `report` in the project the runs logged to, with
+    every table of report.md as the numbers of its cells, the figures, and the runs (runs.csv) with
+    the W&B run each logged to; nothing else."""
+    wandb_dir = logged_to_wandb(grid, tmp_path_factory.mktemp("wandb"), monkeypatch)
+    main([str(grid), "--wandb"])
+
+    (run_dir,) = (wandb_dir / "wandb").glob("offline-run-*")
+    records = finished_records(next(run_dir.glob("run-*.wandb")))
+    run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+    assert (run.job_type, run.project, run.display_name) == ("report", "coop-sweep", f"report-{grid.name}")
+    files = run_dir / "files"
+    tables = {
+        str(path.relative_to(files / "media/table")).rsplit("_0_", 1)[0]: json.loads(path.read_text())
+        for path in files.glob("media/table/**/*.table.json")
+    }
+    report = (grid / "report" / "report.md").read_text()
+    assert report.count("\n### ") == 2  # the few-shot table and its average: both logged
+    assert set(tables) == {
+        f"{BACKBONE}/fewshot",
+        f"{BACKBONE}/average",
+        "problems/incomplete_settings",
+        "problems/duplicated_runs",
+        "runs",
+    }
+    frames = {key: pd.DataFrame(t["data"], columns=t["columns"]) for key, t in tables.items()}
+    fewshot = frames[f"{BACKBONE}/fewshot"].set_index(["dataset", "variant", "shots"])
+    assert len(fewshot) == 2 * (2 * 2 + 1)  # dataset x (2 methods x 2 shots, zero-shot)
+    pets = fewshot.loc[("oxford_pets", COOP, 1)]
+    assert pets["mean"] == pytest.approx(88.0) and pets["std"] == pytest.approx(np.sqrt(2 / 3))
+    assert (pets["n_seeds"], pets["duplicated"], pets["cell"]) == (3, True, "88.00 ± 0.82†")
+    dtd = fewshot.loc[("dtd", COOP, 2)]
+    assert (dtd["mean"], dtd["n_seeds"], dtd["missing_seeds"], dtd["incomplete"]) == (58.5, 2, "3", True)
+    assert dtd["cell"] == "58.50 ± 0.50*"
+    average = frames[f"{BACKBONE}/average"].set_index(["variant", "shots"])
+    assert average.loc[(COOP, 2)].to_dict() == {
+        "mean": 73.75, "datasets": 2, "incomplete": True, "duplicated": False, "cell": "73.75*"
+    }  # fmt: skip
+    duplicated = frames["problems/duplicated_runs"]
+    assert sorted(duplicated["test_acc"]) == [0.0, 87.0] and sorted(duplicated["used"]) == [False, True]
+
+    runs = frames["runs"].set_index("path")
+    csv = pd.read_csv(grid / "report" / "runs.csv").set_index("path")
+    assert list(runs.columns) == [*csv.columns, "wandb_url"] and (runs["test_acc"] == csv["test_acc"]).all()
+    assert runs.loc["oxford_pets/coop/1/1", "wandb_run"] == "myteam/coop-sweep/abc123"
+    assert runs.loc["dtd/coop/2/1", "wandb_run"] == "coop-sweep/def456"  # entity: the account's
+    assert runs["wandb_run"].notna().sum() == 2 and runs["wandb_url"].isna().all()  # offline: no URL
+
+    images = sorted(files.glob("media/images/**/*.png"))
+    plots = sorted((grid / "report" / "plots").glob("*.png"))
+    assert [p.name.split("_0_")[0] for p in images] == ["plot_average", "plot_dtd", "plot_oxford_pets"]
+    for image, plot in zip(images, plots, strict=True):
+        assert np.array_equal(imread(image), imread(plot))
+    # the report's own tables and figures only: no weights, no dataset images, no code
+    assert {p.relative_to(files) for p in files.rglob("*") if p.is_file()} == {
+        Path("requirements.txt"),
+        *(p.relative_to(files) for p in files.glob("media/table/**/*.table.json")),
+        *(p.relative_to(files) for p in images),
+    }
+
+
+def test_wandb_mistakes_are_one_error_line(grid, tmp_path_factory, monkeypatch, capsys):
+    """A project name W&B refuses stops the report before it is written; runs that logged to
+    several projects need the report's named; no wandb package says how to install it."""
+
+    def error(*args: str) -> str:
+        with pytest.raises(SystemExit) as stop:
+            main([str(grid), "--wandb", *args])
+        (line,) = capsys.readouterr().err.splitlines()
+        assert stop.value.code == 2 and line.startswith("error: ")
+        return line
+
+    refused = error("--wandb-project", "coop/sweep")
+    assert refused.startswith("error: --wandb-project") and "Invalid project name 'coop/sweep'" in refused
+    assert not (grid / "report").exists()
+    logged_to_wandb(grid, tmp_path_factory.mktemp("wandb"), monkeypatch)
+    other = grid / "dtd/coop/2/1/config.yaml"
+    other.write_text(other.read_text().replace("coop-sweep", "other"))
+    assert "several W&B projects (coop-sweep, other); give the report's with --wandb-project" in error()
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    line = error()
+    assert line.startswith("error: --wandb needs the wandb package") and line.endswith("pip install wandb")

@@ -52,6 +52,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from src.common.files import atomic_write, exclusive_write, save_torch, unwritable
 from src.common.prompt_file import LAST_CHECKPOINT
 from src.run.cli import Interrupted
+from src.run.wandb_runs import WANDB_ID_FILE
 
 FINGERPRINT = "fingerprint.json"
 
@@ -393,7 +394,7 @@ class ContinuedWandbLogger(WandbLogger):
     the first value of a step the resumed run logs again); a run in a new or emptied folder gets a
     new id."""
 
-    ID_FILE = "wandb_run_id"
+    ID_FILE = WANDB_ID_FILE
 
     def __init__(self, *args: Any, save_dir: str | Path | None = None, **kwargs: Any) -> None:
         self._id_file = Path(save_dir) / self.ID_FILE if save_dir is not None else None
