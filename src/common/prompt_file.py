@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from src.common.dassl_checkpoint import dassl_output_folder, is_dassl_checkpoint
+
 PROMPT_FORMAT = 1  # prompt.pt's format; keys were added since, none changed meaning
 CHECKPOINT_PROMPT = "prompt"  # the key of the prompt file's contents in a Lightning checkpoint
 PROMPT_FILE = "prompt.pt"  # a finished run's prompt
@@ -53,8 +55,10 @@ def prompt_file(path: str | Path) -> Path:
 
 def run_folder(path: str | Path) -> Path:
     """The run folder of a prompt given as its folder, prompt.pt or checkpoints/last.ckpt: what is
-    written "beside the prompt" goes there."""
+    written "beside the prompt" goes there. A Dassl checkpoint's is its output folder."""
     path = Path(path)
+    if is_dassl_checkpoint(path):
+        return dassl_output_folder(path)
     if path.is_dir():
         return path
     if path.parent.name == LAST_CHECKPOINT.parent.name and path.suffix == LAST_CHECKPOINT.suffix:
