@@ -28,10 +28,11 @@ from rich.table import Table
 
 import src.run.config  # noqa: F401  (the resolvers of conf/)
 from src.common.files import check_output, write_json
+from src.common.prompt_file import is_released, read_saved
 from src.methods.base import prompt_method_class
 from src.models.clip import FrozenCLIP
 from src.run.cli import run, task
-from src.run.saved_prompt import as_prompt, is_released, read_saved
+from src.run.saved_prompt import as_prompt
 
 log = logging.getLogger(__name__)
 

@@ -30,11 +30,12 @@ from rich.table import Table
 
 import src.run.config  # noqa: F401  (the resolvers of conf/)
 from src.common.files import atomic_write, check_output
+from src.common.prompt_file import read_saved
 from src.data.datasets.base import IMAGE_SUFFIXES
 from src.data.transforms import eval_transform
 from src.methods.base import Method, method_from_prompt
 from src.run.cli import run, task
-from src.run.saved_prompt import as_prompt, read_saved
+from src.run.saved_prompt import as_prompt
 
 log = logging.getLogger(__name__)
 

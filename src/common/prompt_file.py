@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from src.common.dassl_checkpoint import dassl_output_folder, is_dassl_checkpoint
+from src.common.dassl_checkpoint import DASSL_FORMAT, dassl_output_folder, is_dassl_checkpoint, read_dassl
 
 PROMPT_FORMAT = 1  # prompt.pt's format; keys were added since, none changed meaning
 CHECKPOINT_PROMPT = "prompt"  # the key of the prompt file's contents in a Lightning checkpoint
@@ -119,3 +119,26 @@ def upgrade(state: dict[str, Any], file: str | Path = "the prompt file") -> dict
         hparams["prompt_depth"] = state["prompt_depth"]
     legacy = {"method": method, "class": LEGACY_CLASSES[method], "weights": weights, "hparams": hparams}
     return {**state, **legacy}
+
+
+def read_saved(path: str | Path) -> dict[str, Any]:
+    """What `ckpt=` names: a prompt of this project (`load_prompt`), or a prompt the original code
+    published, a Dassl checkpoint (`is_released`; src/common/dassl_checkpoint.py), read without
+    running code."""
+    return read_dassl(path) if is_dassl_checkpoint(path) else load_prompt(path)
+
+
+def is_released(state: dict[str, Any]) -> bool:
+    """Whether `read_saved` read a Dassl checkpoint of the original code (rebuilt as a method by
+    src/methods/released.py once the backbone is built)."""
+    return state.get("format") == DASSL_FORMAT
+
+
+def backbone_unknown(ckpt: Any) -> ValueError:
+    """The error of a command that would take the backbone from a Dassl checkpoint, which does not
+    name it."""
+    return ValueError(
+        f"ckpt={ckpt}: a checkpoint of the original code (Dassl) does not name the backbone it was "
+        "learned on: give it with model=... (rn50, rn101, vit_b32, vit_b16, or model.name=... "
+        "model.pretrained=...)"
+    )

@@ -18,10 +18,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from src.common.dassl_checkpoint import dassl_file, is_dassl_checkpoint
-from src.common.prompt_file import prompt_file, run_folder
+from src.common.prompt_file import backbone_unknown, is_released, prompt_file, read_saved, run_folder
 from src.data.subsample import subsample_suffix
 from src.models.clip import shipped_weights
-from src.run.saved_prompt import backbone_unknown, is_released, read_saved
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
@@ -94,7 +93,7 @@ def prompt_field(path: str | ListConfig, field: str) -> Any:
     first = prompt_paths(path)[0]
     state = read_prompt(first)
     if is_released(state) and field not in state:
-        raise backbone_unknown(state, first)
+        raise backbone_unknown(first)
     return state[field]
 
 

@@ -21,13 +21,14 @@ from omegaconf import DictConfig, ListConfig
 
 from src.common.files import write_json
 from src.common.messages import override
+from src.common.prompt_file import is_released, read_saved
 from src.methods.base import method_from_prompt, prompt_method_class
 from src.methods.prompt_ensemble import PromptEnsemble
 from src.run.backbone import image_encoder
 from src.run.config import prompt_paths
 from src.run.logs import silence_known_warnings
 from src.run.results import evaluation_fields, method_fields, training_results
-from src.run.saved_prompt import as_prompt, is_released, read_saved
+from src.run.saved_prompt import as_prompt
 
 log = logging.getLogger(__name__)
 
