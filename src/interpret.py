@@ -28,10 +28,11 @@ from rich.table import Table
 
 import src.run.config  # noqa: F401  (the resolvers of conf/)
 from src.common.files import check_output, write_json
-from src.common.prompt_file import load_prompt
+from src.common.prompt_file import is_released, read_saved
 from src.methods.base import prompt_method_class
 from src.models.clip import FrozenCLIP
 from src.run.cli import run, task
+from src.run.saved_prompt import as_prompt
 
 log = logging.getLogger(__name__)
 
@@ -130,16 +131,18 @@ def words_table(words: dict[str, Any]) -> Table:
 
 def interpret_file(cfg: DictConfig) -> dict[str, Any]:
     """Interprets `cfg.ckpt`, prints the table and writes the JSON to `cfg.out`."""
-    state = load_prompt(cfg.ckpt)
-    method = prompt_method_class(state, cfg.ckpt)
-    if not method.learns_context:
-        raise ValueError(
-            f"ckpt={cfg.ckpt}: method {state['method']!r} learns no prompt context, so there are no "
-            "context vectors to read as words; give the prompt of a method such as coop"
-        )
+    state = read_saved(cfg.ckpt)
+    if not is_released(state):  # every original's learns a context
+        method = prompt_method_class(state, cfg.ckpt)
+        if not method.learns_context:
+            raise ValueError(
+                f"ckpt={cfg.ckpt}: method {state['method']!r} learns no prompt context, so there are no "
+                "context vectors to read as words; give the prompt of a method such as coop"
+            )
     check_output(cfg.out, "out")
     pl.seed_everything(cfg.seed, verbose=False)  # a random-weight backbone is a function of the seed
     clip = instantiate(cfg.model)
+    state = as_prompt(state, clip, None, cfg)  # a Dassl checkpoint: on its trained classes
     words = {"ckpt": str(cfg.ckpt), **interpret(state, clip, cfg.topk)}
     console = Console()
     console.print(f"{cfg.ckpt} ({clip.name}, {clip.pretrained or 'random weights'})")

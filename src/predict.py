@@ -30,11 +30,12 @@ from rich.table import Table
 
 import src.run.config  # noqa: F401  (the resolvers of conf/)
 from src.common.files import atomic_write, check_output
-from src.common.prompt_file import load_prompt
+from src.common.prompt_file import read_saved
 from src.data.datasets.base import IMAGE_SUFFIXES
 from src.data.transforms import eval_transform
 from src.methods.base import Method, method_from_prompt
 from src.run.cli import run, task
+from src.run.saved_prompt import as_prompt
 
 log = logging.getLogger(__name__)
 
@@ -132,10 +133,11 @@ def predictions_table(predictions: pd.DataFrame, folder: Path | None = None) -> 
 def predict(cfg: DictConfig) -> pd.DataFrame:
     """Predicts the classes of `cfg.input`, prints them and writes the CSV `cfg.out`."""
     files = image_files(cfg.input)
-    state = load_prompt(cfg.ckpt)
+    state = read_saved(cfg.ckpt)
     check_output(cfg.out, "out")
     pl.seed_everything(cfg.seed, verbose=False)  # a random-weight backbone is a function of the seed
     clip = instantiate(cfg.model)
+    state = as_prompt(state, clip, None, cfg)  # a Dassl checkpoint: on its trained classes
     module = method_from_prompt(state, clip, state["classnames"], cfg.ckpt)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     done, probabilities, unreadable = predict_probabilities(module, files, cfg.batch_size, device)

@@ -27,6 +27,7 @@ from typing import Any
 from omegaconf import DictConfig, open_dict
 
 from src.common.files import write_json
+from src.common.prompt_file import run_folder
 from src.data.benchmark import BASE_TO_NEW, CROSS_DATASET, DOMAIN_GENERALIZATION
 from src.methods.base import method_arguments, method_class
 from src.run.cli import run
@@ -45,11 +46,12 @@ def transfer(protocol: str, ckpt: str | Path, targets: list[str], overrides: lis
     """Evaluates one prompt on each target dataset (domain generalisation, cross-dataset)."""
     ckpt = Path(ckpt)
     source = training_results(ckpt)
+    folder = run_folder(ckpt)  # of a prompt.pt or last.ckpt, or a Dassl checkpoint's output folder
     accuracies = {}
     for target in targets:
         # the training run's seed: it also fixes the weights of random-weight test models
         args = [f"ckpt={ckpt}", f"dataset={target}", f"seed={source.get('seed', 1)}", *overrides]
-        cfg = compose_config("eval", args, ckpt.parent / "eval" / target)
+        cfg = compose_config("eval", args, folder / "eval" / target)
         accuracies[target] = evaluate(cfg)["test_acc"]
     summary = {
         "protocol": protocol,
@@ -58,7 +60,7 @@ def transfer(protocol: str, ckpt: str | Path, targets: list[str], overrides: lis
         "targets": accuracies,
         "average": statistics.mean(accuracies.values()),
     }
-    write_json(ckpt.parent / f"{protocol}.json", summary)
+    write_json(folder / f"{protocol}.json", summary)
     return summary
 
 

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
 # From the ground up (models stands on data: its tiny CLIP is pre-trained on the digits).
 FLOORS = (("common",), ("data",), ("models",), ("methods",), ("run",), ("packing",))
-COMMANDS = {"train", "eval", "protocols", "report", "predict", "interpret"}
+COMMANDS = {"train", "eval", "protocols", "report", "predict", "interpret", "export"}
 
 
 def floor(package: str) -> int:

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from src.common.dassl_checkpoint import DASSL_FORMAT, dassl_output_folder, is_dassl_checkpoint, read_dassl
+
 PROMPT_FORMAT = 1  # prompt.pt's format; keys were added since, none changed meaning
 CHECKPOINT_PROMPT = "prompt"  # the key of the prompt file's contents in a Lightning checkpoint
 PROMPT_FILE = "prompt.pt"  # a finished run's prompt
@@ -53,8 +55,10 @@ def prompt_file(path: str | Path) -> Path:
 
 def run_folder(path: str | Path) -> Path:
     """The run folder of a prompt given as its folder, prompt.pt or checkpoints/last.ckpt: what is
-    written "beside the prompt" goes there."""
+    written "beside the prompt" goes there. A Dassl checkpoint's is its output folder."""
     path = Path(path)
+    if is_dassl_checkpoint(path):
+        return dassl_output_folder(path)
     if path.is_dir():
         return path
     if path.parent.name == LAST_CHECKPOINT.parent.name and path.suffix == LAST_CHECKPOINT.suffix:
@@ -115,3 +119,26 @@ def upgrade(state: dict[str, Any], file: str | Path = "the prompt file") -> dict
         hparams["prompt_depth"] = state["prompt_depth"]
     legacy = {"method": method, "class": LEGACY_CLASSES[method], "weights": weights, "hparams": hparams}
     return {**state, **legacy}
+
+
+def read_saved(path: str | Path) -> dict[str, Any]:
+    """What `ckpt=` names: a prompt of this project (`load_prompt`), or a prompt the original code
+    published, a Dassl checkpoint (`is_released`; src/common/dassl_checkpoint.py), read without
+    running code."""
+    return read_dassl(path) if is_dassl_checkpoint(path) else load_prompt(path)
+
+
+def is_released(state: dict[str, Any]) -> bool:
+    """Whether `read_saved` read a Dassl checkpoint of the original code (rebuilt as a method by
+    src/methods/released.py once the backbone is built)."""
+    return state.get("format") == DASSL_FORMAT
+
+
+def backbone_unknown(ckpt: Any) -> ValueError:
+    """The error of a command that would take the backbone from a Dassl checkpoint, which does not
+    name it."""
+    return ValueError(
+        f"ckpt={ckpt}: a checkpoint of the original code (Dassl) does not name the backbone it was "
+        "learned on: give it with model=... (rn50, rn101, vit_b32, vit_b16, or model.name=... "
+        "model.pretrained=...)"
+    )

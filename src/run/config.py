@@ -17,7 +17,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
-from src.common.prompt_file import load_prompt, prompt_file, run_folder
+from src.common.dassl_checkpoint import dassl_file, is_dassl_checkpoint
+from src.common.prompt_file import backbone_unknown, is_released, prompt_file, read_saved, run_folder
 from src.data.subsample import subsample_suffix
 from src.models.clip import shipped_weights
 
@@ -74,21 +75,26 @@ def prompt_paths(ckpt: str | ListConfig | list) -> list[str]:
 
 def read_prompt(path: str) -> dict[str, Any]:
     """A prompt file as the resolvers read it: once per file and version, however many of them ask
-    (model=from_ckpt's name and weights, the seed, the run folder)."""
-    file = prompt_file(path)
+    (model=from_ckpt's name and weights, the seed, the run folder); a Dassl checkpoint of the
+    original code as `read_saved` reads it."""
+    file = dassl_file(path) if is_dassl_checkpoint(path) else prompt_file(path)
     stat = file.stat()
     return _read_prompt(str(file.resolve()), stat.st_mtime_ns, stat.st_size)
 
 
 @functools.lru_cache(maxsize=16)
 def _read_prompt(file: str, mtime_ns: int, size: int) -> dict[str, Any]:
-    return load_prompt(file)
+    return read_saved(file)
 
 
 def prompt_field(path: str | ListConfig, field: str) -> Any:
     """A field of a prompt file (of the first, for an ensemble), for the config (model=from_ckpt
-    reads the backbone from it)."""
-    return read_prompt(prompt_paths(path)[0])[field]
+    reads the backbone from it). A Dassl checkpoint names no backbone: `model=` must."""
+    first = prompt_paths(path)[0]
+    state = read_prompt(first)
+    if is_released(state) and field not in state:
+        raise backbone_unknown(first)
+    return state[field]
 
 
 def prompt_seed(ckpt: str | ListConfig) -> int:

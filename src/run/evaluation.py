@@ -3,8 +3,10 @@ test split; results.json in eval/<dataset>/ of the prompt's run folder. The comm
 
 The backbone is the one the prompt was learned on. A unified context is rebuilt on the dataset's
 class names (other classes: domain generalisation, cross-dataset, new classes); a class-specific
-one only exists for the classes it was trained on. Several prompt files (a list) are tested as one
-ensemble (src/methods/prompt_ensemble.py), reported as the method `<method>_ensemble`.
+one only exists for the classes it was trained on. A prompt the original code published (a Dassl
+checkpoint: src/run/saved_prompt.py) is tested on the backbone `model=` names. Several prompt
+files (a list) are tested as one ensemble (src/methods/prompt_ensemble.py), reported as the method
+`<method>_ensemble`.
 """
 
 from __future__ import annotations
@@ -19,13 +21,14 @@ from omegaconf import DictConfig, ListConfig
 
 from src.common.files import write_json
 from src.common.messages import override
-from src.common.prompt_file import load_prompt
+from src.common.prompt_file import is_released, read_saved
 from src.methods.base import method_from_prompt, prompt_method_class
 from src.methods.prompt_ensemble import PromptEnsemble
 from src.run.backbone import image_encoder
 from src.run.config import prompt_paths
 from src.run.logs import silence_known_warnings
 from src.run.results import evaluation_fields, method_fields, training_results
+from src.run.saved_prompt import as_prompt
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +39,19 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     silence_known_warnings()
     out = Path(cfg.paths.output_dir)
     paths = prompt_paths(cfg.ckpt)
-    states = [load_prompt(path) for path in paths]
+    states = [read_saved(path) for path in paths]
     datamodule = instantiate(cfg.data, dataset=instantiate(cfg.dataset.reader))
     classnames = datamodule.classnames
     for state, path in zip(states, paths, strict=True):  # before any weights load
-        check_classes(state, path, classnames, cfg)
+        if not is_released(state):
+            check_classes(state, path, classnames, cfg)
     pl.seed_everything(cfg.seed, workers=True)
     clip = instantiate(cfg.model)
+    released = [is_released(state) for state in states]
+    states = [as_prompt(state, clip, classnames, cfg) for state in states]  # the original code's, rebuilt
+    for state, path, was_released in zip(states, paths, released, strict=True):
+        if was_released:
+            check_classes(state, path, classnames, cfg)
     members = [
         method_from_prompt(s, clip, classnames, path, transfer_template(s, cfg))
         for s, path in zip(states, paths, strict=True)
