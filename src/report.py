@@ -11,6 +11,11 @@ Reads every results.json under DIR and writes, into DIR/report/ (or --out):
   plots/*.png   few-shot curves per dataset and their average: the CoOp variants against the
                 zero-shot and linear-probe baselines.
 
+A hyper-parameter search under DIR (its search.json, `python -m src.train -m hparams_search=...`)
+is tabled too: a row per trial, its settings and validation accuracy (mean over its seeds, and
+each seed's), the chosen trial marked with its test accuracy; the chosen trial's runs are runs of
+the tables above, the others were never tested.
+
 Runs are never silently merged: a setting that lacks seeds other settings have is marked `*`
 in the tables and listed; two results for the same run (e.g. from two sweep folders) are
 listed, and only the newest is used (marked `†`).
@@ -69,6 +74,9 @@ SOURCE_KEY = "trained_on"
 REQUIRED = ("dataset", "method", "backbone", "shots", "seed", "test_acc")
 CELL = ["protocol", "backbone", "source", "dataset", "subsample", "variant", "shots"]
 INCOMPLETE, DUPLICATED = "*", "†"
+
+
+SEARCH_FILE = "search.json"  # a hyper-parameter search's trials (hydra_plugins/coop_optuna_sweeper)
 
 
 class ReportError(ValueError):
@@ -455,7 +463,7 @@ class Report:
     (plots/, by W&B key), the results files it could not read; `path` is report.md."""
 
     path: Path
-    runs: pd.DataFrame
+    runs: pd.DataFrame | None  # None: only hyper-parameter searches, none of them tested yet
     tables: list[ReportTable]
     plots: dict[str, Path]
     unreadable: list[str]
@@ -470,23 +478,35 @@ def write_report(root: Path, out: Path | None = None) -> Path:
 def report_runs(root: Path, out: Path | None = None) -> Report:
     """`write_report`, returning what it was written from."""
     out = out or root / "report"
-    runs, unreadable = read_runs(root)
-    table = cells(runs)
+    searches, unreadable = read_searches(root)
+    try:
+        runs, unread_runs = read_runs(root)
+    except ReportError:
+        if not searches:  # nothing to report
+            raise
+        runs, unread_runs = None, []  # a search whose chosen setting is not tested yet
+    unreadable += unread_runs
     (out / "plots").mkdir(parents=True, exist_ok=True)
-    runs = runs.drop(columns=["mtime"])
-    runs.to_csv(out / "runs.csv", index=False)
-    lines = [f"# Results under {root}", "", f"{len(runs)} runs; runs.csv lists them all.", ""]
+    lines = [f"# Results under {root}", ""]
     tables, plots = [], {}
-    for backbone in sorted(table["backbone"].unique()):
-        own = tables_for(table, backbone)
-        fewshot = any(t.key.endswith("/fewshot") for t in own)
-        drawn = plots_for(table, backbone, out / "plots") if fewshot else {}
-        lines += section_for(backbone, own, drawn)
-        tables += own
-        plots |= {f"{backbone}/plot_{label}": path for label, path in drawn.items()}
-    found = problem_tables(runs, table)
-    lines += problems(found)
-    tables += [t for t in found.values() if not t.text.empty]
+    if runs is not None:
+        table = cells(runs)
+        runs = runs.drop(columns=["mtime"])
+        runs.to_csv(out / "runs.csv", index=False)
+        lines += [f"{len(runs)} runs; runs.csv lists them all.", ""]
+        for backbone in sorted(table["backbone"].unique()):
+            own = tables_for(table, backbone)
+            fewshot = any(t.key.endswith("/fewshot") for t in own)
+            drawn = plots_for(table, backbone, out / "plots") if fewshot else {}
+            lines += section_for(backbone, own, drawn)
+            tables += own
+            plots |= {f"{backbone}/plot_{label}": path for label, path in drawn.items()}
+    if searches:
+        lines += searches_section(searches)
+    if runs is not None:
+        found = problem_tables(runs, table)
+        lines += problems(found)
+        tables += [t for t in found.values() if not t.text.empty]
     if unreadable:
         lines += ["## Unreadable runs", "", "Left out of the tables above:", ""]
         lines += [f"- {problem}" for problem in unreadable] + [""]
@@ -592,6 +612,60 @@ def problems(found: dict[str, ReportTable]) -> list[str]:
     return lines
 
 
+def read_searches(root: Path) -> tuple[dict[str, dict], list[str]]:
+    """The hyper-parameter searches under `root` (their search.json, by folder relative to it) and
+    a line for each search.json that cannot be read."""
+    searches, unreadable = {}, []
+    for file in sorted(root.rglob(SEARCH_FILE)) if root.is_dir() else []:
+        try:
+            data = json.loads(file.read_text())
+            if not isinstance(data, dict) or not isinstance(data.get("trials"), list):
+                raise ValueError("no list of trials")
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            unreadable.append(f"{file}: not a readable search ({err}); delete it or run its search again")
+            continue
+        searches[file.parent.relative_to(root).as_posix()] = data
+    return searches, unreadable
+
+
+def search_table(search: dict) -> pd.DataFrame:
+    """A row per trial: its searched settings, validation accuracy (%, the mean over its seeds, then
+    each seed's), state, and for the chosen trial its test accuracy (the only one tested)."""
+    chosen = search.get("chosen") or {}
+    rows = []
+    for trial in search["trials"]:
+        params = {k: f"{v:.4g}" if isinstance(v, float) else v for k, v in trial["params"].items()}
+        row = {"trial": trial["trial"], **params, "val acc": trial.get("val_acc")}
+        accs = trial.get("val_accs") or {}
+        if len(accs) > 1:
+            row |= {f"val seed {seed}": acc for seed, acc in accs.items()}
+        row["state"] = trial.get("state")
+        if trial.get("error"):
+            row["state"] = f"{row['state']}: {trial['error']}"
+        is_chosen = chosen.get("trial") == trial["trial"]
+        row["chosen"] = "yes" if is_chosen else ""
+        row["test acc"] = chosen.get("test_acc") if is_chosen else None
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def searches_section(searches: dict[str, dict]) -> list[str]:
+    lines = ["## Hyper-parameter searches", ""]
+    for folder, search in searches.items():
+        seeds = search.get("seeds")
+        over = f"mean over seeds {', '.join(map(str, seeds))}" if seeds else "one seed"
+        lines += [
+            f"### {'this folder' if folder == '.' else folder}",
+            "",
+            f"{len(search['trials'])} trials, chosen by validation accuracy (%, {over}); only the "
+            "chosen trial is tested.",
+            "",
+            markdown(search_table(search)),
+            "",
+        ]
+    return lines
+
+
 def missing_settings(table: pd.DataFrame) -> pd.DataFrame:
     """Few-shot settings (dataset x shots of a method that has run elsewhere) with no run."""
     part = table[(table["protocol"] == "fewshot") & ~table["zero_shot"]]
@@ -643,6 +717,8 @@ def main(argv: list[str] | None = None) -> None:
 def log_to_wandb(report: Report, root: Path, project: str | None, entity: str | None) -> str:
     """Logs the report as one W&B run of job_type `report`, in the project its runs logged to unless
     `project` is given: every table (its cells' numbers), the figures, the runs with their W&B runs."""
+    if report.runs is None:
+        raise WandbReportError(f"--wandb: {root} has no tested run yet (only searches): nothing to table")
     project, entity = report_project(report.runs["wandb_run"], project, entity)
     name = f"report-{root.resolve().name}"
     config = {"dir": str(root.resolve()), "runs": len(report.runs), "unreadable": len(report.unreadable)}

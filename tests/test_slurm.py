@@ -1,6 +1,7 @@
 """SLURM through `hydra/launcher=slurm`, on a real cluster: a sweep of two runs, one of which is
 requeued while it trains and resumes from its checkpoint, a packed sweep (`pack=true`: one SLURM
-job per pack), and a job the cluster refuses, reported in one line. Needs a running cluster
+job per pack), a hyper-parameter search (its trials, then the test of the chosen one, as jobs),
+and a job the cluster refuses, reported in one line. Needs a running cluster
 (`sudo make slurm-up` starts a one-node one on this machine); without one these tests are skipped,
 saying so. What sbatch's refusals mean is tested without one."""
 
@@ -162,6 +163,44 @@ def test_a_packed_sweep_is_one_slurm_job_per_pack(slurm, cache_dir, tmp_path):
     assert len(results) == 4
     assert all(json.loads(path.read_text())["pack_size"] == 4 for path in results)
     assert len(list(sweep.glob(".submitit/*/*_log.out"))) == 1  # one SLURM job: the pack
+
+
+def test_a_search_on_slurm_launches_its_trials_then_the_test_of_the_chosen_one(slurm, cache_dir, tmp_path):
+    """hparams_search=coop_optuna on SLURM: the two trials as one job array (n_jobs=2), then one job
+    that tests the trial of the higher validation accuracy; best.json holds its test accuracy."""
+    sweep = tmp_path / "search"
+    command = [
+        sys.executable,
+        "-m",
+        "src.train",
+        "-m",
+        "hparams_search=coop_optuna",
+        "experiment=quickstart",
+        "baseline=null",
+        "shots=1",
+        "trainer.max_epochs=choice(1,2)",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.n_jobs=2",
+        f"paths.cache_dir={cache_dir}",
+        f"hydra.sweep.dir={sweep}",
+        "hydra/launcher=slurm",
+        "hydra.launcher.partition=null",
+        "hydra.launcher.gpus_per_node=null",
+        "hydra.launcher.cpus_per_task=1",
+        "hydra.launcher.mem_gb=null",
+        "hydra.launcher.timeout_min=10",
+        'hydra.launcher.setup=["export OMP_NUM_THREADS=1"]',
+    ]
+    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    trials = json.loads((sweep / "search.json").read_text())["trials"]
+    best = json.loads((sweep / "best.json").read_text())
+    assert [t["state"] for t in trials] == ["complete", "complete"]
+    assert best["val_acc"] == max(t["val_acc"] for t in trials)
+    assert best["test_acc"] == json.loads((sweep / best["runs"][0] / "results.json").read_text())["test_acc"]
+    other = next(t for t in trials if t["trial"] != best["trial"])
+    assert not (sweep / other["dir"] / "seed1/results.json").exists()
+    assert len(list(sweep.glob(".submitit/*/*_log.out"))) == 3  # two trials, one test
 
 
 def test_a_job_the_cluster_refuses_is_one_line_naming_the_option(slurm, cli, capsys, tmp_path):

@@ -81,6 +81,8 @@ NOT_FINGERPRINTED = (
     "method.variant",  # the run folder's name
     "pack",  # trained alone or in a pack: the same run (src/packing/train.py)
     "pack_size",
+    "seeds",  # a search's trial: the seeds it trains, each a run (src/run/search.py)
+    "search",  # a search's trial or the test of the chosen one: the same run
 )
 
 
@@ -285,6 +287,23 @@ class PeriodicCheckpoint(ModelCheckpoint):
     or two steps per epoch); a resumed run replays the epochs since the last checkpoint exactly
     (the random generators' states are in it), so a longer interval loses time, never exactness.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._interval = self._every_n_epochs  # as configured (the last epoch sets 1 for its save)
+
+    @property
+    def state_key(self) -> str:
+        # Lightning's key, by the configured interval also in the last epoch's checkpoint: a run
+        # resumed from that one (a search's chosen trial, a run killed before its results) finds
+        # its callback's state under the same key, and Lightning does not warn it is missing.
+        return self._generate_state_key(
+            monitor=self.monitor,
+            mode=self.mode,
+            every_n_train_steps=self._every_n_train_steps,
+            every_n_epochs=self._interval,
+            train_time_interval=self._train_time_interval,
+        )
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         every = self._every_n_epochs

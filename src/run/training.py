@@ -13,6 +13,7 @@ import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.utilities.model_helpers import is_overridden
 
 import src.run.config  # noqa: F401  (the resolvers of conf/)
 from src.common.files import atomic_write, save_torch, write_json
@@ -35,12 +36,19 @@ from src.run.resume import (
 
 log = logging.getLogger(__name__)
 
+VALIDATION_FILE = "validation.json"  # a run validated instead of tested (train(cfg, test=False))
 
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Fits the method on the k-shot train set, tests the last model, writes the run's files."""
+
+def train(cfg: DictConfig, test: bool = True) -> dict[str, Any]:
+    """Fits the method on the k-shot train set, tests the last model, writes the run's files.
+
+    `test=False` (a trial of a hyper-parameter search, src/run/search.py): the last model is
+    validated instead, on the few-shot validation split, and the test split is never read; the run
+    keeps its checkpoint and writes validation.json, not results.json, so that the same run with
+    `test=True` continues from its last epoch to the test alone."""
     silence_known_warnings()
     out = Path(cfg.paths.output_dir)
-    done = finished_run(cfg, out)
+    done = finished_run(cfg, out) if test else finished_validation(cfg, out)
     if done is not None:
         return done
     # Every mistake at once, before the folder is claimed (the corrected command runs there) and
@@ -48,9 +56,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     checked = check_training_run(cfg, out)
     datamodule, trainer = checked.datamodule, checked.trainer
     last = prepare_run_dir(cfg, out)  # the folder remembers this configuration
-    continue_logs(trainer.loggers, read_checkpoint(last)["global_step"] if last is not None else 0)
+    step = read_checkpoint(last)["global_step"] if last is not None else 0
+    if test and last is not None and (out / VALIDATION_FILE).exists():
+        step += 1  # validated after its last checkpoint (test=False), which this run does not repeat
+    continue_logs(trainer.loggers, step)
     clip = build_backbone(cfg, datamodule, trainer)
     module = build_method(cfg.method, clip, datamodule.classnames)
+    if not test and not is_overridden("validation_step", module):
+        raise ValueError(
+            f"method={cfg.method.name} validates nothing (it has no validation_step): a search scores "
+            "its trials by validation accuracy; search a method that validates"
+        )
     log.info("%s with %s on %s", cfg.method.name, describe_backbone(clip), describe_devices(trainer))
     if trainer.is_global_zero:
         write_config(cfg, out)
@@ -59,7 +75,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         logger.log_hyperparams(resolved)
 
     baseline = None
-    if cfg.get("baseline") == "zeroshot":
+    if cfg.get("baseline") == "zeroshot" and test:  # a test, measured with the run's own
         baseline = zeroshot_baseline(cfg, clip, datamodule)
     if last is not None:
         log.info("resuming from %s", last)
@@ -68,12 +84,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if module.trains:
             trainer.fit(module, datamodule=datamodule, ckpt_path=last)
         train_time = time.perf_counter() - start
-        (metrics,) = trainer.test(module, datamodule=datamodule, verbose=False)
+        evaluate = trainer.test if test else trainer.validate
+        (metrics,) = evaluate(module, datamodule=datamodule, verbose=False)
 
-    epochs = trainer.max_epochs if module.trains else 0
-    results = run_results(cfg, module, datamodule, trainer, metrics, train_time, epochs, baseline)
-    if trainer.is_global_zero:
-        write_results(out, module, results)
+    if test:
+        epochs = trainer.max_epochs if module.trains else 0
+        results = run_results(cfg, module, datamodule, trainer, metrics, train_time, epochs, baseline)
+        if trainer.is_global_zero:
+            write_results(out, module, results)
+    else:
+        results = validation_results(cfg, datamodule, trainer, metrics, train_time, out)
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
             # The next run of a sweep in this process gets its own W&B run, not this one.
@@ -90,6 +110,44 @@ def finished_run(cfg: DictConfig, out: Path) -> dict[str, Any] | None:
     check_run_dir(cfg, out, resuming=False)  # the results of this configuration
     log.info("%s exists: skipping this run (skip_done=false runs it again)", done)
     return json.loads(done.read_text())
+
+
+def finished_validation(cfg: DictConfig, out: Path) -> dict[str, Any] | None:
+    """The validation of the run in `out` (`train(cfg, test=False)`) if it has been written and
+    `skip_done` is on, else None."""
+    done = out / VALIDATION_FILE
+    if not (cfg.get("skip_done", False) and done.exists()):
+        return None
+    check_run_dir(cfg, out, resuming=False)
+    log.info("%s exists: skipping this run (skip_done=false runs it again)", done)
+    return json.loads(done.read_text())
+
+
+def validation_results(
+    cfg: DictConfig,
+    datamodule: FewShotDataModule,
+    trainer: pl.Trainer,
+    metrics: dict[str, float],
+    train_time: float,
+    out: Path,
+) -> dict[str, Any]:
+    """validation.json of a run validated, not tested: the last model's accuracy (percent) on the
+    few-shot validation split."""
+    results = {
+        "dataset": cfg.dataset.name,
+        "subsample": cfg.dataset.subsample,
+        "method": cfg.method.name,
+        "shots": cfg.shots,
+        "seed": cfg.seed,
+        "val_acc": 100 * metrics["val/acc"],
+        "num_val": len(datamodule.val_items),
+        "epochs": trainer.max_epochs,
+        "train_time_s": round(train_time, 3),
+    }
+    if trainer.is_global_zero:
+        write_json(out / VALIDATION_FILE, results)
+    log.info("validation accuracy %.2f%% (%d images); in %s", results["val_acc"], results["num_val"], out)
+    return results
 
 
 def write_config(cfg: DictConfig, out: Path) -> None:
