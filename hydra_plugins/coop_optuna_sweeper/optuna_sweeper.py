@@ -117,7 +117,7 @@ def search_space(arguments: list[str], parser: OverridesParser) -> SearchSpace:
     if not dimensions:
         raise SearchError(
             "the search has nothing to search: give hydra.sweeper.params (an hparams_search= config) "
-            "or a sweep on the command line, e.g. 'method.module.lr=tag(log,interval(1e-4,1e-2))'"
+            "or a sweep on the command line, e.g. 'method.optimizer.lr=tag(log,interval(1e-4,1e-2))'"
         )
     return SearchSpace(tuple(dimensions), tuple(fixed), seeds)
 
@@ -318,7 +318,7 @@ class OptunaSweeper(Sweeper):
 
 
 def trial_name(trial: optuna.trial.FrozenTrial | optuna.Trial) -> str:
-    """'#3 (ctx.n_ctx=8 method.module.lr=0.0031)': the trial's number and sampled values."""
+    """'#3 (ctx.n_ctx=8 method.optimizer.lr=0.0031)': the trial's number and sampled values."""
     shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
     return f"#{trial.number} ({shown})"
 
