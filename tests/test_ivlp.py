@@ -161,7 +161,8 @@ def test_recipe_run_prompt_file_and_eval(tiny_overrides, eval_overrides, tmp_pat
         4,
         "a photo of a",
     )
-    assert (module_cfg.lr, module_cfg.prompt_depth_text, module_cfg.prompt_depth_vision) == (0.0025, 9, 9)
+    assert cfg.method.optimizer.lr == 0.0025
+    assert (module_cfg.prompt_depth_text, module_cfg.prompt_depth_vision) == (9, 9)
     assert module_cfg.n_ctx_vision == 4 and caches_features(cfg) is False
     cfg.trainer.max_epochs = 1
     module_cfg.prompt_depth_text = module_cfg.prompt_depth_vision = 2  # the tiny model has 2 blocks

@@ -160,7 +160,8 @@ def test_a_resumed_run_aggregates_as_an_uninterrupted_one(tiny_clip, tmp_path):
 def test_recipe_run_and_prompt_file(tiny_overrides, tmp_path, tiny_clip):
     cfg = make_cfg(["dataset=oxford_pets", "method=promptsrc", "shots=1", *tiny_overrides], tmp_path)
     module_cfg = cfg.method.module
-    assert (cfg.trainer.max_epochs, cfg.data.batch_size, cfg.ctx.n_ctx, module_cfg.lr) == (20, 4, 4, 0.0025)
+    assert (cfg.trainer.max_epochs, cfg.data.batch_size, cfg.ctx.n_ctx) == (20, 4, 4)
+    assert cfg.method.optimizer.lr == 0.0025
     assert (module_cfg.prompt_depth_text, module_cfg.prompt_depth_vision, module_cfg.n_ctx_vision) == (
         9,
         9,
