@@ -188,7 +188,7 @@ def test_the_methods_digits_script_runs_every_method_on_the_tiny_clip():
     """Each method line of the script composes and passes its method's checks against the tiny
     pre-trained CLIP (a depth beyond its 2 blocks, a misspelt key: this fails)."""
     commands = methods_digits_commands()
-    assert len(commands) == 27  # 14 base-to-new, 13 few-shot
+    assert len(commands) == 30  # 15 base-to-new, 15 few-shot
     architecture = Architecture.of("coop-tiny-narrow")
     for name, overrides in commands:
         cfg = compose_config("train", ["dataset=digits", *overrides])

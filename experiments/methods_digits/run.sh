@@ -36,10 +36,12 @@ b2n ivlp method=ivlp $depth2
 b2n promptsrc method=promptsrc $depth2
 b2n mmrl method=mmrl 'method.module.rep_layers=[2]'
 b2n clip_lora method=clip_lora
+b2n clip_adapter method=clip_adapter
 b2n coop_dept method=dept method.base=coop
 b2n kgcoop_dept method=dept method.base=kgcoop
 b2n maple_dept method=dept method.base=maple method.module.prompt_depth=2
 b2n promptsrc_dept method=dept method.base=promptsrc $depth2
+# (TaskRes has no base-to-new run: its residual has a row per trained class, base-to-new refuses it)
 
 # 1/4/16 shots on all ten classes (zero-shot CLIP and the linear probe: experiment=quickstart_grid);
 # PromptSRC's and MMRL's official few-shot recipes differ from their base-to-new ones
@@ -52,6 +54,8 @@ fewshot ivlp method=ivlp $depth2
 fewshot promptsrc method=promptsrc $depth2 trainer.max_epochs=50 method.module.gpa_mean=30 method.module.gpa_std=30
 fewshot mmrl method=mmrl 'method.module.rep_layers=[2]' data.batch_size=32 trainer.max_epochs=50 method.default_reg_weight=0.5
 fewshot clip_lora method=clip_lora
+fewshot clip_adapter method=clip_adapter
+fewshot taskres method=taskres
 fewshot coop_dept method=dept method.base=coop
 fewshot kgcoop_dept method=dept method.base=kgcoop
 fewshot maple_dept method=dept method.base=maple method.module.prompt_depth=2

@@ -76,11 +76,16 @@ class ZeroShotCLIP(FrozenClassifier):
 
 @torch.no_grad()
 def template_text_features(
-    clip: FrozenCLIP, classnames: list[str], templates: list[str], normalize_each: bool = True
+    clip: FrozenCLIP,
+    classnames: list[str],
+    templates: list[str],
+    normalize_each: bool = True,
+    normalize: bool = True,
 ) -> torch.Tensor:
     """Normalised class text features [n_cls, d] of hand-made prompts: per class the mean of the
     normalised features of its prompts, one per template, normalised again (`normalize_each=False`:
-    the mean of the raw features, normalised, as PromptSRC's frozen teacher). In the backbone's own
+    the mean of the raw features, normalised, as PromptSRC's frozen teacher; with `normalize=False`
+    too: that mean itself, unnormalised, as TaskRes's base classifier). In the backbone's own
     precision, also when first asked for within a training step's autocast: the same features
     whichever hook asks first (the teachers of KgCoOp, ProGrad, MMRL and PromptSRC)."""
     names = [name.replace("_", " ") for name in classnames]
@@ -95,4 +100,5 @@ def template_text_features(
             tokens = clip.tokenize(prompts).to(device)
             features = clip.model.encode_text(tokens).float()
             total = total + (F.normalize(features, dim=-1) if normalize_each else features)
-    return F.normalize(total / len(templates), dim=-1)
+    mean = total / len(templates)
+    return F.normalize(mean, dim=-1) if normalize else mean
