@@ -4,6 +4,7 @@ that lowers the loss, rebuilding from the prompt file, a run, and TaskRes's clas
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import pytest
 import pytorch_lightning as pl
@@ -13,13 +14,14 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from src.methods.base import method_from_prompt
 from src.methods.clip_adapter import CLIPAdapter
+from src.methods.schedules import warmup_cosine
 from src.methods.taskres import TaskRes
 from src.methods.zeroshot import ZeroShotCLIP
 from src.protocols import base_to_new
 from src.run.config import compose_config
 from src.run.evaluation import evaluate
 from src.run.training import train
-from tests.conftest import make_cfg
+from tests.conftest import make_cfg, with_sgd
 
 NAMES = ["abyssinian", "american_bulldog", "basset_hound", "bengal"]
 TEMPLATE = "a photo of a {}, a type of pet."
@@ -84,9 +86,10 @@ def test_training_lowers_the_loss_and_the_prompt_file_rebuilds_it(tiny_clip, met
     torch.manual_seed(0)
     # learning rates above the recipes' (0.002): 6 steps (4 epochs of 2) on random weights move it clearly
     if method is CLIPAdapter:
-        module = CLIPAdapter(tiny_clip, NAMES, TEMPLATE, lr=0.05)
+        module, lr = with_sgd(CLIPAdapter(tiny_clip, NAMES, TEMPLATE), lr=0.05), 0.05
     else:
-        module = TaskRes(tiny_clip, NAMES, [TEMPLATE], lr=0.02)
+        module, lr = TaskRes(tiny_clip, NAMES, [TEMPLATE]), 0.02
+        module.use_recipe(partial(torch.optim.Adam, lr=lr, weight_decay=5e-4), partial(warmup_cosine))
     with torch.no_grad():
         before, loss_before = module(features), module.loss_terms(features, labels)["ce"]
     trainer = pl.Trainer(
@@ -106,8 +109,8 @@ def test_training_lowers_the_loss_and_the_prompt_file_rebuilds_it(tiny_clip, met
         after, loss_after = module(features), module.loss_terms(features, labels)["ce"]
     assert (after - before).abs().max() > 1e-3 and loss_after < loss_before - 1e-3
     # after the warm-up epoch and 3 of the cosine's 4 epochs: lr x (1 + cos(3 pi / 4)) / 2
-    lr = module.lr * (1 + math.cos(3 * math.pi / 4)) / 2
-    assert [g["lr"] for g in trainer.optimizers[0].param_groups] == [pytest.approx(lr)]
+    last = lr * (1 + math.cos(3 * math.pi / 4)) / 2
+    assert [g["lr"] for g in trainer.optimizers[0].param_groups] == [pytest.approx(last)]
     rebuilt = method_from_prompt(module.prompt_state(), tiny_clip)
     assert type(rebuilt) is method and rebuilt.name == module.name
     with torch.no_grad():
@@ -123,7 +126,8 @@ def test_a_run_validates_saves_its_prompt_and_taskres_keeps_its_class_list(
     run = tmp_path / "run"
     args = ["dataset=oxford_pets", "method=taskres", "shots=2", *tiny_overrides]
     cfg = make_cfg([*args, "trainer.max_epochs=2", "trainer.check_val_every_n_epoch=1"], run)
-    assert (cfg.data.batch_size, cfg.method.module.lr, cfg.method.module.alpha) == (256, 2e-3, 0.5)
+    assert (cfg.data.batch_size, cfg.method.optimizer.lr, cfg.method.module.alpha) == (256, 2e-3, 0.5)
+    assert cfg.method.optimizer._target_ == "torch.optim.Adam"
     trained = train(cfg)
     assert trained["method"] == "taskres" and trained["templates"] == [TEMPLATE] and trained["epochs"] == 2
     assert "val/acc" in (run / "csv" / "metrics.csv").read_text().splitlines()[0]
@@ -146,7 +150,7 @@ def test_the_recipes(tiny_overrides, tmp_path):
     epochs = [recipe("taskres", "dtd", f"shots={k}").trainer.max_epochs for k in (1, 2, 4, 8, 16)]
     assert epochs == [100, 100, 100, 200, 200]
     imagenet, flowers = recipe("taskres", "imagenet", "shots=1"), recipe("taskres", "oxford_flowers")
-    assert (imagenet.method.module.lr, imagenet.trainer.max_epochs, imagenet.method.module.alpha) == (
+    assert (imagenet.method.optimizer.lr, imagenet.trainer.max_epochs, imagenet.method.module.alpha) == (
         2e-4,
         100,
         0.5,
@@ -155,11 +159,11 @@ def test_the_recipes(tiny_overrides, tmp_path):
         len(imagenet.method.module.templates) == 8
         and imagenet.method.module.templates[-1] == "a photo of a {}."
     )
-    assert (flowers.method.module.alpha, flowers.method.module.lr) == (1.0, 2e-3)
+    assert (flowers.method.module.alpha, flowers.method.optimizer.lr) == (1.0, 2e-3)
     adapter = recipe("clip_adapter", "dtd", "shots=1")
-    module = adapter.method.module
+    module, optimizer = adapter.method.module, adapter.method.optimizer
     assert (adapter.data.batch_size, adapter.trainer.max_epochs, module.template) == (32, 50, "{} texture.")
-    assert (module.ratio, module.reduction, module.lr, module.momentum, module.weight_decay) == (
+    assert (module.ratio, module.reduction, optimizer.lr, optimizer.momentum, optimizer.weight_decay) == (
         0.2,
         4,
         0.002,

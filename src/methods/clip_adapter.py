@@ -16,12 +16,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.classification import MulticlassAccuracy
 
 from src.common.messages import override
 from src.methods.base import Method, plain
-from src.methods.coop import warmup_cosine
 from src.methods.zeroshot import HandMadeGuided, template_text_features
 from src.models.clip import Architecture, FrozenCLIP
 
@@ -44,11 +42,6 @@ class CLIPAdapter(Method):
         template: str,
         ratio: float = 0.2,
         reduction: int = 4,
-        lr: float = 0.002,
-        momentum: float = 0.9,
-        weight_decay: float = 5e-4,
-        warmup_epochs: int = 1,
-        warmup_lr: float = 1e-5,
     ) -> None:
         super().__init__(clip, classnames)
         dim = clip.embed_dim
@@ -60,8 +53,6 @@ class CLIPAdapter(Method):
             )
         self.template = template
         self.ratio, self.reduction = ratio, reduction
-        self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
-        self.warmup_epochs, self.warmup_lr = warmup_epochs, warmup_lr
         self.adapter = nn.Sequential(
             nn.Linear(dim, dim // reduction, bias=False),
             nn.ReLU(),
@@ -85,8 +76,6 @@ class CLIPAdapter(Method):
                 f"method.module.reduction={args['reduction']}: the bottleneck divides the feature width by "
                 f"a whole number of at least 1, e.g. {override('method.module.reduction', 4)} (the official)"
             )
-        if args["lr"] <= 0:
-            raise ValueError(f"method.module.lr={args['lr']}: the learning rate must be positive")
 
     # -- the method -------------------------------------------------------------------------
     def text_features(self) -> torch.Tensor:
@@ -115,18 +104,6 @@ class CLIPAdapter(Method):
         self.val_acc(self(images), labels)
         self.log("val/acc", self.val_acc, prog_bar=True, batch_size=len(labels))
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        """SGD on the adapter with CoOp's warm-up and cosine per epoch (the Dassl recipe the official
-        code builds its optimiser from: docs/methods.md)."""
-        optimizer = torch.optim.SGD(
-            self.adapter.parameters(), lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
-        )
-        schedule = warmup_cosine(self.lr, self.warmup_lr, self.warmup_epochs, self.trainer.max_epochs)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": LambdaLR(optimizer, schedule), "interval": "epoch"},
-        }
-
     # -- results and the prompt file ----------------------------------------------------------
     def hyperparameters(self) -> dict[str, Any]:
         """The arguments that rebuild the method (besides CLIP and the class list)."""
@@ -134,11 +111,6 @@ class CLIPAdapter(Method):
             "template": self.template,
             "ratio": self.ratio,
             "reduction": self.reduction,
-            "lr": self.lr,
-            "momentum": self.momentum,
-            "weight_decay": self.weight_decay,
-            "warmup_epochs": self.warmup_epochs,
-            "warmup_lr": self.warmup_lr,
         }
 
     def result_fields(self) -> dict[str, Any]:

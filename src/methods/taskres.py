@@ -15,12 +15,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.classification import MulticlassAccuracy
 
 from src.common.messages import override
 from src.methods.base import Method, TextOncePerEvaluation, plain
-from src.methods.coop import warmup_cosine
 from src.methods.zeroshot import HandMadeGuided, template_text_features
 from src.models.clip import Architecture, FrozenCLIP
 
@@ -42,17 +40,10 @@ class TaskRes(TextOncePerEvaluation, Method):
         classnames: list[str],
         templates: list[str],
         alpha: float = 0.5,
-        lr: float = 2e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        weight_decay: float = 5e-4,
-        warmup_epochs: int = 1,
-        warmup_lr: float = 1e-5,
     ) -> None:
         super().__init__(clip, classnames)
         self.templates = list(templates)
         self.alpha = alpha
-        self.lr, self.betas, self.weight_decay = lr, tuple(betas), weight_decay
-        self.warmup_epochs, self.warmup_lr = warmup_epochs, warmup_lr
         self.residual = nn.Parameter(torch.zeros(len(classnames), clip.embed_dim))
         self.val_acc = MulticlassAccuracy(num_classes=len(classnames), average="micro")
         self._base: torch.Tensor | None = None
@@ -72,8 +63,6 @@ class TaskRes(TextOncePerEvaluation, Method):
                 f"method.module.alpha={args['alpha']}: the residual's scale must be positive (0 leaves "
                 f"zero-shot CLIP untrained), e.g. {override('method.module.alpha', 0.5)} (the official)"
             )
-        if args["lr"] <= 0:
-            raise ValueError(f"method.module.lr={args['lr']}: the learning rate must be positive")
 
     # -- the method -------------------------------------------------------------------------
     def base_text_features(self) -> torch.Tensor:
@@ -106,29 +95,12 @@ class TaskRes(TextOncePerEvaluation, Method):
         self.val_acc(self(images), labels)
         self.log("val/acc", self.val_acc, prog_bar=True, batch_size=len(labels))
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        """Adam on the residual (with Dassl's coupled weight decay, as the official code's
-        optimiser), CoOp's warm-up and cosine per epoch (Dassl's constant warm-up and cosine)."""
-        optimizer = torch.optim.Adam(
-            [self.residual], lr=self.lr, betas=self.betas, weight_decay=self.weight_decay
-        )
-        schedule = warmup_cosine(self.lr, self.warmup_lr, self.warmup_epochs, self.trainer.max_epochs)
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": LambdaLR(optimizer, schedule), "interval": "epoch"},
-        }
-
     # -- results and the prompt file ----------------------------------------------------------
     def hyperparameters(self) -> dict[str, Any]:
         """The arguments that rebuild the method (besides CLIP and the class list)."""
         return {
             "templates": self.templates,
             "alpha": self.alpha,
-            "lr": self.lr,
-            "betas": list(self.betas),
-            "weight_decay": self.weight_decay,
-            "warmup_epochs": self.warmup_epochs,
-            "warmup_lr": self.warmup_lr,
         }
 
     def result_fields(self) -> dict[str, Any]:
