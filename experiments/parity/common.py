@@ -7,15 +7,17 @@ a fixed batch, and stores what it computed in tests/fixtures/parity/<method>.pt;
 tests/test_parity.py computes the same with the project's method. What the scripts change of the
 official run, and nothing else:
 
-- CPU instead of CUDA: `.cuda()` of tensors and modules returns them unchanged (`on_cpu`);
+- CPU and fp32: `.cuda()` and `.half()` of tensors and modules return them unchanged (`cpu_fp32`;
+  MaPLe's and IVLP's official code casts its image prompts to fp16 even when it runs in fp32);
 - the weights: the official `load_clip_to_cpu(cfg)` (a download of OpenAI's weights) returns the
   official `build_model` run on the tiny CLIP's state dict, in fp32 (`official_clip`): its
   fp16 conversion undone, as the official code does itself for `PREC fp32`, and the weights loaded
   again in fp32 (build_model loads them into fp16 tensors, which would round them);
 - the architecture of those weights: OpenAI's `build_model` infers one attention head per 64
-  channels and uses QuickGELU, the tiny open_clip model has heads of 32 channels and GELU; the
-  built model is given the tiny model's heads and activation (`official_clip` checks that its
-  image and text features then equal open_clip's);
+  channels and uses QuickGELU, coop-tiny has heads of 32 channels and GELU; the built model is
+  given the tiny model's heads and activation (`official_clip` checks that its image and text
+  features then equal open_clip's). Official code that hard-codes ViT-B/16's widths (MaPLe) runs
+  on `coop-tiny-b16` (tests/fixtures/parity/coop-tiny-b16.json), which needs no such change;
 - the data: no Dassl data manager; the trainer gets the class names and the batch directly;
 - torch: Dassl's schedulers pass `verbose` to torch's, which newer torch dropped (it only printed);
   `torch_compat` lets torch's scheduler take and ignore it.
@@ -24,12 +26,11 @@ official run, and nothing else:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -52,7 +53,9 @@ TEMPLATE = "a photo of a {}, a type of pet."
 DATASET_NAME = "OxfordPets"  # the official Dassl dataset of that template
 BATCH = 4
 TINY = "coop-tiny"
-HEAD_WIDTH = 32  # of coop-tiny's attention heads (src/models/configs/coop-tiny.json)
+# ViT-B/16's widths (image 768, text and joint space 512, heads of 64, QuickGELU) in 3 blocks per
+# tower, for the official code that hard-codes those widths (MaPLe's Linear(512, 768) couplings)
+WIDE = "coop-tiny-b16"
 # Packages the official code imports that the project's environment lacks (Dassl's yacs, gdown,
 # tensorboard, wilds), installed apart: see README.md in this folder.
 EXTRA = Path(os.environ.get("PARITY_EXTRA", "/tmp/parity-extra"))
@@ -111,10 +114,13 @@ def torch_compat() -> None:
     LRScheduler.__init__ = init_taking_verbose
 
 
-def project_clip() -> FrozenCLIP:
-    """The tests' `tiny_clip`: coop-tiny with open_clip's random initialisation under seed 0."""
+def project_clip(name: str = TINY) -> FrozenCLIP:
+    """The tests' `tiny_clip` (coop-tiny; `WIDE`: `tiny_b16_clip`), open_clip's random
+    initialisation under seed 0."""
+    if name == WIDE:
+        open_clip.add_model_config(FIXTURES / f"{WIDE}.json")
     torch.manual_seed(0)
-    return FrozenCLIP(TINY, None)
+    return FrozenCLIP(name, None)
 
 
 def weights_digest(clip: FrozenCLIP) -> str:
@@ -142,21 +148,28 @@ def normalise(pixels: torch.Tensor) -> torch.Tensor:
     return (pixels.float() / 255 - mean) / std
 
 
-def official_clip(build_model: Callable[[dict], nn.Module], clip: FrozenCLIP) -> nn.Module:
-    """The official `build_model` on the tiny CLIP's weights, in fp32, with the tiny model's heads
-    and activation; its image and text features are checked against open_clip's."""
+def official_clip(
+    build_model: Callable[..., nn.Module], clip: FrozenCLIP, *args: Any, check: bool = True
+) -> nn.Module:
+    """The official `build_model(state_dict, *args)` on the tiny CLIP's weights, in fp32, with the
+    tiny model's heads and activation; its plain image and text features are checked against
+    open_clip's (`check`; a CLIP whose encoders need prompts is checked built without them)."""
     state = {name: tensor.clone() for name, tensor in clip.model.state_dict().items()}
-    model = build_model(dict(state)).float().eval()
+    model = build_model(dict(state), *args).float().eval()
     # build_model loads the weights into its fp16 conversion: loaded again in fp32, unrounded
-    model.load_state_dict(state)
-    for module in list(model.modules()):
+    model.load_state_dict(state, strict=False)
+    missing = set(model.state_dict()) - set(state)
+    assert all("VPT" in name for name in missing), f"weights the tiny CLIP lacks: {sorted(missing)}"
+    project = dict(clip.model.named_modules())
+    for name, module in model.named_modules():
         if isinstance(module, nn.MultiheadAttention):
-            module.num_heads = module.embed_dim // HEAD_WIDTH
-            module.head_dim = HEAD_WIDTH
+            module.num_heads = project[name].num_heads
+            module.head_dim = project[name].head_dim
         mlp = getattr(module, "mlp", None)
         if isinstance(mlp, nn.Sequential) and hasattr(mlp, "gelu"):
-            mlp.gelu = nn.GELU()
-    check_same_clip(model, clip)
+            mlp.gelu = project[f"{name}.mlp.gelu"]
+    if check:
+        check_same_clip(model, clip)
     return model
 
 
@@ -176,16 +189,12 @@ def check_same_clip(model: nn.Module, clip: FrozenCLIP) -> None:
             sys.exit(f"error: the official CLIP's {what} features differ from open_clip's by {diff:.2e}")
 
 
-@contextlib.contextmanager
-def on_cpu() -> Iterator[None]:
-    """`.cuda()` of tensors and modules returns them as they are, on the CPU."""
-    saved = torch.Tensor.cuda, nn.Module.cuda
-    torch.Tensor.cuda = lambda self, *args, **kwargs: self
-    nn.Module.cuda = lambda self, *args, **kwargs: self
-    try:
-        yield
-    finally:
-        torch.Tensor.cuda, nn.Module.cuda = saved
+def cpu_fp32() -> None:
+    """From now on, in this process, `.cuda()` and `.half()` of tensors and modules return them
+    as they are: the official code runs on the CPU in fp32 (its fp16 casts of prompts included)."""
+    for cls in (torch.Tensor, nn.Module):
+        cls.cuda = lambda self, *args, **kwargs: self
+        cls.half = lambda self, *args, **kwargs: self
 
 
 def dassl_trainer(trainer_class: type, cfg: Any, classnames: list[str]) -> Any:
@@ -199,8 +208,7 @@ def dassl_trainer(trainer_class: type, cfg: Any, classnames: list[str]) -> Any:
     trainer.device = torch.device("cpu")
     trainer.dm = SimpleNamespace(dataset=SimpleNamespace(classnames=list(classnames)))
     trainer.check_cfg(cfg)
-    with on_cpu():
-        trainer.build_model()
+    trainer.build_model()
     return trainer
 
 
@@ -243,6 +251,44 @@ def capture_grads(
 
     optimizer.step = recording_step
     return grads
+
+
+# A learned tensor of more numbers than this (MaPLe's Linear(512, 768) couplings) is not stored:
+# it starts from `seeded` values (as from a checkpoint), and its gradient is stored as a sketch.
+LARGE = 100_000
+SKETCH_COLUMNS = 2
+
+
+def seeded(shape: tuple[int, ...] | torch.Size, seed: int) -> torch.Tensor:
+    """Values uniform in +-1/sqrt(fan-in) (PyTorch's Linear range) from `seed`: a large tensor's
+    initial value, made alike by the script and the test."""
+    generator = torch.Generator().manual_seed(seed)
+    bound = shape[-1] ** -0.5
+    return (torch.rand(tuple(shape), generator=generator) * 2 - 1) * bound
+
+
+def sketch(grad: torch.Tensor, seed: int) -> torch.Tensor:
+    """A large gradient [out, in] times a random [in, SKETCH_COLUMNS] matrix from `seed`: equal
+    sketches of unequal gradients have probability zero."""
+    generator = torch.Generator().manual_seed(seed)
+    return grad.float() @ torch.randn(grad.shape[-1], SKETCH_COLUMNS, generator=generator)
+
+
+def seed_large(params: dict[str, torch.Tensor], names: dict[str, str]) -> dict[str, int]:
+    """Sets each large parameter of `params` (official name -> tensor) to `seeded` values; returns
+    {project name: seed} (`names` maps official to project names)."""
+    seeds = {}
+    for i, (name, param) in enumerate(sorted(params.items())):
+        if param.numel() > LARGE:
+            with torch.no_grad():
+                param.copy_(seeded(param.shape, 1000 + i))
+            seeds[names[name]] = 1000 + i
+    return seeds
+
+
+def store_grads(grads: dict[str, torch.Tensor], seeds: dict[str, int]) -> dict[str, torch.Tensor]:
+    """The gradients as stored: a seeded (large) parameter's as its `sketch`."""
+    return {name: sketch(g, seeds[name]) if name in seeds else g for name, g in grads.items()}
 
 
 def save(name: str, fixture: dict[str, Any], out: Path | None = None) -> Path:

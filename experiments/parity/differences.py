@@ -24,7 +24,8 @@ def main() -> None:
     names = sys.argv[1:] or sorted(PARITY)
     for name in names:
         with tempfile.TemporaryDirectory() as tmp:
-            diffs = PARITY[name](project_clip(), Path(tmp))
+            compare, model = PARITY[name]
+            diffs = compare(project_clip(model), Path(tmp))
         print(f"| {name} | " + ", ".join(f"{key} {value:.1e}" for key, value in diffs.items()) + " |")
 
 

@@ -24,6 +24,7 @@ from experiments.parity.common import (
     DATASET_NAME,
     capture_grads,
     common_fields,
+    cpu_fp32,
     dassl_lrs,
     dassl_trainer,
     normalise,
@@ -46,6 +47,7 @@ def main() -> None:
     code = args.checkout / "KgCoOp"
     put_on_path(code, args.checkout / "Dassl.ProGrad.pytorch")
     torch_compat()
+    cpu_fp32()
     from dassl.config import get_cfg_default  # noqa: PLC0415  (the official code, now on sys.path)
 
     official_train = importlib.import_module("train")  # its extend_cfg; registers the trainers
