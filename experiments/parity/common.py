@@ -9,15 +9,15 @@ official run, and nothing else:
 
 - CPU and fp32: `.cuda()` and `.half()` of tensors and modules return them unchanged (`cpu_fp32`;
   MaPLe's and IVLP's official code casts its image prompts to fp16 even when it runs in fp32);
-- the weights: the official `load_clip_to_cpu(cfg)` (a download of OpenAI's weights) returns the
-  official `build_model` run on the tiny CLIP's state dict, in fp32 (`official_clip`): its
-  fp16 conversion undone, as the official code does itself for `PREC fp32`, and the weights loaded
-  again in fp32 (build_model loads them into fp16 tensors, which would round them);
+- the weights: the official code loads the tiny CLIP's state dict where it would download
+  OpenAI's, through its own `load_clip_to_cpu` or `clip.load` and `build_model`, in fp32: its
+  conversion to fp16 does nothing (`use_tiny_weights`);
 - the architecture of those weights: OpenAI's `build_model` infers one attention head per 64
   channels and uses QuickGELU, coop-tiny has heads of 32 channels and GELU; the built model is
-  given the tiny model's heads and activation (`official_clip` checks that its image and text
-  features then equal open_clip's). Official code that hard-codes ViT-B/16's widths (MaPLe) runs
-  on `coop-tiny-b16` (tests/fixtures/parity/coop-tiny-b16.json), which needs no such change;
+  given the tiny model's heads and activation (`like_tiny`; `check_same_clip` checks that its
+  image and text features then equal open_clip's). Official code that hard-codes ViT-B/16's
+  widths (MaPLe) runs on `coop-tiny-b16` (tests/fixtures/parity/coop-tiny-b16.json), which has
+  OpenAI's heads and QuickGELU;
 - the data: no Dassl data manager; the trainer gets the class names and the batch directly;
 - torch: Dassl's schedulers pass `verbose` to torch's, which newer torch dropped (it only printed);
   `torch_compat` lets torch's scheduler take and ignore it.
@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -148,18 +150,34 @@ def normalise(pixels: torch.Tensor) -> torch.Tensor:
     return (pixels.float() / 255 - mean) / std
 
 
-def official_clip(
-    build_model: Callable[..., nn.Module], clip: FrozenCLIP, *args: Any, check: bool = True
-) -> nn.Module:
-    """The official `build_model(state_dict, *args)` on the tiny CLIP's weights, in fp32, with the
-    tiny model's heads and activation; its plain image and text features are checked against
-    open_clip's (`check`; a CLIP whose encoders need prompts is checked built without them)."""
-    state = {name: tensor.clone() for name, tensor in clip.model.state_dict().items()}
-    model = build_model(dict(state), *args).float().eval()
-    # build_model loads the weights into its fp16 conversion: loaded again in fp32, unrounded
-    model.load_state_dict(state, strict=False)
-    missing = set(model.state_dict()) - set(state)
-    assert all("VPT" in name for name in missing), f"weights the tiny CLIP lacks: {sorted(missing)}"
+def use_tiny_weights(clip: FrozenCLIP, package: str = "clip") -> Callable[..., nn.Module]:
+    """Makes the official `clip` package load the tiny CLIP's weights wherever it would load
+    OpenAI's: its `_download` returns a file of the tiny CLIP's state dict (which `torch.jit.load`
+    refuses, so the official code takes its `torch.load` path, as for a state-dict checkpoint); its
+    `convert_weights` (to fp16) does nothing, so the weights load unrounded in fp32; its
+    `build_model` gives the built model the tiny model's heads and activation. Returns that
+    `build_model`. Everything else of the official loading (its `load_clip_to_cpu`, `clip.load`,
+    the design details of its prompted encoders) runs as it is."""
+    api = importlib.import_module(f"{package}.clip")
+    model_module = importlib.import_module(f"{package}.model")
+    weights = Path(tempfile.mkdtemp(prefix="parity-")) / "tiny-clip.pt"
+    torch.save(clip.model.state_dict(), weights)
+    api._download = lambda url, *args, **kwargs: str(weights)
+    model_module.convert_weights = lambda model: None
+    build = api.build_model
+
+    def build_like_tiny(state_dict: dict, *args: Any, **kwargs: Any) -> nn.Module:
+        model = build(state_dict, *args, **kwargs)
+        like_tiny(model, clip)
+        return model
+
+    api.build_model = build_like_tiny
+    return build_like_tiny
+
+
+def like_tiny(model: nn.Module, clip: FrozenCLIP) -> None:
+    """The official CLIP given the tiny open_clip model's attention heads and MLP activation (OpenAI's
+    `build_model` infers a head per 64 channels and uses QuickGELU), module by module."""
     project = dict(clip.model.named_modules())
     for name, module in model.named_modules():
         if isinstance(module, nn.MultiheadAttention):
@@ -168,13 +186,16 @@ def official_clip(
         mlp = getattr(module, "mlp", None)
         if isinstance(mlp, nn.Sequential) and hasattr(mlp, "gelu"):
             mlp.gelu = project[f"{name}.mlp.gelu"]
-    if check:
-        check_same_clip(model, clip)
-    return model
+
+
+def tiny_state(clip: FrozenCLIP) -> dict[str, torch.Tensor]:
+    """A copy of the tiny CLIP's state dict, for an official `build_model`."""
+    return {name: tensor.clone() for name, tensor in clip.model.state_dict().items()}
 
 
 def check_same_clip(model: nn.Module, clip: FrozenCLIP) -> None:
-    """The official CLIP's plain image and text features equal open_clip's on the fixed batch."""
+    """The official CLIP's plain image and text features (a CLIP built without prompts) equal
+    open_clip's on the fixed batch."""
     pixels, _ = batch()
     tokens = clip.tokenize([TEMPLATE.format(name.replace("_", " ")) for name in CLASSNAMES])
     with torch.no_grad():

@@ -8,8 +8,8 @@ Dassl.ProGrad.pytorch) is built by its own `build_model()` from its base-to-new 
 4 context words, W = 8.0) on the Oxford Pets template, and runs its own `forward_backward` on the
 fixed batch. Stored: the initial context, the logits, the loss terms (`ce`, `kg` = W x (1 - mean
 cos)), the context's gradient at the optimiser's step, the optimiser's settings and its learning
-rate in each of the 100 epochs. Only in fp32: the official PromptLearner computes the hand-made
-prompts' text features with a second CLIP it leaves in fp16; here that CLIP is fp32 (common.py).
+rate in each of the 100 epochs. In fp32 throughout: the official PromptLearner computes the
+hand-made prompts' text features with a second CLIP it leaves in fp16 (common.py, `cpu_fp32`).
 """
 
 from __future__ import annotations
@@ -23,18 +23,20 @@ from experiments.parity.common import (
     BATCH,
     DATASET_NAME,
     capture_grads,
+    check_same_clip,
     common_fields,
     cpu_fp32,
     dassl_lrs,
     dassl_trainer,
     normalise,
-    official_clip,
     optimizer_settings,
     parse_args,
     project_clip,
     put_on_path,
     save,
+    tiny_state,
     torch_compat,
+    use_tiny_weights,
 )
 
 REPO = "htyao89/KgCoOp"
@@ -52,7 +54,6 @@ def main() -> None:
 
     official_train = importlib.import_module("train")  # its extend_cfg; registers the trainers
     kgcoop = importlib.import_module("trainers.kgcoop")
-    clip_module = importlib.import_module("clip.model")
 
     cfg = get_cfg_default()
     official_train.extend_cfg(cfg)
@@ -68,7 +69,8 @@ def main() -> None:
 
     clip = project_clip()
     fixture = common_fields(clip, REPO, COMMIT)
-    kgcoop.load_clip_to_cpu = lambda cfg: official_clip(clip_module.build_model, clip)
+    build_model = use_tiny_weights(clip)
+    check_same_clip(build_model(tiny_state(clip)), clip)
     torch.manual_seed(1)
     trainer = dassl_trainer(kgcoop.KgCoOp, cfg, fixture["classnames"])
     model = trainer.model

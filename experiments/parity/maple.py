@@ -25,12 +25,12 @@ from experiments.parity.common import (
     DATASET_NAME,
     WIDE,
     capture_grads,
+    check_same_clip,
     common_fields,
     cpu_fp32,
     dassl_lrs,
     dassl_trainer,
     normalise,
-    official_clip,
     optimizer_settings,
     parse_args,
     project_clip,
@@ -38,7 +38,9 @@ from experiments.parity.common import (
     save,
     seed_large,
     store_grads,
+    tiny_state,
     torch_compat,
+    use_tiny_weights,
 )
 
 REPO = "muzairkhattak/multimodal-prompt-learning"
@@ -78,7 +80,6 @@ def main() -> None:
 
     official_train = importlib.import_module("train")  # its extend_cfg; registers the trainers
     maple = importlib.import_module("trainers.maple")
-    clip_module = importlib.import_module("clip.model")
 
     cfg = get_cfg_default()
     official_train.extend_cfg(cfg)
@@ -92,12 +93,9 @@ def main() -> None:
 
     clip = project_clip(WIDE)
     fixture = common_fields(clip, REPO, COMMIT)
-    # the official load_clip_to_cpu's design_details; its CLIP is checked as CoOp's (no prompts)
-    design = {"trainer": "MaPLe", "vision_depth": 0, "language_depth": 0, "vision_ctx": 0, "language_ctx": 0}
-    official_clip(clip_module.build_model, clip, design | {"trainer": "CoOp"})
-    maple.load_clip_to_cpu = lambda cfg: official_clip(
-        clip_module.build_model, clip, design | {"maple_length": cfg.TRAINER.MAPLE.N_CTX}, check=False
-    )
+    build_model = use_tiny_weights(clip)
+    plain = {"trainer": "CoOp", "vision_depth": 0, "language_depth": 0, "vision_ctx": 0, "language_ctx": 0}
+    check_same_clip(build_model(tiny_state(clip), plain), clip)
     torch.manual_seed(1)
     trainer = dassl_trainer(maple.MaPLe, cfg, fixture["classnames"])
     model = trainer.model
