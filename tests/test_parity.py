@@ -144,10 +144,10 @@ def compare_schedule(method: Method, cfg: Any, fixture: dict[str, Any]) -> Diffe
 
 def standard_parity(
     name: str, clip: FrozenCLIP, tmp_path: Path, overrides: tuple[str, ...] = ()
-) -> Differences:
+) -> tuple[Differences, Method]:
     """The checks of a method trained by the sum of its `loss_terms`: the deterministic initial
     parameters equal the official ones, then, from the fixture's, logits, terms, gradients and
-    schedule; their largest differences."""
+    schedule; their largest differences, and the method."""
     fixture = load(name, clip)
     method, cfg = project_method(name, clip, fixture["classnames"], tmp_path, overrides)
     params = dict(method.named_parameters())
@@ -163,23 +163,50 @@ def standard_parity(
     diffs |= compare_terms(terms, fixture["loss"])
     total_loss(terms).backward()
     diffs |= compare_grads(stored_grads(learned, fixture), fixture["grads"])
-    return diffs | compare_schedule(method, cfg, fixture)
+    return diffs | compare_schedule(method, cfg, fixture), method
 
 
 def kgcoop(clip: FrozenCLIP, tmp_path: Path) -> Differences:
     """htyao89/KgCoOp: CE + 8 x (1 - mean cos to the hand-made prompt's features), 4 words."""
-    return standard_parity("kgcoop", clip, tmp_path)
+    return standard_parity("kgcoop", clip, tmp_path)[0]
 
 
 def maple(clip: FrozenCLIP, tmp_path: Path) -> Differences:
     """muzairkhattak/multimodal-prompt-learning: 2 tokens from "a photo", prompts in the 3 blocks
     of each tower of coop-tiny-b16 (the recipe's 9 need 9 blocks), couplings Linear(512, 768)."""
-    return standard_parity("maple", clip, tmp_path, ("method.module.prompt_depth=3",))
+    return standard_parity("maple", clip, tmp_path, ("method.module.prompt_depth=3",))[0]
+
+
+DEPTH_2 = ("method.module.prompt_depth_text=2", "method.module.prompt_depth_vision=2")
+
+
+def ivlp(clip: FrozenCLIP, tmp_path: Path) -> Differences:
+    """muzairkhattak/PromptSRC's IVLP: 4 text tokens from "a photo of a", 4 image tokens, prompts
+    in both blocks of each tower of coop-tiny (the recipe's 9 need 9 blocks)."""
+    return standard_parity("ivlp", clip, tmp_path, DEPTH_2)[0]
+
+
+def promptsrc(clip: FrozenCLIP, tmp_path: Path) -> Differences:
+    """muzairkhattak/PromptSRC: IVLP's prompts (as `ivlp`) plus the self-consistency terms against
+    the frozen CLIP, and GPA's weight of each of the 20 epochs (mean 15, std 1)."""
+    from src.methods.promptsrc import gpa_weights
+
+    diffs, method = standard_parity("promptsrc", clip, tmp_path, DEPTH_2)
+    fixture = load("promptsrc", clip)
+    weights = gpa_weights(method.hparams.gpa_mean, method.hparams.gpa_std, len(fixture["lr"]))
+    diff = (weights - fixture["gpa_weights"]).abs().max().item()
+    assert diff <= 1e-12, f"GPA's weights differ by {diff:.1e}"
+    return diffs | {"gpa weights": diff}
 
 
 # Each method's comparison and the CLIP it runs on, by fixture name (experiments/parity/
 # differences.py tables them all).
-PARITY = {"kgcoop": (kgcoop, TINY), "maple": (maple, WIDE)}
+PARITY = {
+    "kgcoop": (kgcoop, TINY),
+    "maple": (maple, WIDE),
+    "ivlp": (ivlp, TINY),
+    "promptsrc": (promptsrc, TINY),
+}
 
 
 @pytest.fixture(scope="session")
