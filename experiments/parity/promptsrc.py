@@ -1,0 +1,97 @@
+"""PromptSRC's parity fixture: the official code (muzairkhattak/PromptSRC, trainers/promptsrc.py) run
+on the project's tiny CLIP.
+
+    PYTHONPATH=. python experiments/parity/promptsrc.py /tmp/PromptSRC --dassl /tmp/Dassl.pytorch
+
+The official trainer (class PromptSRC) is built by its own `build_model()` from its base-to-new
+config (configs/trainers/PromptSRC/vit_b16_c2_ep20_batch4_4+4ctx.yaml: IVLP's 4 + 4 tokens, SGD lr
+0.0025, batch 4, 20 epochs, text and image L1 weights 25 and 10, GPA mean 15 and std 1) with the
+prompts in both blocks of each tower of coop-tiny, and runs its own `forward_backward` on the fixed
+batch. Its frozen teacher (the 60 ImageNet templates' mean text features, the frozen image
+encoder) is fp16 in the official code whatever the precision; here fp32, as the rest (common.py).
+Stored: the initial prompts, the logits (eval mode), the loss terms (`ce`, `scl_text`,
+`scl_image`, `scl_logits`, as forward_backward computes them), the gradients at the optimiser's
+step, the optimiser's settings, the lr of each epoch and GPA's weight of each epoch.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+import torch.nn.functional as F
+
+from experiments.parity.common import (
+    capture_grads,
+    check_same_clip,
+    common_fields,
+    cpu_fp32,
+    dassl_lrs,
+    dassl_trainer,
+    normalise,
+    optimizer_settings,
+    parse_args,
+    project_clip,
+    put_on_path,
+    save,
+    tiny_state,
+    torch_compat,
+    use_tiny_weights,
+)
+from experiments.parity.ivlp import COMMIT, DEPTH, REPO, official_cfg, project_names
+
+CONFIG = "configs/trainers/PromptSRC/vit_b16_c2_ep20_batch4_4+4ctx.yaml"
+
+
+def main() -> None:
+    args = parse_args(__doc__, REPO, COMMIT)
+    put_on_path(args.checkout, args.dassl)
+    torch_compat()
+    cpu_fp32()
+    cfg = official_cfg(args.checkout, "PROMPTSRC", CONFIG, [])
+    promptsrc = importlib.import_module("trainers.promptsrc")
+
+    clip = project_clip()
+    fixture = common_fields(clip, REPO, COMMIT)
+    build_model = use_tiny_weights(clip)
+    plain = {"trainer": "IVLP", "vision_depth": 0, "language_depth": 0, "vision_ctx": 0, "language_ctx": 0}
+    check_same_clip(build_model(tiny_state(clip), plain), clip)
+    torch.manual_seed(1)
+    trainer = dassl_trainer(promptsrc.PromptSRC, cfg, fixture["classnames"])
+    model = trainer.model
+    learned = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    images, labels = normalise(fixture["pixels"]), fixture["labels"]
+
+    fixture["init"] = project_names(learned, DEPTH)
+    fixture["same_init"] = ["prompt_learner.ctx"]  # "a photo of a": no random draw
+    model.eval()
+    with torch.no_grad():
+        fixture["logits"] = model(images)
+        model.train()
+        ce, text, zs_text, zs_image, image, zs_logits, logits = model(images, labels)
+    # forward_backward's terms, as it writes them
+    weights = cfg.TRAINER.PROMPTSRC
+    log_p, log_q = F.log_softmax(logits, dim=1), F.log_softmax(zs_logits, dim=1)
+    kl = F.kl_div(log_p, log_q, reduction="sum", log_target=True)
+    fixture["loss"] = {
+        "ce": ce,
+        "scl_text": F.l1_loss(text, zs_text, reduction="mean") * weights.TEXT_LOSS_WEIGHT,
+        "scl_image": F.l1_loss(image, zs_image, reduction="mean") * weights.IMAGE_LOSS_WEIGHT,
+        "scl_logits": kl / logits.numel(),
+    }
+    fixture["optimizer"] = optimizer_settings(trainer.optim)
+    fixture["lr"] = dassl_lrs(trainer, cfg.OPTIM.MAX_EPOCH)
+    fixture["gpa_weights"] = torch.tensor(trainer.gauss)
+    grads = capture_grads(trainer.optim, learned)
+    trainer.set_model_mode("train")
+    trainer.batch_idx, trainer.num_batches = 0, 2  # not the epoch's last batch: no scheduler step or GPA
+    summary = trainer.forward_backward({"img": images, "label": labels})
+    total = sum(fixture["loss"].values()).item()
+    assert abs(summary["loss"] - total) < 1e-6, (summary["loss"], total)
+    fixture["grads"] = project_names(grads, DEPTH)
+    fixture["recipe"] = {"batch_size": cfg.DATALOADER.TRAIN_X.BATCH_SIZE, "epochs": cfg.OPTIM.MAX_EPOCH}
+    save("promptsrc", fixture, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,223 @@
+"""Parity with the official implementations: each method here computes what the official code
+computes, on the same weights, class names, template and batch.
+
+tests/fixtures/parity/<method>.pt were written by experiments/parity/<method>.py, which runs the
+official repository's own model, loss and optimiser (unchanged but for the CPU and the weights) on
+the tiny CLIP of `tiny_clip`. Each test builds the project's method from its config, gives it the
+fixture's initial parameters and compares the logits (within 1e-5), every loss term (1e-5), the
+gradients of the learned parameters (1e-4 of their largest magnitude), the optimiser's settings
+and the learning rate of every epoch (to double rounding). docs/methods.md tables the measured
+differences; experiments/parity/README.md regenerates the fixtures.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from experiments.parity.common import TINY, WIDE, project_clip, seeded, sketch, weights_digest
+from src.methods.base import Method, build_method, total_loss
+from src.models.clip import FrozenCLIP
+from tests.conftest import make_cfg
+
+FIXTURES = Path(__file__).parent / "fixtures" / "parity"
+LOGITS_ATOL = LOSS_ATOL = 1e-5
+GRAD_RTOL = 1e-4  # of the gradient's largest magnitude
+LR_RTOL = 1e-12  # Dassl steps torch's cosine recursively, the project computes it in closed form
+
+
+def load(name: str, clip: FrozenCLIP) -> dict[str, Any]:
+    """The fixture of `name`, once its weights are known to be `clip`'s."""
+    fixture = torch.load(FIXTURES / f"{name}.pt", weights_only=True)
+    assert fixture["weights_digest"] == weights_digest(clip), (
+        f"{name}.pt was made on other CLIP weights than tiny_clip's (another open_clip or torch "
+        "initialises otherwise): regenerate it (experiments/parity/README.md)"
+    )
+    return fixture
+
+
+def project_method(
+    name: str, clip: FrozenCLIP, classnames: list[str], tmp_path: Path, overrides: tuple[str, ...] = ()
+) -> tuple[Method, Any]:
+    """The project's method `name` as a run of `method=<name> dataset=oxford_pets` builds it, and
+    its config: the one place the tests build a method (its recipe is read from its config)."""
+    cfg = make_cfg([f"method={name}", "dataset=oxford_pets", "model=tiny", *overrides], tmp_path)
+    return build_method(cfg.method, clip, classnames), cfg
+
+
+def images_of(fixture: dict[str, Any]) -> torch.Tensor:
+    """The fixture's pixels as CLIP's input (experiments/parity/common.py, `normalise`)."""
+    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
+    return (fixture["pixels"].float() / 255 - mean) / std
+
+
+def set_initial(method: Method, fixture: dict[str, Any]) -> dict[str, torch.nn.Parameter]:
+    """The method's learned parameters set to the fixture's initial ones (stored, or `seeded` for a
+    large one); those returned."""
+    params = dict(method.named_parameters())
+    seeds = fixture.get("seeded_init", {})
+    initial = fixture["init"] | {name: seeded(params[name].shape, seed) for name, seed in seeds.items()}
+    learned = {name: params[name] for name in initial}
+    with torch.no_grad():
+        for name, value in initial.items():
+            assert learned[name].shape == value.shape, name
+            learned[name].copy_(value)
+    return learned
+
+
+def stored_grads(learned: dict[str, torch.nn.Parameter], fixture: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The learned parameters' gradients as the fixture stores them (a large one's as a sketch)."""
+    seeds = fixture.get("seeded_init", {})
+    return {n: sketch(p.grad, seeds[n]) if n in seeds else p.grad for n, p in learned.items()}
+
+
+Differences = dict[str, float]  # the largest difference of each compared quantity
+
+
+def max_diff(project: torch.Tensor, official: torch.Tensor) -> float:
+    assert project.shape == official.shape, (project.shape, official.shape)
+    return (project.detach().float() - official.float()).abs().max().item()
+
+
+def compare_logits(project: torch.Tensor, official: torch.Tensor) -> Differences:
+    diff = max_diff(project, official)
+    assert diff <= LOGITS_ATOL, f"logits differ by {diff:.2e}"
+    return {"logits": diff}
+
+
+def compare_terms(project: dict[str, torch.Tensor], official: dict[str, torch.Tensor]) -> Differences:
+    assert project.keys() == official.keys()
+    diffs = {f"loss {name}": max_diff(project[name], value) for name, value in official.items()}
+    for name, diff in diffs.items():
+        assert diff <= LOSS_ATOL, f"{name} differs by {diff:.2e}"
+    return diffs
+
+
+def compare_grads(project: dict[str, torch.Tensor], official: dict[str, torch.Tensor]) -> Differences:
+    """Relative to the official gradient's largest magnitude."""
+    assert project.keys() == official.keys()
+    diffs = {}
+    for name, value in official.items():
+        scale = value.abs().max().item()
+        assert scale > 0, f"{name}: the official gradient is zero"
+        diffs[f"grad {name}"] = diff = max_diff(project[name], value) / scale
+        assert diff <= GRAD_RTOL, f"the gradient of {name} differs by {diff:.2e} of its largest magnitude"
+    return diffs
+
+
+def compare_schedule(method: Method, cfg: Any, fixture: dict[str, Any]) -> Differences:
+    """The optimiser of the method's configure_optimizers, its settings and its learning rate in
+    each epoch (stepped as Lightning steps it) against the official ones; the recipe's batch size
+    and epochs too."""
+    assert (cfg.data.batch_size, cfg.trainer.max_epochs) == tuple(fixture["recipe"].values())
+    method.trainer = pl.Trainer(
+        max_epochs=cfg.trainer.max_epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False
+    )
+    config = method.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    settings = fixture["optimizer"]
+    assert type(optimizer).__name__ == settings["type"]
+    assert len(optimizer.param_groups) == len(settings["groups"])
+    for group, official in zip(optimizer.param_groups, settings["groups"], strict=True):
+        for key, value in official.items():
+            assert group[key] == (tuple(value) if isinstance(value, list) else value), key
+    lrs = []
+    with warnings.catch_warnings():  # stepped without training: no optimiser step before it
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in fixture["lr"]:
+            lrs.append([group["lr"] for group in optimizer.param_groups])
+            scheduler.step()
+    assert len(lrs) == len(fixture["lr"])
+    for epoch, (project, official) in enumerate(zip(lrs, fixture["lr"], strict=True)):
+        assert project == pytest.approx(official, rel=LR_RTOL, abs=0), f"epoch {epoch}"
+    pairs = [(p, o) for ps, os in zip(lrs, fixture["lr"], strict=True) for p, o in zip(ps, os, strict=True)]
+    diff = max(abs(p - o) / o for p, o in pairs)
+    return {"lr": diff}
+
+
+def standard_parity(
+    name: str, clip: FrozenCLIP, tmp_path: Path, overrides: tuple[str, ...] = ()
+) -> tuple[Differences, Method]:
+    """The checks of a method trained by the sum of its `loss_terms`: the deterministic initial
+    parameters equal the official ones, then, from the fixture's, logits, terms, gradients and
+    schedule; their largest differences, and the method."""
+    fixture = load(name, clip)
+    method, cfg = project_method(name, clip, fixture["classnames"], tmp_path, overrides)
+    params = dict(method.named_parameters())
+    for param in fixture.get("same_init", []):
+        torch.testing.assert_close(params[param].detach(), fixture["init"][param], atol=0, rtol=0, msg=param)
+    learned = set_initial(method, fixture)
+    assert learned.keys() == {n for n, p in method.named_parameters() if p.requires_grad}
+    images, labels = images_of(fixture), fixture["labels"]
+    method.train()
+    with torch.no_grad():
+        diffs = compare_logits(method(images), fixture["logits"])
+    terms = method.loss_terms(images, labels)
+    diffs |= compare_terms(terms, fixture["loss"])
+    total_loss(terms).backward()
+    diffs |= compare_grads(stored_grads(learned, fixture), fixture["grads"])
+    return diffs | compare_schedule(method, cfg, fixture), method
+
+
+def kgcoop(clip: FrozenCLIP, tmp_path: Path) -> Differences:
+    """htyao89/KgCoOp: CE + 8 x (1 - mean cos to the hand-made prompt's features), 4 words."""
+    return standard_parity("kgcoop", clip, tmp_path)[0]
+
+
+def maple(clip: FrozenCLIP, tmp_path: Path) -> Differences:
+    """muzairkhattak/multimodal-prompt-learning: 2 tokens from "a photo", prompts in the 3 blocks
+    of each tower of coop-tiny-b16 (the recipe's 9 need 9 blocks), couplings Linear(512, 768)."""
+    return standard_parity("maple", clip, tmp_path, ("method.module.prompt_depth=3",))[0]
+
+
+DEPTH_2 = ("method.module.prompt_depth_text=2", "method.module.prompt_depth_vision=2")
+
+
+def ivlp(clip: FrozenCLIP, tmp_path: Path) -> Differences:
+    """muzairkhattak/PromptSRC's IVLP: 4 text tokens from "a photo of a", 4 image tokens, prompts
+    in both blocks of each tower of coop-tiny (the recipe's 9 need 9 blocks)."""
+    return standard_parity("ivlp", clip, tmp_path, DEPTH_2)[0]
+
+
+def promptsrc(clip: FrozenCLIP, tmp_path: Path) -> Differences:
+    """muzairkhattak/PromptSRC: IVLP's prompts (as `ivlp`) plus the self-consistency terms against
+    the frozen CLIP, and GPA's weight of each of the 20 epochs (mean 15, std 1)."""
+    from src.methods.promptsrc import gpa_weights
+
+    diffs, method = standard_parity("promptsrc", clip, tmp_path, DEPTH_2)
+    fixture = load("promptsrc", clip)
+    weights = gpa_weights(method.hparams.gpa_mean, method.hparams.gpa_std, len(fixture["lr"]))
+    diff = (weights - fixture["gpa_weights"]).abs().max().item()
+    assert diff <= 1e-12, f"GPA's weights differ by {diff:.1e}"
+    return diffs | {"gpa weights": diff}
+
+
+# Each method's comparison and the CLIP it runs on, by fixture name (experiments/parity/
+# differences.py tables them all).
+PARITY = {
+    "kgcoop": (kgcoop, TINY),
+    "maple": (maple, WIDE),
+    "ivlp": (ivlp, TINY),
+    "promptsrc": (promptsrc, TINY),
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_b16_clip() -> FrozenCLIP:
+    """coop-tiny-b16 (tests/fixtures/parity/coop-tiny-b16.json): ViT-B/16's widths in 3 blocks, for
+    official code that hard-codes them; random weights of seed 0."""
+    return project_clip(WIDE)
+
+
+@pytest.mark.parametrize("name", sorted(PARITY))
+def test_the_method_computes_what_the_official_code_computes(name, request):
+    compare, model = PARITY[name]
+    clip = request.getfixturevalue("tiny_clip" if model == TINY else "tiny_b16_clip")
+    compare(clip, request.getfixturevalue("tmp_path"))
