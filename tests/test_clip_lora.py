@@ -173,7 +173,8 @@ def test_recipe_run_prompt_file_and_eval(tiny_overrides, eval_overrides, tmp_pat
         0.25,
         ["q", "k", "v"],
     )
-    assert (module_cfg.lr, list(module_cfg.betas), module_cfg.weight_decay, module_cfg.eta_min) == (
+    optimizer, scheduler = cfg.method.optimizer, cfg.method.scheduler
+    assert (optimizer.lr, list(optimizer.betas), optimizer.weight_decay, scheduler.eta_min) == (
         2e-4,
         [0.9, 0.999],
         1e-2,
