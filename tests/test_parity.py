@@ -20,6 +20,7 @@ import open_clip
 import pytest
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 
 from experiments.parity.common import TINY, WIDE, project_clip, seeded, sketch, weights_digest
 from src.methods.base import Method, build_method, total_loss
@@ -43,11 +44,16 @@ def load(name: str, clip: FrozenCLIP) -> dict[str, Any]:
 
 
 def project_method(
-    name: str, clip: FrozenCLIP, classnames: list[str], tmp_path: Path, overrides: tuple[str, ...] = ()
+    name: str,
+    clip: FrozenCLIP,
+    classnames: list[str],
+    tmp_path: Path,
+    overrides: tuple[str, ...] = (),
+    dataset: str = "oxford_pets",
 ) -> tuple[Method, Any]:
-    """The project's method `name` as a run of `method=<name> dataset=oxford_pets` builds it, and
-    its config: the one place the tests build a method (its recipe is read from its config)."""
-    cfg = make_cfg([f"method={name}", "dataset=oxford_pets", "model=tiny", *overrides], tmp_path)
+    """The project's method `name` as a run of `method=<name> dataset=<dataset>` builds it, and its
+    config: the one place the tests build a method (its recipe is read from its config)."""
+    cfg = make_cfg([f"method={name}", f"dataset={dataset}", "model=tiny", *overrides], tmp_path)
     return build_method(cfg.method, clip, classnames), cfg
 
 
@@ -199,6 +205,44 @@ def promptsrc(clip: FrozenCLIP, tmp_path: Path) -> Differences:
     return diffs | {"gpa weights": diff}
 
 
+def prograd(clip: FrozenCLIP, tmp_path: Path) -> Differences:
+    """BeierZhu/Prompt-align: CoOp (16 vectors: zeros, then "a photo of a") whose CE gradient loses
+    its component along the KL gradient where they conflict. On Caltech101, whose official
+    template is the project's. The project's KL(zero-shot || CoOp) is the official cross-entropy to
+    the zero-shot prediction minus that prediction's entropy (the same gradient): compared with the
+    entropy added back."""
+    fixture = load("prograd", clip)
+    method, cfg = project_method("prograd", clip, fixture["classnames"], tmp_path, dataset="caltech101")
+    assert method.template == fixture["template"]
+    ctx = method.prompt_learner.ctx
+    torch.testing.assert_close(ctx.detach(), fixture["init"]["prompt_learner.ctx"], atol=0, rtol=0)
+    set_initial(method, fixture)
+    images, labels = images_of(fixture), fixture["labels"]
+    method.train()
+    with torch.no_grad():
+        diffs = compare_logits(method(images), fixture["logits"])
+        features = F.normalize(method.clip.image_features(images), dim=-1)
+        zero_shot = method.clip.logit_scale * features @ method.hand_made_features().t()
+    diff = max_diff(zero_shot, fixture["zero_shot_logits"])
+    assert diff <= LOGITS_ATOL, f"zero-shot logits differ by {diff:.2e}"
+    diffs["zero-shot logits"] = diff
+    # the project's own step, as Lightning runs it: training_step, backward, on_before_optimizer_step
+    logged = {}
+    method.log = lambda name, value, **kwargs: logged.__setitem__(name, value)
+    method.trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    optimizer = method.configure_optimizers()["optimizer"]
+    method.training_step((images, labels), 0).backward()
+    entropy = -(zero_shot.softmax(-1) * zero_shot.log_softmax(-1)).sum(-1).mean()
+    terms = {"ce": logged["train/loss"], "kl": logged["train/kl"] + entropy}
+    diffs |= compare_terms(terms, fixture["loss"])
+    (kl_grad,) = method._kl_grads
+    official = {"ce": fixture["ce_grad"], "kl": fixture["kl_grad"]}
+    diffs |= compare_grads({"ce": ctx.grad.clone(), "kl": kl_grad}, official)
+    method.on_before_optimizer_step(optimizer)
+    diffs |= compare_grads({"prompt_learner.ctx": ctx.grad}, fixture["grads"])
+    return diffs | compare_schedule(method, cfg, fixture)
+
+
 # Each method's comparison and the CLIP it runs on, by fixture name (experiments/parity/
 # differences.py tables them all).
 PARITY = {
@@ -206,6 +250,7 @@ PARITY = {
     "maple": (maple, WIDE),
     "ivlp": (ivlp, TINY),
     "promptsrc": (promptsrc, TINY),
+    "prograd": (prograd, TINY),
 }
 
 
