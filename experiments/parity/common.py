@@ -254,7 +254,8 @@ def optimizer_settings(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         {k: (list(g[k]) if isinstance(g[k], tuple) else g[k]) for k in keys if k in g}
         for g in optimizer.param_groups
     ]
-    return {"type": type(optimizer).__name__, "groups": groups}
+    torch_class = next(c for c in type(optimizer).__mro__ if c.__module__.startswith("torch.optim"))
+    return {"type": torch_class.__name__, "groups": groups}
 
 
 def capture_grads(
