@@ -13,8 +13,11 @@ fixtures.
 
 from __future__ import annotations
 
+import copy
+import math
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import open_clip
@@ -133,11 +136,12 @@ def compare_schedule(method: Method, cfg: Any, fixture: dict[str, Any]) -> Diffe
     assert cfg.data.batch_size == recipe["batch_size"]
     if "epochs" in recipe:
         assert cfg.trainer.max_epochs == recipe["epochs"]
-    else:  # counted in steps, the lr stepped per step
+    else:  # counted in steps
         assert cfg.trainer.max_steps == recipe["steps"]
+    steps = recipe.get("steps")  # a schedule per step: over as many steps as the official run's
     method.trainer = pl.Trainer(
-        max_epochs=cfg.trainer.max_epochs,
-        max_steps=cfg.trainer.get("max_steps", -1),
+        max_epochs=-1 if steps else cfg.trainer.max_epochs,
+        max_steps=steps or -1,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -266,6 +270,74 @@ def clip_lora(clip: FrozenCLIP, tmp_path: Path) -> Differences:
     return standard_parity("clip_lora", clip, tmp_path, overrides)[0]
 
 
+class CacheData:
+    """What Tip-Adapter reads of its data module (`trainer.datamodule`): the cache images' labels,
+    the features of their augmented views (view-major) and of the validation images; here of the
+    fixture's images (experiments/parity/tip_adapter.py), encoded by the method's CLIP."""
+
+    def __init__(self, clip: FrozenCLIP, fixture: dict[str, Any]) -> None:
+        from experiments.parity.tip_adapter import validation, views
+
+        self.clip, self.views = clip, views(fixture["views"]["count"])
+        self.validation = validation()
+        self.train_items = [SimpleNamespace(label=label) for label in range(len(fixture["classnames"]))]
+        self.val_items = [SimpleNamespace(label=int(label)) for label in self.validation[1]]
+
+    @torch.no_grad()
+    def image_features(self, split: str, views: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        if split == "train":
+            assert views == len(self.views)
+            pixels = torch.cat(self.views)
+            labels = torch.arange(len(self.train_items)).repeat(views)
+        else:
+            pixels, labels = self.validation
+        return self.clip.encode_image(images_of({"pixels": pixels})), labels
+
+
+def tip_adapter(clip: FrozenCLIP, tmp_path: Path) -> Differences:
+    """gaopengcuhk/Tip-Adapter: the cache (keys: the mean of 10 views' normalised features), the
+    search of alpha and beta on the validation set, the logits at the searched values; Tip-Adapter-F:
+    the loss, the keys' gradient and the AdamW schedule of its fine-tuning. CLIP's logit scale is
+    set to 100, the official constant (OpenAI's CLIP has it; the project uses CLIP's own)."""
+    fixture = load("tip_adapter", clip)
+    clip = copy.deepcopy(clip)
+    with torch.no_grad():
+        clip.model.logit_scale.fill_(math.log(100))
+    images, labels = images_of(fixture), fixture["labels"]
+    diffs = {}
+    for name in ("tip_adapter", "tip_adapter_f"):
+        method, cfg = project_method(name, clip, fixture["classnames"], tmp_path)
+        assert method.templates == [fixture["template"]]
+        method._trainer = SimpleNamespace(datamodule=CacheData(clip, fixture))  # before any fit
+        method.setup("fit")
+        method.on_fit_start()  # builds the cache; Tip-Adapter searches alpha and beta
+        method._trainer = None
+        with torch.no_grad():
+            features = clip.encode_image(images)
+        if name == "tip_adapter":
+            keys = max_diff(method.keys, fixture["cache_keys"])
+            assert keys <= 1e-6, f"cache keys differ by {keys:.2e}"
+            assert torch.equal(method.values, fixture["cache_values"])
+            searched = fixture["searched"]
+            assert (float(method.alpha), float(method.beta)) == (searched["alpha"], searched["beta"])
+            with torch.no_grad():
+                zero_shot = method.logits(features, alpha=0.0)
+                diffs |= compare_logits(zero_shot, fixture["zero_shot_logits"], "zero-shot logits")
+                diffs |= compare_logits(method(images), fixture["logits"]) | {"cache keys": keys}
+            continue
+        official = fixture["finetune"]
+        with torch.no_grad():
+            logits = method.logits(features, method.init_alpha, method.init_beta)
+        diffs |= compare_logits(logits, official["logits"], "F logits")
+        method.log = lambda *args, **kwargs: None
+        loss = method.training_step((images, labels), 0)
+        diffs |= {f"F {k}": v for k, v in compare_terms({"ce": loss}, official["loss"]).items()}
+        loss.backward()
+        diffs |= compare_grads({"keys": method.keys.grad}, official["grads"], "F grads")
+        diffs |= {f"F {k}": v for k, v in compare_schedule(method, cfg, official).items()}
+    return diffs
+
+
 # Each method's comparison and the CLIP it runs on, by fixture name (experiments/parity/
 # differences.py tables them all).
 PARITY = {
@@ -275,6 +347,7 @@ PARITY = {
     "promptsrc": (promptsrc, TINY),
     "prograd": (prograd, TINY),
     "clip_lora": (clip_lora, TINY),
+    "tip_adapter": (tip_adapter, TINY),
 }
 
 

@@ -7,8 +7,9 @@ a fixed batch, and stores what it computed in tests/fixtures/parity/<method>.pt;
 tests/test_parity.py computes the same with the project's method. What the scripts change of the
 official run, and nothing else:
 
-- CPU and fp32: `.cuda()` and `.half()` of tensors and modules return them unchanged (`cpu_fp32`;
-  MaPLe's and IVLP's official code casts its image prompts to fp16 even when it runs in fp32);
+- CPU and fp32: `.cuda()` of tensors and modules returns them unchanged, `.half()` casts to fp32
+  (`cpu_fp32`; MaPLe's and IVLP's official code casts its image prompts to fp16 even when it runs
+  in fp32);
 - the weights: the official code loads the tiny CLIP's state dict where it would download
   OpenAI's, through its own `load_clip_to_cpu` or `clip.load` and `build_model`, in fp32: its
   conversion to fp16 does nothing (`use_tiny_weights`);
@@ -211,11 +212,12 @@ def check_same_clip(model: nn.Module, clip: FrozenCLIP) -> None:
 
 
 def cpu_fp32() -> None:
-    """From now on, in this process, `.cuda()` and `.half()` of tensors and modules return them
-    as they are: the official code runs on the CPU in fp32 (its fp16 casts of prompts included)."""
+    """From now on, in this process, `.cuda()` of tensors and modules returns them as they are and
+    `.half()` casts to fp32 instead of fp16: the official code runs on the CPU in fp32 (its fp16
+    casts of prompts and one-hot labels included)."""
     for cls in (torch.Tensor, nn.Module):
         cls.cuda = lambda self, *args, **kwargs: self
-        cls.half = lambda self, *args, **kwargs: self
+        cls.half = lambda self, *args, **kwargs: self.float()
 
 
 def dassl_trainer(trainer_class: type, cfg: Any, classnames: list[str]) -> Any:
