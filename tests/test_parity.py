@@ -270,6 +270,12 @@ def clip_lora(clip: FrozenCLIP, tmp_path: Path) -> Differences:
     return standard_parity("clip_lora", clip, tmp_path, overrides)[0]
 
 
+def dept(clip: FrozenCLIP, tmp_path: Path) -> Differences:
+    """Koorye/DePT on CoOp: 16 random context vectors plus the CAT head, trained on 0.3 x CE + 0.7 x
+    the head's CE, fused logits on the trained classes, the head at 6.5 x the lr."""
+    return standard_parity("dept", clip, tmp_path)[0]
+
+
 class CacheData:
     """What Tip-Adapter reads of its data module (`trainer.datamodule`): the cache images' labels,
     the features of their augmented views (view-major) and of the validation images; here of the
@@ -348,6 +354,7 @@ PARITY = {
     "prograd": (prograd, TINY),
     "clip_lora": (clip_lora, TINY),
     "tip_adapter": (tip_adapter, TINY),
+    "dept": (dept, TINY),
 }
 
 
