@@ -38,10 +38,10 @@ GRAD_RTOL = 1e-4  # of the gradient's largest magnitude
 LR_RTOL = 1e-12  # Dassl steps torch's cosine recursively, the project computes it in closed form
 
 
-def load(name: str, clip: FrozenCLIP) -> dict[str, Any]:
-    """The fixture of `name`, once its weights are known to be `clip`'s."""
+def load(name: str, clip: FrozenCLIP, digest: str | None = None) -> dict[str, Any]:
+    """The fixture of `name`, once its weights are known to be `clip`'s (or to have `digest`)."""
     fixture = torch.load(FIXTURES / f"{name}.pt", weights_only=True)
-    assert fixture["weights_digest"] == weights_digest(clip), (
+    assert fixture["weights_digest"] == (digest or weights_digest(clip)), (
         f"{name}.pt was made on other CLIP weights than tiny_clip's (another open_clip or torch "
         "initialises otherwise): regenerate it (experiments/parity/README.md)"
     )
@@ -169,12 +169,13 @@ def compare_schedule(method: Method, cfg: Any, fixture: dict[str, Any]) -> Diffe
 
 
 def standard_parity(
-    name: str, clip: FrozenCLIP, tmp_path: Path, overrides: tuple[str, ...] = ()
+    name: str, clip: FrozenCLIP, tmp_path: Path, overrides: tuple[str, ...] = (), digest: str | None = None
 ) -> tuple[Differences, Method]:
     """The checks of a method trained by the sum of its `loss_terms`: the deterministic initial
     parameters equal the official ones, then, from the fixture's, logits, terms, gradients and
-    schedule; their largest differences, and the method."""
-    fixture = load(name, clip)
+    schedule; their largest differences, and the method (`digest`: of the weights the fixture was
+    made with, where `clip` is a copy changed for the official setting)."""
+    fixture = load(name, clip, digest)
     method, cfg = project_method(name, clip, fixture["classnames"], tmp_path, overrides)
     params = dict(method.named_parameters())
     for param in fixture.get("same_init", []):
@@ -300,15 +301,31 @@ class CacheData:
         return self.clip.encode_image(images_of({"pixels": pixels})), labels
 
 
+def with_scale_100(clip: FrozenCLIP) -> FrozenCLIP:
+    """A copy of `clip` whose logit scale is 100, the constant of official code that hard-codes
+    OpenAI's (Tip-Adapter, MMRL; the project takes CLIP's own, 14.3 for the random tiny CLIP)."""
+    clip = copy.deepcopy(clip)
+    with torch.no_grad():
+        clip.model.logit_scale.fill_(math.log(100))
+    return clip
+
+
+def mmrl(clip: FrozenCLIP, tmp_path: Path) -> Differences:
+    """yunncheng/MMRL: 5 shared tokens of dimension 512 in both blocks of coop-tiny (rep layers
+    [1, 2]; the recipe's 6-12 need 12 blocks), fused logits, the four loss terms with Oxford Pets'
+    weight 0.2, AdamW; CLIP's logit scale set to the official constant 100."""
+    rep_layers = load("mmrl", clip)["rep_layers"]
+    overrides = (f"method.module.rep_layers=[{','.join(map(str, rep_layers))}]",)
+    return standard_parity("mmrl", with_scale_100(clip), tmp_path, overrides, digest=weights_digest(clip))[0]
+
+
 def tip_adapter(clip: FrozenCLIP, tmp_path: Path) -> Differences:
     """gaopengcuhk/Tip-Adapter: the cache (keys: the mean of 10 views' normalised features), the
     search of alpha and beta on the validation set, the logits at the searched values; Tip-Adapter-F:
     the loss, the keys' gradient and the AdamW schedule of its fine-tuning. CLIP's logit scale is
     set to 100, the official constant (OpenAI's CLIP has it; the project uses CLIP's own)."""
     fixture = load("tip_adapter", clip)
-    clip = copy.deepcopy(clip)
-    with torch.no_grad():
-        clip.model.logit_scale.fill_(math.log(100))
+    clip = with_scale_100(clip)
     images, labels = images_of(fixture), fixture["labels"]
     diffs = {}
     for name in ("tip_adapter", "tip_adapter_f"):
@@ -355,6 +372,7 @@ PARITY = {
     "clip_lora": (clip_lora, TINY),
     "tip_adapter": (tip_adapter, TINY),
     "dept": (dept, TINY),
+    "mmrl": (mmrl, TINY),
 }
 
 

@@ -151,29 +151,37 @@ def normalise(pixels: torch.Tensor) -> torch.Tensor:
     return (pixels.float() / 255 - mean) / std
 
 
-def use_tiny_weights(clip: FrozenCLIP, package: str = "clip") -> Callable[..., nn.Module]:
+def use_tiny_weights(
+    clip: FrozenCLIP,
+    package: str = "clip",
+    models: tuple[str, ...] = ("model",),
+    builders: tuple[str, ...] = ("build_model",),
+) -> Callable[..., nn.Module]:
     """Makes the official `clip` package load the tiny CLIP's weights wherever it would load
     OpenAI's: its `_download` returns a file of the tiny CLIP's state dict (which `torch.jit.load`
-    refuses, so the official code takes its `torch.load` path, as for a state-dict checkpoint); its
-    `convert_weights` (to fp16) does nothing, so the weights load unrounded in fp32; its
-    `build_model` gives the built model the tiny model's heads and activation. Returns that
-    `build_model`. Everything else of the official loading (its `load_clip_to_cpu`, `clip.load`,
-    the design details of its prompted encoders) runs as it is."""
+    refuses, so the official code takes its `torch.load` path, as for a state-dict checkpoint); the
+    `convert_weights` (to fp16) of its model modules (`models`) does nothing, so the weights load
+    unrounded in fp32; its `builders` give the built model the tiny model's heads and activation.
+    Returns the first builder. Everything else of the official loading (its `load_clip_to_cpu`,
+    `clip.load`, the design details of its prompted encoders) runs as it is."""
     api = importlib.import_module(f"{package}.clip")
-    model_module = importlib.import_module(f"{package}.model")
     weights = Path(tempfile.mkdtemp(prefix="parity-")) / "tiny-clip.pt"
     torch.save(clip.model.state_dict(), weights)
     api._download = lambda url, *args, **kwargs: str(weights)
-    model_module.convert_weights = lambda model: None
-    build = api.build_model
+    for name in models:
+        importlib.import_module(f"{package}.{name}").convert_weights = lambda model: None
 
-    def build_like_tiny(state_dict: dict, *args: Any, **kwargs: Any) -> nn.Module:
-        model = build(state_dict, *args, **kwargs)
-        like_tiny(model, clip)
-        return model
+    def like_tiny_builder(build: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        def build_like_tiny(state_dict: dict, *args: Any, **kwargs: Any) -> nn.Module:
+            model = build(state_dict, *args, **kwargs)
+            like_tiny(model, clip)
+            return model
 
-    api.build_model = build_like_tiny
-    return build_like_tiny
+        return build_like_tiny
+
+    for name in builders:
+        setattr(api, name, like_tiny_builder(getattr(api, name)))
+    return getattr(api, builders[0])
 
 
 def like_tiny(model: nn.Module, clip: FrozenCLIP) -> None:
@@ -298,12 +306,14 @@ def sketch(grad: torch.Tensor, seed: int) -> torch.Tensor:
     return grad.float() @ torch.randn(grad.shape[-1], SKETCH_COLUMNS, generator=generator)
 
 
-def seed_large(params: dict[str, torch.Tensor], names: dict[str, str]) -> dict[str, int]:
-    """Sets each large parameter of `params` (official name -> tensor) to `seeded` values; returns
-    {project name: seed} (`names` maps official to project names)."""
+def seed_large(
+    params: dict[str, torch.Tensor], names: dict[str, str], large: int = LARGE
+) -> dict[str, int]:
+    """Sets each parameter of `params` (official name -> tensor) of more than `large` numbers to
+    `seeded` values; returns {project name: seed} (`names` maps official to project names)."""
     seeds = {}
     for i, (name, param) in enumerate(sorted(params.items())):
-        if param.numel() > LARGE:
+        if param.numel() > large:
             with torch.no_grad():
                 param.copy_(seeded(param.shape, 1000 + i))
             seeds[names[name]] = 1000 + i
