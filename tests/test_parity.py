@@ -277,6 +277,37 @@ def dept(clip: FrozenCLIP, tmp_path: Path) -> Differences:
     return standard_parity("dept", clip, tmp_path)[0]
 
 
+def tpt(clip: FrozenCLIP, tmp_path: Path) -> Differences:
+    """azshue/TPT: 4 tokens from "a photo of a"; on one test image and 63 views: the views' logits,
+    the 6 most confident views, the entropy of their mean prediction and its gradient, then the
+    project's own `tune_and_predict` (its AdamW step) against the official tuned context and the
+    image's logits after tuning."""
+    from experiments.parity.tpt import views
+    from src.methods.tpt import average_entropy, confident_views
+
+    fixture = load("tpt", clip)
+    method, _ = project_method("tpt", clip, fixture["classnames"], tmp_path)
+    ctx = method.prompt_learner.ctx
+    torch.testing.assert_close(ctx.detach(), fixture["init"]["prompt_learner.ctx"], atol=0, rtol=0)
+    assert fixture["optimizer"]["type"] == "AdamW" and fixture["lr"] == [[method.lr]]
+    images = images_of({"pixels": views(fixture["pixels"])})
+    with torch.no_grad():
+        features = F.normalize(clip.encode_image(images), dim=-1)
+    logits = clip.logit_scale * features @ method.text_features().t()  # tune_and_predict's first step
+    diffs = compare_logits(logits, fixture["view_logits"], "view logits")
+    selected = confident_views(logits.detach(), method.selection)
+    assert torch.equal(selected, fixture["selected"])
+    loss = average_entropy(logits[selected])
+    diffs |= compare_terms({"entropy": loss}, fixture["loss"])
+    loss.backward()
+    diffs |= compare_grads({"prompt_learner.ctx": ctx.grad}, fixture["grads"])
+    tuned = method.tune_and_predict(images)
+    diffs |= compare_logits(tuned[None], fixture["logits"])
+    diff = max_diff(ctx, fixture["tuned_ctx"])
+    assert diff <= 1e-6, f"the tuned context differs by {diff:.2e}"
+    return diffs | {"tuned context": diff}
+
+
 class CacheData:
     """What Tip-Adapter reads of its data module (`trainer.datamodule`): the cache images' labels,
     the features of their augmented views (view-major) and of the validation images; here of the
@@ -373,6 +404,7 @@ PARITY = {
     "tip_adapter": (tip_adapter, TINY),
     "dept": (dept, TINY),
     "mmrl": (mmrl, TINY),
+    "tpt": (tpt, TINY),
 }
 
 

@@ -156,6 +156,7 @@ def use_tiny_weights(
     package: str = "clip",
     models: tuple[str, ...] = ("model",),
     builders: tuple[str, ...] = ("build_model",),
+    jit_archive: bool = False,
 ) -> Callable[..., nn.Module]:
     """Makes the official `clip` package load the tiny CLIP's weights wherever it would load
     OpenAI's: its `_download` returns a file of the tiny CLIP's state dict (which `torch.jit.load`
@@ -163,11 +164,23 @@ def use_tiny_weights(
     `convert_weights` (to fp16) of its model modules (`models`) does nothing, so the weights load
     unrounded in fp32; its `builders` give the built model the tiny model's heads and activation.
     Returns the first builder. Everything else of the official loading (its `load_clip_to_cpu`,
-    `clip.load`, the design details of its prompted encoders) runs as it is."""
+    `clip.load`, the design details of its prompted encoders) runs as it is. `jit_archive`: for
+    official code that can only load OpenAI's TorchScript archives (TPT's `clip.load` reads the
+    archive's `state_dict()` whichever way it loads), `torch.jit.load` of that file gives an object
+    with the archive's `eval()` and `state_dict()`, the tiny CLIP's."""
     api = importlib.import_module(f"{package}.clip")
     weights = Path(tempfile.mkdtemp(prefix="parity-")) / "tiny-clip.pt"
     torch.save(clip.model.state_dict(), weights)
     api._download = lambda url, *args, **kwargs: str(weights)
+    if jit_archive:
+        jit_load, state = torch.jit.load, tiny_state(clip)
+        archive = SimpleNamespace(state_dict=lambda: dict(state))
+        archive.eval = lambda: archive
+
+        def load_archive(file: Any, *args: Any, **kwargs: Any) -> Any:
+            return archive if str(file) == str(weights) else jit_load(file, *args, **kwargs)
+
+        torch.jit.load = load_archive
     for name in models:
         importlib.import_module(f"{package}.{name}").convert_weights = lambda model: None
 
