@@ -7,8 +7,9 @@ a fixed batch, and stores what it computed in tests/fixtures/parity/<method>.pt;
 tests/test_parity.py computes the same with the project's method. What the scripts change of the
 official run, and nothing else:
 
-- CPU and fp32: `.cuda()` and `.half()` of tensors and modules return them unchanged (`cpu_fp32`;
-  MaPLe's and IVLP's official code casts its image prompts to fp16 even when it runs in fp32);
+- CPU and fp32: `.cuda()` of tensors and modules returns them unchanged, `.half()` casts to fp32
+  (`cpu_fp32`; MaPLe's and IVLP's official code casts its image prompts to fp16 even when it runs
+  in fp32);
 - the weights: the official code loads the tiny CLIP's state dict where it would download
   OpenAI's, through its own `load_clip_to_cpu` or `clip.load` and `build_model`, in fp32: its
   conversion to fp16 does nothing (`use_tiny_weights`);
@@ -150,29 +151,50 @@ def normalise(pixels: torch.Tensor) -> torch.Tensor:
     return (pixels.float() / 255 - mean) / std
 
 
-def use_tiny_weights(clip: FrozenCLIP, package: str = "clip") -> Callable[..., nn.Module]:
+def use_tiny_weights(
+    clip: FrozenCLIP,
+    package: str = "clip",
+    models: tuple[str, ...] = ("model",),
+    builders: tuple[str, ...] = ("build_model",),
+    jit_archive: bool = False,
+) -> Callable[..., nn.Module]:
     """Makes the official `clip` package load the tiny CLIP's weights wherever it would load
     OpenAI's: its `_download` returns a file of the tiny CLIP's state dict (which `torch.jit.load`
-    refuses, so the official code takes its `torch.load` path, as for a state-dict checkpoint); its
-    `convert_weights` (to fp16) does nothing, so the weights load unrounded in fp32; its
-    `build_model` gives the built model the tiny model's heads and activation. Returns that
-    `build_model`. Everything else of the official loading (its `load_clip_to_cpu`, `clip.load`,
-    the design details of its prompted encoders) runs as it is."""
+    refuses, so the official code takes its `torch.load` path, as for a state-dict checkpoint); the
+    `convert_weights` (to fp16) of its model modules (`models`) does nothing, so the weights load
+    unrounded in fp32; its `builders` give the built model the tiny model's heads and activation.
+    Returns the first builder. Everything else of the official loading (its `load_clip_to_cpu`,
+    `clip.load`, the design details of its prompted encoders) runs as it is. `jit_archive`: for
+    official code that can only load OpenAI's TorchScript archives (TPT's `clip.load` reads the
+    archive's `state_dict()` whichever way it loads), `torch.jit.load` of that file gives an object
+    with the archive's `eval()` and `state_dict()`, the tiny CLIP's."""
     api = importlib.import_module(f"{package}.clip")
-    model_module = importlib.import_module(f"{package}.model")
     weights = Path(tempfile.mkdtemp(prefix="parity-")) / "tiny-clip.pt"
     torch.save(clip.model.state_dict(), weights)
     api._download = lambda url, *args, **kwargs: str(weights)
-    model_module.convert_weights = lambda model: None
-    build = api.build_model
+    if jit_archive:
+        jit_load, state = torch.jit.load, tiny_state(clip)
+        archive = SimpleNamespace(state_dict=lambda: dict(state))
+        archive.eval = lambda: archive
 
-    def build_like_tiny(state_dict: dict, *args: Any, **kwargs: Any) -> nn.Module:
-        model = build(state_dict, *args, **kwargs)
-        like_tiny(model, clip)
-        return model
+        def load_archive(file: Any, *args: Any, **kwargs: Any) -> Any:
+            return archive if str(file) == str(weights) else jit_load(file, *args, **kwargs)
 
-    api.build_model = build_like_tiny
-    return build_like_tiny
+        torch.jit.load = load_archive
+    for name in models:
+        importlib.import_module(f"{package}.{name}").convert_weights = lambda model: None
+
+    def like_tiny_builder(build: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        def build_like_tiny(state_dict: dict, *args: Any, **kwargs: Any) -> nn.Module:
+            model = build(state_dict, *args, **kwargs)
+            like_tiny(model, clip)
+            return model
+
+        return build_like_tiny
+
+    for name in builders:
+        setattr(api, name, like_tiny_builder(getattr(api, name)))
+    return getattr(api, builders[0])
 
 
 def like_tiny(model: nn.Module, clip: FrozenCLIP) -> None:
@@ -211,11 +233,12 @@ def check_same_clip(model: nn.Module, clip: FrozenCLIP) -> None:
 
 
 def cpu_fp32() -> None:
-    """From now on, in this process, `.cuda()` and `.half()` of tensors and modules return them
-    as they are: the official code runs on the CPU in fp32 (its fp16 casts of prompts included)."""
+    """From now on, in this process, `.cuda()` of tensors and modules returns them as they are and
+    `.half()` casts to fp32 instead of fp16: the official code runs on the CPU in fp32 (its fp16
+    casts of prompts and one-hot labels included)."""
     for cls in (torch.Tensor, nn.Module):
         cls.cuda = lambda self, *args, **kwargs: self
-        cls.half = lambda self, *args, **kwargs: self
+        cls.half = lambda self, *args, **kwargs: self.float()
 
 
 def dassl_trainer(trainer_class: type, cfg: Any, classnames: list[str]) -> Any:
@@ -254,7 +277,8 @@ def optimizer_settings(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         {k: (list(g[k]) if isinstance(g[k], tuple) else g[k]) for k in keys if k in g}
         for g in optimizer.param_groups
     ]
-    return {"type": type(optimizer).__name__, "groups": groups}
+    torch_class = next(c for c in type(optimizer).__mro__ if c.__module__.startswith("torch.optim"))
+    return {"type": torch_class.__name__, "groups": groups}
 
 
 def capture_grads(
@@ -295,12 +319,14 @@ def sketch(grad: torch.Tensor, seed: int) -> torch.Tensor:
     return grad.float() @ torch.randn(grad.shape[-1], SKETCH_COLUMNS, generator=generator)
 
 
-def seed_large(params: dict[str, torch.Tensor], names: dict[str, str]) -> dict[str, int]:
-    """Sets each large parameter of `params` (official name -> tensor) to `seeded` values; returns
-    {project name: seed} (`names` maps official to project names)."""
+def seed_large(
+    params: dict[str, torch.Tensor], names: dict[str, str], large: int = LARGE
+) -> dict[str, int]:
+    """Sets each parameter of `params` (official name -> tensor) of more than `large` numbers to
+    `seeded` values; returns {project name: seed} (`names` maps official to project names)."""
     seeds = {}
     for i, (name, param) in enumerate(sorted(params.items())):
-        if param.numel() > LARGE:
+        if param.numel() > large:
             with torch.no_grad():
                 param.copy_(seeded(param.shape, 1000 + i))
             seeds[names[name]] = 1000 + i
