@@ -361,3 +361,46 @@ def common_fields(clip: FrozenCLIP, repo: str, commit: str) -> dict[str, Any]:
         "pixels": pixels,
         "labels": labels,
     }
+
+
+def prepare_dassl(*paths: Path) -> None:
+    """The official code (its `clip`, `trainers`, `dassl`) on sys.path, Dassl's schedulers on
+    today's torch, everything on the CPU in fp32: what every Dassl-based script does first."""
+    put_on_path(*paths)
+    torch_compat()
+    cpu_fp32()
+
+
+def official_clip(
+    repo: str, commit: str, name: str = TINY, design: dict[str, Any] | None = None, **loading: Any
+) -> tuple[FrozenCLIP, dict[str, Any]]:
+    """The tiny CLIP `name` and the fixture's common fields; the official `clip` package made to load
+    its weights (`use_tiny_weights(clip, **loading)`) and checked to compute open_clip's features
+    with a CLIP built without prompts (`design`: the official builder's design dict, where it takes
+    one)."""
+    clip = project_clip(name)
+    fixture = common_fields(clip, repo, commit)
+    build_model = use_tiny_weights(clip, **loading)
+    state = tiny_state(clip)
+    check_same_clip(build_model(state) if design is None else build_model(state, design), clip)
+    return clip, fixture
+
+
+def dassl_step(
+    trainer: Any,
+    cfg: Any,
+    learned: dict[str, torch.Tensor],
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    fixture: dict[str, Any],
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The official trainer's own `forward_backward` on the fixed batch, as a batch that is not its
+    epoch's last (so no scheduler step): the summary it returns and the gradients of `learned` its
+    optimiser stepped with. The optimiser's settings, its learning rate per epoch and the recipe's
+    batch size and epochs go into `fixture`."""
+    fixture["optimizer"] = optimizer_settings(trainer.optim)
+    fixture["lr"] = dassl_lrs(trainer, cfg.OPTIM.MAX_EPOCH)
+    fixture["recipe"] = {"batch_size": cfg.DATALOADER.TRAIN_X.BATCH_SIZE, "epochs": cfg.OPTIM.MAX_EPOCH}
+    grads = capture_grads(trainer.optim, learned)
+    trainer.batch_idx, trainer.num_batches = 0, 2
+    return trainer.forward_backward({"img": images, "label": labels}), grads

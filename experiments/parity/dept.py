@@ -25,21 +25,13 @@ import torch.nn.functional as F
 
 from experiments.parity.common import (
     DATASET_NAME,
-    capture_grads,
-    check_same_clip,
-    common_fields,
-    cpu_fp32,
-    dassl_lrs,
+    dassl_step,
     dassl_trainer,
     normalise,
-    optimizer_settings,
+    official_clip,
     parse_args,
-    project_clip,
-    put_on_path,
+    prepare_dassl,
     save,
-    tiny_state,
-    torch_compat,
-    use_tiny_weights,
 )
 
 REPO = "Koorye/DePT"
@@ -58,9 +50,7 @@ NAMES = {  # the official parameters' names -> the project's
 
 def main() -> None:
     args = parse_args(__doc__, REPO, COMMIT)
-    put_on_path(args.checkout, args.dassl)
-    torch_compat()
-    cpu_fp32()
+    prepare_dassl(args.checkout, args.dassl)
     sys.modules.setdefault("plotnine", types.ModuleType("plotnine"))  # imported, never used
     from dassl.config import clean_cfg, get_cfg_default  # noqa: PLC0415  (the official code, on sys.path)
 
@@ -78,10 +68,7 @@ def main() -> None:
     )
     cfg.freeze()
 
-    clip = project_clip()
-    fixture = common_fields(clip, REPO, COMMIT)
-    build_model = use_tiny_weights(clip)
-    check_same_clip(build_model(tiny_state(clip)), clip)
+    clip, fixture = official_clip(REPO, COMMIT)
     torch.manual_seed(1)
     trainer = dassl_trainer(elp_coop.ExtrasLinearProbeCoOp, cfg, fixture["classnames"])
     model = trainer.model
@@ -104,16 +91,11 @@ def main() -> None:
             "ce": (1 - weight) * F.cross_entropy(logits, labels),
             "cat": weight * F.cross_entropy(head_logits, head_labels),
         }
-    fixture["optimizer"] = optimizer_settings(trainer.optim)
-    fixture["lr"] = dassl_lrs(trainer, cfg.OPTIM.MAX_EPOCH)
-    grads = capture_grads(trainer.optim, learned)
     trainer.set_model_mode("train")
-    trainer.batch_idx, trainer.num_batches = 0, 2  # not the epoch's last batch: no scheduler step
-    summary = trainer.forward_backward({"img": images, "label": labels})
+    summary, grads = dassl_step(trainer, cfg, learned, images, labels, fixture)
     total = sum(fixture["loss"].values()).item()
     assert abs(summary["loss"] - total) < 1e-6, (summary["loss"], total)
     fixture["grads"] = {NAMES[n]: g for n, g in grads.items()}
-    fixture["recipe"] = {"batch_size": cfg.DATALOADER.TRAIN_X.BATCH_SIZE, "epochs": cfg.OPTIM.MAX_EPOCH}
     save("dept", fixture, args.out)
 
 

@@ -22,21 +22,13 @@ import torch
 
 from experiments.parity.common import (
     DATASET_NAME,
-    capture_grads,
-    check_same_clip,
-    common_fields,
-    cpu_fp32,
-    dassl_lrs,
+    dassl_step,
     dassl_trainer,
     normalise,
-    optimizer_settings,
+    official_clip,
     parse_args,
-    project_clip,
-    put_on_path,
+    prepare_dassl,
     save,
-    tiny_state,
-    torch_compat,
-    use_tiny_weights,
 )
 
 REPO = "muzairkhattak/PromptSRC"
@@ -83,17 +75,12 @@ def official_cfg(checkout: Any, trainer: str, config: str, opts: list[Any]) -> A
 
 def main() -> None:
     args = parse_args(__doc__, REPO, COMMIT)
-    put_on_path(args.checkout, args.dassl)
-    torch_compat()
-    cpu_fp32()
+    prepare_dassl(args.checkout, args.dassl)
     cfg = official_cfg(args.checkout, "IVLP", CONFIG, [])
     ivlp = importlib.import_module("trainers.independentVL")
 
-    clip = project_clip()
-    fixture = common_fields(clip, REPO, COMMIT)
-    build_model = use_tiny_weights(clip)
     plain = {"trainer": "IVLP", "vision_depth": 0, "language_depth": 0, "vision_ctx": 0, "language_ctx": 0}
-    check_same_clip(build_model(tiny_state(clip), plain), clip)
+    clip, fixture = official_clip(REPO, COMMIT, design=plain)
     torch.manual_seed(1)
     trainer = dassl_trainer(ivlp.IVLP, cfg, fixture["classnames"])
     model = trainer.model
@@ -107,15 +94,10 @@ def main() -> None:
         fixture["logits"] = model(images)
         model.train()
         fixture["loss"] = {"ce": model(images, labels)}  # forward_backward's loss
-    fixture["optimizer"] = optimizer_settings(trainer.optim)
-    fixture["lr"] = dassl_lrs(trainer, cfg.OPTIM.MAX_EPOCH)
-    grads = capture_grads(trainer.optim, learned)
     trainer.set_model_mode("train")
-    trainer.batch_idx, trainer.num_batches = 0, 2  # not the epoch's last batch: no scheduler step
-    summary = trainer.forward_backward({"img": images, "label": labels})
+    summary, grads = dassl_step(trainer, cfg, learned, images, labels, fixture)
     assert abs(summary["loss"] - fixture["loss"]["ce"].item()) < 1e-6
     fixture["grads"] = project_names(grads, DEPTH)
-    fixture["recipe"] = {"batch_size": cfg.DATALOADER.TRAIN_X.BATCH_SIZE, "epochs": cfg.OPTIM.MAX_EPOCH}
     save("ivlp", fixture, args.out)
 
 

@@ -22,21 +22,13 @@ import torch.nn.functional as F
 from experiments.parity.common import (
     BATCH,
     DATASET_NAME,
-    capture_grads,
-    check_same_clip,
-    common_fields,
-    cpu_fp32,
-    dassl_lrs,
+    dassl_step,
     dassl_trainer,
     normalise,
-    optimizer_settings,
+    official_clip,
     parse_args,
-    project_clip,
-    put_on_path,
+    prepare_dassl,
     save,
-    tiny_state,
-    torch_compat,
-    use_tiny_weights,
 )
 
 REPO = "htyao89/KgCoOp"
@@ -47,9 +39,7 @@ CONFIG = "configs/trainers/KgCoOp/vit_b16_ep100_ctxv1.yaml"
 def main() -> None:
     args = parse_args(__doc__, REPO, COMMIT)
     code = args.checkout / "KgCoOp"
-    put_on_path(code, args.checkout / "Dassl.ProGrad.pytorch")
-    torch_compat()
-    cpu_fp32()
+    prepare_dassl(code, args.checkout / "Dassl.ProGrad.pytorch")
     from dassl.config import get_cfg_default  # noqa: PLC0415  (the official code, now on sys.path)
 
     official_train = importlib.import_module("train")  # its extend_cfg; registers the trainers
@@ -67,10 +57,7 @@ def main() -> None:
     )
     cfg.freeze()
 
-    clip = project_clip()
-    fixture = common_fields(clip, REPO, COMMIT)
-    build_model = use_tiny_weights(clip)
-    check_same_clip(build_model(tiny_state(clip)), clip)
+    clip, fixture = official_clip(REPO, COMMIT)
     torch.manual_seed(1)
     trainer = dassl_trainer(kgcoop.KgCoOp, cfg, fixture["classnames"])
     model = trainer.model
@@ -85,15 +72,10 @@ def main() -> None:
     # the terms of forward_backward's `loss = F.cross_entropy(output, label) + self.w * score`
     fixture["logits"] = logits
     fixture["loss"] = {"ce": F.cross_entropy(logits, labels), "kg": trainer.w * score}
-    grads = capture_grads(trainer.optim, {"prompt_learner.ctx": ctx})
-    trainer.batch_idx, trainer.num_batches = 0, 2  # not the epoch's last batch: no scheduler step
-    summary = trainer.forward_backward({"img": images, "label": labels})
+    summary, grads = dassl_step(trainer, cfg, {"prompt_learner.ctx": ctx}, images, labels, fixture)
     total = sum(fixture["loss"].values()).item()
     assert abs(summary["loss"] - total) < 1e-6, (summary["loss"], total)
     fixture["grads"] = grads
-    fixture["optimizer"] = optimizer_settings(trainer.optim)
-    fixture["lr"] = dassl_lrs(trainer, cfg.OPTIM.MAX_EPOCH)
-    fixture["recipe"] = {"batch_size": cfg.DATALOADER.TRAIN_X.BATCH_SIZE, "epochs": cfg.OPTIM.MAX_EPOCH}
     save("kgcoop", fixture, args.out)
 
 

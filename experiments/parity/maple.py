@@ -24,23 +24,15 @@ import torch
 from experiments.parity.common import (
     DATASET_NAME,
     WIDE,
-    capture_grads,
-    check_same_clip,
-    common_fields,
-    cpu_fp32,
-    dassl_lrs,
+    dassl_step,
     dassl_trainer,
     normalise,
-    optimizer_settings,
+    official_clip,
     parse_args,
-    project_clip,
-    put_on_path,
+    prepare_dassl,
     save,
     seed_large,
     store_grads,
-    tiny_state,
-    torch_compat,
-    use_tiny_weights,
 )
 
 REPO = "muzairkhattak/multimodal-prompt-learning"
@@ -73,9 +65,7 @@ def project_names(official: dict[str, torch.Tensor], depth: int) -> dict[str, to
 
 def main() -> None:
     args = parse_args(__doc__, REPO, COMMIT)
-    put_on_path(args.checkout, args.dassl)
-    torch_compat()
-    cpu_fp32()
+    prepare_dassl(args.checkout, args.dassl)
     from dassl.config import get_cfg_default  # noqa: PLC0415  (the official code, now on sys.path)
 
     official_train = importlib.import_module("train")  # its extend_cfg; registers the trainers
@@ -91,11 +81,8 @@ def main() -> None:
     )
     cfg.freeze()
 
-    clip = project_clip(WIDE)
-    fixture = common_fields(clip, REPO, COMMIT)
-    build_model = use_tiny_weights(clip)
     plain = {"trainer": "CoOp", "vision_depth": 0, "language_depth": 0, "vision_ctx": 0, "language_ctx": 0}
-    check_same_clip(build_model(tiny_state(clip), plain), clip)
+    clip, fixture = official_clip(REPO, COMMIT, WIDE, design=plain)
     torch.manual_seed(1)
     trainer = dassl_trainer(maple.MaPLe, cfg, fixture["classnames"])
     model = trainer.model
@@ -111,15 +98,10 @@ def main() -> None:
         fixture["logits"] = model(images)
         model.train()
         fixture["loss"] = {"ce": model(images, labels)}  # forward_backward's loss
-    fixture["optimizer"] = optimizer_settings(trainer.optim)
-    fixture["lr"] = dassl_lrs(trainer, cfg.OPTIM.MAX_EPOCH)
-    grads = capture_grads(trainer.optim, learned)
     trainer.set_model_mode("train")
-    trainer.batch_idx, trainer.num_batches = 0, 2  # not the epoch's last batch: no scheduler step
-    summary = trainer.forward_backward({"img": images, "label": labels})
+    summary, grads = dassl_step(trainer, cfg, learned, images, labels, fixture)
     assert abs(summary["loss"] - fixture["loss"]["ce"].item()) < 1e-6
     fixture["grads"] = store_grads(project_names(grads, DEPTH), seeds)
-    fixture["recipe"] = {"batch_size": cfg.DATALOADER.TRAIN_X.BATCH_SIZE, "epochs": cfg.OPTIM.MAX_EPOCH}
     save("maple", fixture, args.out)
 
 

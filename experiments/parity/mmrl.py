@@ -26,23 +26,15 @@ import torch.nn.functional as F
 
 from experiments.parity.common import (
     DATASET_NAME,
-    capture_grads,
-    check_same_clip,
-    common_fields,
-    cpu_fp32,
-    dassl_lrs,
+    dassl_step,
     dassl_trainer,
     normalise,
-    optimizer_settings,
+    official_clip,
     parse_args,
-    project_clip,
-    put_on_path,
+    prepare_dassl,
     save,
     seed_large,
     store_grads,
-    tiny_state,
-    torch_compat,
-    use_tiny_weights,
 )
 
 REPO = "yunncheng/MMRL"
@@ -68,9 +60,7 @@ def project_names(layers: int) -> dict[str, str]:
 
 def main() -> None:
     args = parse_args(__doc__, REPO, COMMIT)
-    put_on_path(args.checkout, args.dassl)
-    torch_compat()
-    cpu_fp32()
+    prepare_dassl(args.checkout, args.dassl)
     from dassl.config import get_cfg_default  # noqa: PLC0415  (the official code, now on sys.path)
 
     official_train = importlib.import_module("train")  # its extend_cfg; registers the trainers
@@ -90,13 +80,9 @@ def main() -> None:
     cfg.freeze()
     assert cfg.TRAINER.MMRL.REG_WEIGHT == 0.2
 
-    clip = project_clip()
-    fixture = common_fields(clip, REPO, COMMIT)
-    build_model = use_tiny_weights(
-        clip, models=("model", "model_mmrl"), builders=("build_model_MMRL", "build_model")
-    )
     plain = {"model": "CLIP", "rep_tokens_layers": REP_LAYERS, "n_rep_tokens": 5}
-    check_same_clip(build_model(tiny_state(clip), plain), clip)
+    loading = {"models": ("model", "model_mmrl"), "builders": ("build_model_MMRL", "build_model")}
+    clip, fixture = official_clip(REPO, COMMIT, design=plain, **loading)
     torch.manual_seed(1)
     trainer = dassl_trainer(mmrl.MMRL, cfg, fixture["classnames"])
     model = trainer.model
@@ -125,15 +111,10 @@ def main() -> None:
         official = trainer.criterion(logits, logits_rep, image, text, clip_image, clip_text, labels)
     total = sum(fixture["loss"].values())
     assert abs(official - total) < 1e-6, (official, total)
-    fixture["optimizer"] = optimizer_settings(trainer.optim)
-    fixture["lr"] = dassl_lrs(trainer, cfg.OPTIM.MAX_EPOCH)
-    grads = capture_grads(trainer.optim, learned)
     trainer.set_model_mode("train")
-    trainer.batch_idx, trainer.num_batches = 0, 2  # not the epoch's last batch: no scheduler step
-    summary = trainer.forward_backward({"img": images, "label": labels})
+    summary, grads = dassl_step(trainer, cfg, learned, images, labels, fixture)
     assert abs(summary["loss"] - total.item()) < 1e-6, (summary["loss"], total)
     fixture["grads"] = store_grads({names[n]: g for n, g in grads.items()}, seeds)
-    fixture["recipe"] = {"batch_size": cfg.DATALOADER.TRAIN_X.BATCH_SIZE, "epochs": cfg.OPTIM.MAX_EPOCH}
     fixture["rep_layers"] = REP_LAYERS
     save("mmrl", fixture, args.out)
 

@@ -23,21 +23,13 @@ import importlib
 import torch
 
 from experiments.parity.common import (
-    capture_grads,
-    check_same_clip,
-    common_fields,
-    cpu_fp32,
-    dassl_lrs,
+    dassl_step,
     dassl_trainer,
     normalise,
-    optimizer_settings,
+    official_clip,
     parse_args,
-    project_clip,
-    put_on_path,
+    prepare_dassl,
     save,
-    tiny_state,
-    torch_compat,
-    use_tiny_weights,
 )
 
 REPO = "BeierZhu/Prompt-align"
@@ -51,9 +43,7 @@ LABELS = [3, 0, 0, 4]
 def main() -> None:
     args = parse_args(__doc__, REPO, COMMIT)
     code = args.checkout / "ProGrad.public"
-    put_on_path(code, args.checkout / "Dassl.ProGrad.pytorch")
-    torch_compat()
-    cpu_fp32()
+    prepare_dassl(code, args.checkout / "Dassl.ProGrad.pytorch")
     from dassl.config import get_cfg_default  # noqa: PLC0415  (the official code, now on sys.path)
 
     official_train = importlib.import_module("train")  # its extend_cfg; registers the trainers
@@ -71,11 +61,8 @@ def main() -> None:
     )
     cfg.freeze()
 
-    clip = project_clip()
-    fixture = common_fields(clip, REPO, COMMIT)
+    clip, fixture = official_clip(REPO, COMMIT)
     fixture["template"] = TEMPLATE
-    build_model = use_tiny_weights(clip)
-    check_same_clip(build_model(tiny_state(clip)), clip)
     torch.manual_seed(1)
     trainer = dassl_trainer(prograd.ProGrad, cfg, fixture["classnames"])
     ctx = trainer.model.prompt_learner.ctx
@@ -96,15 +83,10 @@ def main() -> None:
     fixture["logits"], fixture["zero_shot_logits"] = logits.detach(), zero_shot
     fixture["loss"] = {"ce": ce.detach(), "kl": kl.detach()}
     fixture["ce_grad"], fixture["kl_grad"] = ce_grad, kl_grad
-    fixture["optimizer"] = optimizer_settings(trainer.optim)
-    fixture["lr"] = dassl_lrs(trainer, cfg.OPTIM.MAX_EPOCH)
-    grads = capture_grads(trainer.optim, {"prompt_learner.ctx": ctx})
-    trainer.batch_idx, trainer.num_batches = 0, 2  # not the epoch's last batch: no scheduler step
-    summary = trainer.forward_backward({"img": images, "label": labels})
+    summary, grads = dassl_step(trainer, cfg, {"prompt_learner.ctx": ctx}, images, labels, fixture)
     assert abs(summary["xe_loss"] - ce.item()) < 1e-6 and abs(summary["kl_loss"] - kl.item()) < 1e-6
     assert not torch.allclose(grads["prompt_learner.ctx"], ce_grad)  # projected
     fixture["grads"] = grads
-    fixture["recipe"] = {"batch_size": cfg.DATALOADER.TRAIN_X.BATCH_SIZE, "epochs": cfg.OPTIM.MAX_EPOCH}
     save("prograd", fixture, args.out)
 
 

@@ -22,21 +22,13 @@ import torch
 import torch.nn.functional as F
 
 from experiments.parity.common import (
-    capture_grads,
-    check_same_clip,
-    common_fields,
-    cpu_fp32,
-    dassl_lrs,
+    dassl_step,
     dassl_trainer,
     normalise,
-    optimizer_settings,
+    official_clip,
     parse_args,
-    project_clip,
-    put_on_path,
+    prepare_dassl,
     save,
-    tiny_state,
-    torch_compat,
-    use_tiny_weights,
 )
 from experiments.parity.ivlp import COMMIT, DEPTH, REPO, official_cfg, project_names
 
@@ -45,17 +37,12 @@ CONFIG = "configs/trainers/PromptSRC/vit_b16_c2_ep20_batch4_4+4ctx.yaml"
 
 def main() -> None:
     args = parse_args(__doc__, REPO, COMMIT)
-    put_on_path(args.checkout, args.dassl)
-    torch_compat()
-    cpu_fp32()
+    prepare_dassl(args.checkout, args.dassl)
     cfg = official_cfg(args.checkout, "PROMPTSRC", CONFIG, [])
     promptsrc = importlib.import_module("trainers.promptsrc")
 
-    clip = project_clip()
-    fixture = common_fields(clip, REPO, COMMIT)
-    build_model = use_tiny_weights(clip)
     plain = {"trainer": "IVLP", "vision_depth": 0, "language_depth": 0, "vision_ctx": 0, "language_ctx": 0}
-    check_same_clip(build_model(tiny_state(clip), plain), clip)
+    clip, fixture = official_clip(REPO, COMMIT, design=plain)
     torch.manual_seed(1)
     trainer = dassl_trainer(promptsrc.PromptSRC, cfg, fixture["classnames"])
     model = trainer.model
@@ -79,17 +66,12 @@ def main() -> None:
         "scl_image": F.l1_loss(image, zs_image, reduction="mean") * weights.IMAGE_LOSS_WEIGHT,
         "scl_logits": kl / logits.numel(),
     }
-    fixture["optimizer"] = optimizer_settings(trainer.optim)
-    fixture["lr"] = dassl_lrs(trainer, cfg.OPTIM.MAX_EPOCH)
     fixture["gpa_weights"] = torch.tensor(trainer.gauss)
-    grads = capture_grads(trainer.optim, learned)
     trainer.set_model_mode("train")
-    trainer.batch_idx, trainer.num_batches = 0, 2  # not the epoch's last batch: no scheduler step or GPA
-    summary = trainer.forward_backward({"img": images, "label": labels})
+    summary, grads = dassl_step(trainer, cfg, learned, images, labels, fixture)
     total = sum(fixture["loss"].values()).item()
     assert abs(summary["loss"] - total) < 1e-6, (summary["loss"], total)
     fixture["grads"] = project_names(grads, DEPTH)
-    fixture["recipe"] = {"batch_size": cfg.DATALOADER.TRAIN_X.BATCH_SIZE, "epochs": cfg.OPTIM.MAX_EPOCH}
     save("promptsrc", fixture, args.out)
 
 

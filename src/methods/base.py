@@ -319,6 +319,22 @@ class Method(pl.LightningModule):
         return f"{wrong[:5]} have other shapes" if wrong else ""
 
 
+class ValidatesAccuracy:
+    """For a method (listed before `Method` in its bases) validated by its top-1 accuracy on the
+    few-shot validation split (`val_acc`, logged as `val/acc` every trainer.check_val_every_n_epoch
+    epochs, never drawing from the training's random stream): the validation step of a method
+    whose `forward` gives class logits."""
+
+    def __init__(self, clip: FrozenCLIP, classnames: list[str], *args: Any, **kwargs: Any) -> None:
+        super().__init__(clip, classnames, *args, **kwargs)
+        self.val_acc = MulticlassAccuracy(num_classes=len(classnames), average="micro")
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        images, labels = batch
+        self.val_acc(self(images), labels)
+        self.log("val/acc", self.val_acc, prog_bar=True, batch_size=len(labels))
+
+
 class TextOncePerEvaluation:
     """For a method (listed before `Method` in its bases) whose class text features change only
     while it trains: they are encoded once at the start of each validation and test pass, into

@@ -16,15 +16,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy
 
 from src.common.messages import override
-from src.methods.base import Method, plain
+from src.methods.base import Method, ValidatesAccuracy, plain
 from src.methods.zeroshot import HandMadeGuided, template_text_features
 from src.models.clip import Architecture, FrozenCLIP
 
 
-class CLIPAdapter(Method):
+class CLIPAdapter(ValidatesAccuracy, Method):
     """The visual adapter of CLIP-Adapter (the variant of its code and of its few-shot results):
     the adapter starts at PyTorch's default init of its Linears (as the official one), so even
     before training its output is blended in; `ratio=0` is zero-shot CLIP exactly.
@@ -59,7 +58,6 @@ class CLIPAdapter(Method):
             nn.Linear(dim // reduction, dim, bias=False),
             nn.ReLU(),
         )
-        self.val_acc = MulticlassAccuracy(num_classes=len(classnames), average="micro")
         self._text: torch.Tensor | None = None
 
     @classmethod
@@ -99,10 +97,6 @@ class CLIPAdapter(Method):
         """Cross-entropy of the logits, the official loss."""
         return {"ce": F.cross_entropy(self(images), labels)}
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        images, labels = batch
-        self.val_acc(self(images), labels)
-        self.log("val/acc", self.val_acc, prog_bar=True, batch_size=len(labels))
 
     # -- results and the prompt file ----------------------------------------------------------
     def hyperparameters(self) -> dict[str, Any]:

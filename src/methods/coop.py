@@ -7,7 +7,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchmetrics.classification import MulticlassAccuracy
 
 from src.common.messages import override
 from src.methods.base import (
@@ -15,6 +14,7 @@ from src.methods.base import (
     LossTerms,
     Method,
     TextOncePerEvaluation,
+    ValidatesAccuracy,
     check_backbone,
     constructor_hparams,
     plain,
@@ -26,7 +26,7 @@ Features = tuple[Tensor, Tensor]  # a batch's image features [b, d] and class te
 CTX = "prompt_learner.ctx"  # the context's state-dict name; prompt.pt holds it as `ctx`
 
 
-class CoOp(TextOncePerEvaluation, Method):
+class CoOp(TextOncePerEvaluation, ValidatesAccuracy, Method):
     """Learns the prompt context from few labelled images; CLIP itself never changes.
 
     A successor extends it (`class KgCoOp(CoOp)`): its own arguments, CoOp's forwarded
@@ -59,7 +59,6 @@ class CoOp(TextOncePerEvaluation, Method):
             class_token_position=class_token_position,
             ctx_init_count=ctx_init_count,
         )
-        self.val_acc = MulticlassAccuracy(num_classes=len(classnames), average="micro")
 
     @classmethod
     def transfer_refusal(cls, options: dict[str, Any]) -> str | None:
@@ -121,10 +120,6 @@ class CoOp(TextOncePerEvaluation, Method):
         return F.cross_entropy(logits, labels)
 
     # -- Lightning hooks --------------------------------------------------------------------
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        images, labels = batch
-        self.val_acc(self(images), labels)
-        self.log("val/acc", self.val_acc, prog_bar=True, batch_size=len(labels))
 
     # -- results and the learned prompt, as a small portable file ---------------------------
     def result_fields(self) -> dict[str, Any]:

@@ -9,11 +9,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy
 
 from src.methods.base import (
     LIGHTNING_HOOKS,
     Method,
+    ValidatesAccuracy,
     class_path,
     import_method,
     method_arguments,
@@ -71,7 +71,7 @@ class CATHead(nn.Module):
         return self.linear(samples), torch.cat([labels, labels])
 
 
-class DePT(Method):
+class DePT(ValidatesAccuracy, Method):
     """A base method (`base`: a CoOp-family class path, built with `base_args`, or a built one)
     whose unnormalised image and class text features also feed a CAT head over its classes.
 
@@ -114,7 +114,6 @@ class DePT(Method):
         known = set(self.head_classnames)
         rows = [self.head_classnames.index(c) for c in classnames] if known.issuperset(classnames) else None
         self.register_buffer("head_rows", None if rows is None else torch.tensor(rows), persistent=False)
-        self.val_acc = MulticlassAccuracy(num_classes=len(classnames), average="micro")
 
     @classmethod
     def check_config(cls, args: dict[str, Any], architecture: Architecture) -> None:
@@ -161,10 +160,6 @@ class DePT(Method):
         head_logits, head_labels = self.head.training_logits(*features, labels)
         return {**terms, "cat": self.cat_weight * F.cross_entropy(head_logits, head_labels)}
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        images, labels = batch
-        self.val_acc(self(images), labels)
-        self.log("val/acc", self.val_acc, prog_bar=True, batch_size=len(labels))
 
     def param_groups(self) -> list[dict[str, Any]]:
         """The base's trained parameters, and the head's at `cat_lr_ratio` times the optimiser's lr

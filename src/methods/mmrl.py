@@ -11,10 +11,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy
 
 from src.common.messages import override
-from src.methods.base import Method, TextOncePerEvaluation, plain
+from src.methods.base import Method, TextOncePerEvaluation, ValidatesAccuracy, plain
 from src.methods.zeroshot import HandMadeGuided, template_text_features
 from src.models import rep_tokens
 from src.models.clip import Architecture, FrozenCLIP
@@ -23,7 +22,7 @@ from src.models.prompt_learner import _check_tokenizer
 OFFICIAL_REP_LAYERS = (6, 7, 8, 9, 10, 11, 12)  # ViT-B/16's upper 7 of 12 blocks
 
 
-class MMRL(TextOncePerEvaluation, Method):
+class MMRL(TextOncePerEvaluation, ValidatesAccuracy, Method):
     """Representation tokens R [K, rep_dim] (normal, std 0.02), shared by both encoders; for each
     block of `rep_layers` one Linear per encoder maps R to that block's K tokens (image width, text
     width), put after the class token and after the start-of-text token of the dataset's hand-made
@@ -85,7 +84,6 @@ class MMRL(TextOncePerEvaluation, Method):
         self.register_buffer("eos", eos.to(tokens.device), persistent=False)
         self._text_prefix: torch.Tensor | None = None
         self._frozen_text: torch.Tensor | None = None
-        self.val_acc = MulticlassAccuracy(num_classes=len(classnames), average="micro")
 
     @classmethod
     def check_config(cls, args: dict[str, Any], architecture: Architecture) -> None:
@@ -201,10 +199,6 @@ class MMRL(TextOncePerEvaluation, Method):
             "reg_text": self.reg_weight * parts["reg_text"],
         }
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        images, labels = batch
-        self.val_acc(self(images), labels)
-        self.log("val/acc", self.val_acc, prog_bar=True, batch_size=len(labels))
 
     # -- results and the prompt file ----------------------------------------------------------
     def hyperparameters(self) -> dict[str, Any]:

@@ -15,15 +15,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy
 
 from src.common.messages import override
-from src.methods.base import Method, TextOncePerEvaluation, plain
+from src.methods.base import Method, TextOncePerEvaluation, ValidatesAccuracy, plain
 from src.methods.zeroshot import HandMadeGuided, template_text_features
 from src.models.clip import Architecture, FrozenCLIP
 
 
-class TaskRes(TextOncePerEvaluation, Method):
+class TaskRes(TextOncePerEvaluation, ValidatesAccuracy, Method):
     """The regular TaskRes (the base is zero-shot CLIP's text classifier; the official "enhanced
     base", a classifier fine-tuned beforehand, is not part of it). A zero residual is zero-shot
     CLIP with the mean of its templates' raw text features; the residual's rows belong to the
@@ -45,7 +44,6 @@ class TaskRes(TextOncePerEvaluation, Method):
         self.templates = list(templates)
         self.alpha = alpha
         self.residual = nn.Parameter(torch.zeros(len(classnames), clip.embed_dim))
-        self.val_acc = MulticlassAccuracy(num_classes=len(classnames), average="micro")
         self._base: torch.Tensor | None = None
 
     @classmethod
@@ -90,10 +88,6 @@ class TaskRes(TextOncePerEvaluation, Method):
         """Cross-entropy of the logits, the official loss."""
         return {"ce": F.cross_entropy(self(images), labels)}
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        images, labels = batch
-        self.val_acc(self(images), labels)
-        self.log("val/acc", self.val_acc, prog_bar=True, batch_size=len(labels))
 
     # -- results and the prompt file ----------------------------------------------------------
     def hyperparameters(self) -> dict[str, Any]:
