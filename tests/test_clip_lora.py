@@ -9,16 +9,21 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from hydra.utils import instantiate
 from torch import nn
 
 from src.common.files import save_torch
 from src.common.prompt_file import load_prompt
+from src.data.datamodule import FewShotDataModule
+from src.data.datasets.base import DatasetError
+from src.data.datasets.imagenet import ImageNet, openai_classnames
 from src.methods.base import method_from_prompt
 from src.methods.clip_lora import CLIPLoRA, SplitAttention, shared_copy, transformers_to_adapt
 from src.run.config import compose_config
 from src.run.evaluation import evaluate
 from src.run.training import train
 from tests.conftest import caches_features, make_cfg
+from tests.miniature import write_image
 
 CLASSNAMES = ["cat", "dog", "sports_car"]
 
@@ -238,6 +243,42 @@ def test_recipe_run_prompt_file_and_eval(tiny_overrides, eval_overrides, tmp_pat
         torch.testing.assert_close(same(images(tiny_clip)), module(images(tiny_clip)))
         other = method_from_prompt(state, tiny_clip, ["apple", "pear", "plum"])
         assert other(images(tiny_clip)).shape == (4, 3)
+
+
+def test_imagenet_has_openais_class_names_under_clip_lora(tmp_path):
+    """The official datasets/imagenet.py names ImageNet's classes with OpenAI's cleaned list (open_clip's
+    IMAGENET_CLASSNAMES), by sorted wnid; other methods keep CoOp's classnames.txt."""
+    names = openai_classnames()
+    assert len(names) == 1000 and list(names) == sorted(names)
+    wnids = ("n01440764", "n01608432", "n02012849")
+    assert [names[wnid] for wnid in wnids] == ["tench", "kite (bird of prey)", "crane bird"]
+    coop_names = {"n01440764": "tench", "n01608432": "kite", "n02012849": "crane", "n03773504": "missile"}
+    coop_names["n04008634"] = "projectile"
+    root = tmp_path / "imagenet"
+    (root / "classnames.txt").parent.mkdir()
+    (root / "classnames.txt").write_text("".join(f"{wnid} {name}\n" for wnid, name in coop_names.items()))
+    for label, wnid in enumerate(coop_names):
+        for split in ("train", "val"):
+            write_image(root / "images" / split / wnid / f"{wnid}_{split}.JPEG", label, 0)
+
+    def reader(*overrides: str):
+        cfg = make_cfg([*overrides, "dataset=imagenet", f"paths.data_dir={tmp_path}"], tmp_path / "out")
+        return instantiate(cfg.dataset.reader)
+
+    openai = reader("method=clip_lora")
+    assert openai.names == "openai" and reader("method=coop").names == "coop"
+    coop = reader("method=clip_lora", "dataset.reader.names=coop")
+    assert coop.read().classnames == list(coop_names.values())
+    # OpenAI's list names two ImageNet classes "missile": kept as given, as the official code keeps them
+    expected = ["tench", "kite (bird of prey)", "crane bird", "missile", "missile"]
+    datamodule = FewShotDataModule(openai, shots=1, seed=1, num_workers=0)
+    datamodule.select()
+    assert openai.read().classnames == datamodule.classnames == expected
+    (root / "images" / "train" / "n99999999").mkdir()
+    with pytest.raises(DatasetError, match="n99999999.* not ImageNet-1k wnids"):
+        reader("method=clip_lora").read()
+    with pytest.raises(ValueError, match="dataset.reader.names='x': use dataset.reader.names=coop or"):
+        ImageNet(root, names="x")
 
 
 def test_learns_on_digits(cache_dir, tmp_path):

@@ -300,7 +300,7 @@ def test_a_sweep_names_its_failed_run_once_and_keeps_the_others(command, tiny_ov
     errors = command(train_command.main, args)
     assert errors == [
         "run #1 (data.fewshot_sampler=random): data.fewshot_sampler='random': use "
-        "data.fewshot_sampler=reference or data.fewshot_sampler=sorted",
+        "data.fewshot_sampler=reference, data.fewshot_sampler=sorted or data.fewshot_sampler=clip_lora",
         "1 of 3 runs failed; the other 2 kept their results",
     ]
     assert {p.parent.name for p in sweep.glob("*/results.json")} == {"reference", "sorted"}

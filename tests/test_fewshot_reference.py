@@ -14,11 +14,13 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+from torchvision.datasets import ImageFolder
 
 from src.data.datamodule import FewShotDataModule
 from src.data.datasets.base import DatasetError
+from src.data.datasets.imagenet import ImageNet
 from src.data.datasets.oxford_pets import OxfordPets
-from tests.miniature import make_oxford_pets
+from tests.miniature import make_imagenet, make_oxford_pets
 
 SPLIT_FILE = "split_zhou_OxfordPets.json"
 
@@ -106,7 +108,7 @@ def test_sorted_sampler_does_not_depend_on_the_list_order(shuffled_pets, tmp_pat
         assert by_sorted[0] == by_sorted[1]
     # the reference sampler follows the list order, as the original code does
     assert chosen(setup(ordered, shots=2)) != chosen(setup(shuffled_pets, shots=2))
-    with pytest.raises(ValueError, match="'random': use data.fewshot_sampler=reference or data.fewshot"):
+    with pytest.raises(ValueError, match="'random': use data.fewshot_sampler=reference, data.fewshot_s"):
         setup(ordered, fewshot_sampler="random")
 
 
@@ -130,6 +132,58 @@ def test_fewshot_is_drawn_on_all_classes_before_subsampling(shuffled_pets, tmp_p
         "sampler": "reference",
         "source": str(saved),
     }
+
+
+# --- CLIP-LoRA's draw (data.fewshot_sampler=clip_lora) -------------------------------------------
+
+
+def clip_lora_subsets(split_file: Path, shots: int, seed: int) -> tuple[list, list]:
+    """(image, label) lists that CLIP-LoRA's official code draws, written out from its description:
+    set_random_seed seeds the global `random`; its dataset files call generate_fewshot_dataset(val,
+    min(shots, 4)) first, then generate_fewshot_dataset(train, shots), each with Dassl's older
+    repeat=True: random.choices(items, k) for a class of fewer than k items."""
+    split = json.loads(split_file.read_text())
+    saved = random.getstate()
+    random.seed(seed)
+    try:
+        subsets = {}
+        for key, k in (("val", min(shots, 4)), ("train", shots)):
+            tracker: dict[int, list] = defaultdict(list)
+            for impath, label, _ in split[key]:
+                tracker[label].append((impath, label))
+            subsets[key] = []
+            for items in tracker.values():
+                subsets[key] += random.sample(items, k) if len(items) >= k else random.choices(items, k=k)
+    finally:
+        random.setstate(saved)
+    return subsets["train"], subsets["val"]
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_clip_lora_sampler_draws_as_its_official_code(shuffled_pets, seed):
+    for shots in (2, 4, 8):  # class 3 has 2 training images: drawn with replacement, as the official
+        expected = clip_lora_subsets(shuffled_pets / SPLIT_FILE, shots, seed)
+        dm = setup(shuffled_pets, shots=shots, seed=seed, fewshot_sampler="clip_lora")
+        assert chosen(dm) == expected and dm.fewshot_origin["sampler"] == "clip_lora"
+    assert chosen(dm) != chosen(setup(shuffled_pets, shots=8, seed=seed))  # not CoOp's draw
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_clip_lora_sampler_on_imagenet_draws_train_and_val_from_the_train_folder(tmp_path, seed):
+    """The official datasets/imagenet.py: torchvision's ImageFolder over images/train, then per class
+    random.sample(items, shots + min(shots, 4)): the first shots train, the rest validate."""
+    root = make_imagenet(tmp_path)
+    folder = ImageFolder(root / "images" / "train")
+    by_label: dict[int, list] = defaultdict(list)
+    for path, label in folder.samples:
+        by_label[label].append((Path(path).name, label))
+    rng = random.Random(seed)  # set_random_seed(seed); nothing draws before the data
+    drawn = [rng.sample(items, 2) for items in by_label.values()]
+    dm = FewShotDataModule(ImageNet(root, names="openai"), shots=1, seed=seed, fewshot_sampler="clip_lora")
+    dm.setup("fit")
+    got = [[(Path(item.path).name, item.label) for item in items] for items in (dm.train_items, dm.val_items)]
+    assert got == [[pair[0] for pair in drawn], [pair[1] for pair in drawn]]
+    assert all("/images/train/" in item.path for item in dm.val_items)  # CoOp's: the test images
 
 
 # --- the original's saved subsets: split_fewshot/shot_{K}-seed_{S}.pkl --------------------------

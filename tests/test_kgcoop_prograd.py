@@ -5,12 +5,22 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from src.methods.base import (
+    MethodOptionError,
+    build_method,
+    check_options,
+    method_arguments,
+    method_from_prompt,
+)
 from src.methods.kgcoop import KgCoOp
 from src.methods.prograd import ProGrad, project_conflicting
+from src.models.clip import Architecture
+from src.run.config import compose_config
 from src.run.training import train
 from tests.conftest import make_cfg, with_sgd
 from tests.test_coop_module import fit
@@ -102,3 +112,74 @@ def test_kgcoop_and_prograd_runs_write_their_results(tiny_overrides, tmp_path):
         state = torch.load(out / "prompt.pt", weights_only=True)
         assert state["method"] == method
     assert results["prograd_lambda"] == 1.0 and results["n_ctx"] == 16
+    # ProGrad's own template for the pets, recorded in results.json and in the prompt file
+    assert results["template"] == state["hparams"]["template"] == "a type of pet, a photo of a {}."
+    assert results["ctx_init"] == "a type of pet, a photo of a" and results["ctx_init_count"] == "words"
+
+
+def prograd_of(dataset: str, classnames: list[str], clip, *overrides: str) -> ProGrad:
+    """ProGrad as `python -m src.train method=prograd dataset=<dataset>` builds it (no data read)."""
+    cfg = compose_config("train", ["method=prograd", f"dataset={dataset}", "model=tiny", *overrides])
+    return build_method(cfg.method, clip, classnames)
+
+
+def words_embedding(clip, words: str, n: int) -> torch.Tensor:
+    """The token embeddings of the first `n` tokens of `words`."""
+    return clip.token_embedding(clip.tokenize([words]))[0, 1 : 1 + n].float()
+
+
+def test_prograd_starts_from_the_official_template_of_its_dataset(tiny_clip, tmp_path):
+    """The official CUSTOM_TEMPLATES drive the zero-shot teacher and the initial context: zeros, then
+    one vector per word of the template before the name, from the phrase's leading tokens; the rest
+    of the phrase stays text before the name. No random draw."""
+    rng = torch.random.get_rng_state()
+    pets = prograd_of("oxford_pets", NAMES, tiny_clip)
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    assert pets.template == "a type of pet, a photo of a {}."
+    # 8 words, 9 tokens ("pet" and "," are two): "a type of pet , a photo of" learned, "a" stays text
+    ctx, learner = pets.prompt_learner.ctx.detach(), pets.prompt_learner
+    assert ctx.shape[0] == 16 and torch.count_nonzero(ctx[:8]) == 0
+    phrase = words_embedding(tiny_clip, "a type of pet, a photo of a", 8)
+    torch.testing.assert_close(ctx[8:], phrase, rtol=0, atol=0)
+    a_then_name = tiny_clip.token_embedding(tiny_clip.tokenize(["a abyssinian."]))[0, 1:3].float()
+    torch.testing.assert_close(learner.token_suffix[0, :2], a_then_name, rtol=0, atol=0)
+    # the teacher: zero-shot CLIP with that template
+    prompts = tiny_clip.tokenize([pets.template.format(name) for name in NAMES])
+    teacher = F.normalize(tiny_clip.encode_text(prompts), dim=-1)
+    torch.testing.assert_close(pets.hand_made_features(), teacher.float())
+
+    dtd = prograd_of("dtd", ["banded", "blotchy"], tiny_clip)
+    assert dtd.template == "a texture of {}." and dtd.init_words == "a texture of"
+    ctx = dtd.prompt_learner.ctx.detach()
+    assert torch.count_nonzero(ctx[:13]) == 0
+    torch.testing.assert_close(ctx[13:], words_embedding(tiny_clip, "a texture of", 3), rtol=0, atol=0)
+    # a dataset ProGrad has no template for takes its own; an override takes precedence
+    assert prograd_of("digits", NAMES, tiny_clip).template == "a photo of the number {}."
+    assert prograd_of("dtd", NAMES, tiny_clip, "method.module.template='{} texture.'").init_words is None
+
+    # the prompt file rebuilds the same prompts, the fixed "a" included
+    with torch.no_grad():
+        pets.prompt_learner.ctx.add_(torch.randn_like(pets.prompt_learner.ctx))
+    rebuilt = method_from_prompt(pets.prompt_state(), tiny_clip)
+    torch.testing.assert_close(rebuilt.text_features(), pets.text_features(), rtol=0, atol=0)
+
+
+def test_prograd_refuses_a_context_shorter_than_the_templates_words(tiny_clip):
+    args = method_arguments(ProGrad, {"template": "a type of pet, a photo of a {}.", "n_ctx": 4})
+    with pytest.raises(MethodOptionError, match="ctx.n_ctx=4 is shorter than the 8 words"):
+        check_options(ProGrad, args, Architecture.of(tiny_clip.name))
+    check_options(ProGrad, {**args, "n_ctx": 8}, Architecture.of(tiny_clip.name))
+
+
+def test_prograd_base_to_new_trains_the_official_scripts_epochs():
+    """scripts/base2new_train_prograd.sh: rn50_ep100 (ImageNet: rn50_ep50), not the shots' 200."""
+
+    def epochs(*overrides: str) -> int:
+        return compose_config("train", ["model=tiny", *overrides]).trainer.max_epochs
+
+    base = ["method=prograd", "dataset.subsample=base"]
+    assert epochs(*base, "dataset=oxford_pets") == epochs(*base, "dataset=dtd", "shots=1") == 100
+    assert epochs(*base, "dataset=imagenet") == 50
+    assert epochs(*base, "dataset=oxford_pets", "trainer.max_epochs=7") == 7
+    assert epochs("method=prograd", "dataset=oxford_pets") == 200  # few-shot: the shots' epochs
+    assert epochs("method=coop", "dataset=oxford_pets", "dataset.subsample=base") == 200

@@ -4,6 +4,7 @@ towers and train, its recipe, prompt file and refusals."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,10 +16,12 @@ from src.methods.base import method_from_prompt
 from src.methods.coop import CoOp
 from src.methods.maple import MaPLe
 from src.models import deep_prompts
+from src.run.config import compose_config
 from src.run.training import train
 from tests.conftest import caches_features, make_cfg
 
 CLASSNAMES = ["cat", "dog", "sports car"]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def images(clip, n: int = 4) -> torch.Tensor:
@@ -131,3 +134,24 @@ def test_recipe_run_and_prompt_file(tiny_overrides, tmp_path, tiny_clip):
     same = method_from_prompt(state, tiny_clip, ["car", "plane"])
     with torch.no_grad():
         torch.testing.assert_close(same(images(tiny_clip)), module(images(tiny_clip)))
+
+
+def test_the_cross_dataset_recipe_in_its_config_is_the_officials():
+    """conf/method/maple.yaml's cross-dataset / domain generalisation command composes the official
+    vit_b16_c2_ep5_batch4_2ctx_cross_datasets.yaml: lr 0.0026, 2 epochs, depth 3, the rest as the
+    base-to-new recipe (batch 4, 2 tokens from "a photo of a", warm-up 1 epoch at 1e-5), 16 shots."""
+    comment = (ROOT / "conf" / "method" / "maple.yaml").read_text()
+    (line,) = [line for line in comment.splitlines() if "method=maple" in line and "dataset=imagenet" in line]
+    cfg = compose_config("train", line.split("python -m src.train ", 1)[1].split())
+    module = cfg.method.module
+    assert (cfg.dataset.name, cfg.dataset.subsample, cfg.shots, cfg.model.name) == (
+        "imagenet",
+        "all",
+        16,
+        "ViT-B-16-quickgelu",
+    )
+    optimizer, scheduler = cfg.method.optimizer, cfg.method.scheduler
+    assert (optimizer.lr, cfg.trainer.max_epochs, module.prompt_depth) == (0.0026, 2, 3)
+    assert (cfg.data.batch_size, cfg.ctx.n_ctx, cfg.ctx.init) == (4, 2, "a photo of a")
+    assert (optimizer._target_, optimizer.momentum, optimizer.weight_decay) == ("torch.optim.SGD", 0.9, 5e-4)
+    assert (scheduler.warmup_epochs, scheduler.warmup_lr) == (1, 1e-5)

@@ -41,10 +41,16 @@ def test_each_recipe_place_reads_the_method(tmp_path: Path) -> None:
     """Every place the docs name is read by its group's config, and a value given for the setting
     itself wins over the method's."""
     cfg = make_cfg(["dataset=oxford_pets", "method=kgcoop"], tmp_path)
+    imagenet = make_cfg(["dataset=imagenet", "method=kgcoop"], tmp_path)
+    read_by = {  # places read by another setting than the one of their name
+        "epochs_by_shots": (cfg.trainer, "max_epochs"),
+        "epochs_by_subsample": (cfg.trainer, "max_epochs"),
+        "imagenet_names": (imagenet.dataset.reader, "names"),
+    }
     for group, places in RECIPE_PLACES.items():
-        raw = OmegaConf.to_container(cfg[group], resolve=False)
         for key in places:
-            source = "max_epochs" if key == "epochs_by_shots" else key
+            node, source = read_by.get(key, (cfg[group], key))
+            raw = OmegaConf.to_container(node, resolve=False)
             assert f"method.{group}.{key}" in str(raw[source]), (group, key)
     assert (cfg.data.batch_size, cfg.trainer.max_epochs, cfg.ctx.n_ctx) == (128, 100, 4)
     given = make_cfg(["dataset=oxford_pets", "method=kgcoop", "data.batch_size=8", "ctx.n_ctx=2"], tmp_path)

@@ -25,7 +25,14 @@ from src.data.feature_cache import (
     feature_key,
     image_stamp,
 )
-from src.data.fewshot import FewShotSampler, check_record, draw_fewshot, load_fewshot, save_fewshot
+from src.data.fewshot import (
+    SAMPLERS,
+    FewShotSampler,
+    check_record,
+    draw_fewshot,
+    load_fewshot,
+    save_fewshot,
+)
 from src.data.image_check import ImageCheck
 from src.data.in_memory import (
     CropBatch,
@@ -70,12 +77,12 @@ class FewShotDataModule(pl.LightningDataModule):
     modules take either kind of batch.
 
     The few-shot subsets are drawn over all classes by `fewshot_sampler` (`reference`: the original
-    code's draw; `sorted`: independent of list order), then `subsample` keeps the base or new
-    classes, as the reference does. With the `reference` sampler, the reference's own saved subsets
-    (`split_fewshot/shot_{K}-seed_{S}.pkl` in the dataset folder) are used when present. The
-    subsets are saved (`save_fewshot_to`) and can be given back (`fewshot_file`) to rerun on
-    exactly the same images. Unreadable images stop `setup` with their path, or with
-    `skip_bad_images` are left out and counted.
+    code's draw; `sorted`: independent of list order; `clip_lora`: CLIP-LoRA's official draw), then
+    `subsample` keeps the base or new classes, as the reference does. With the `reference` sampler,
+    the reference's own saved subsets (`split_fewshot/shot_{K}-seed_{S}.pkl` in the dataset folder)
+    are used when present. The subsets are saved (`save_fewshot_to`) and can be given back
+    (`fewshot_file`) to rerun on exactly the same images. Unreadable images stop `setup` with their
+    path, or with `skip_bad_images` are left out and counted.
     """
 
     def __init__(
@@ -112,8 +119,8 @@ class FewShotDataModule(pl.LightningDataModule):
         super().__init__()
         if shots < 1:
             raise ValueError(f"shots={shots}: the number of images per class must be at least 1")
-        if fewshot_sampler not in ("reference", "sorted"):
-            raise ValueError(one_of("data.fewshot_sampler", fewshot_sampler, ("reference", "sorted")))
+        if fewshot_sampler not in SAMPLERS:
+            raise ValueError(one_of("data.fewshot_sampler", fewshot_sampler, SAMPLERS))
         check_rate(label_noise)
         self.dataset = dataset
         self.shots = shots
@@ -187,7 +194,9 @@ class FewShotDataModule(pl.LightningDataModule):
         if self.train_items is not None:
             return
         splits, everything = self.splits, self.all_splits
-        check_distinct_classnames(splits.classnames, self.dataset.root)
+        check_distinct_classnames(
+            splits.classnames, self.dataset.root, getattr(self.dataset, "repeated_names", frozenset())
+        )
         check = ImageCheck(skip_bad=self.skip_bad_images)
         pickled = reference_fewshot_file(self.dataset.root, self.shots, self.seed)
         if self.fewshot_file:
@@ -265,6 +274,7 @@ class FewShotDataModule(pl.LightningDataModule):
                 self.shots,
                 self.seed,
                 self.fewshot_sampler,
+                val_is_test=getattr(self.dataset, "val_is_test", False),
             )
             chosen = train + val if check_train else val
             good = check.keep_good(chosen)
@@ -422,13 +432,19 @@ class FewShotDataModule(pl.LightningDataModule):
         )
 
 
-def check_distinct_classnames(classnames: list[str], root: Path | str) -> None:
+def check_distinct_classnames(
+    classnames: list[str], root: Path | str, repeated: frozenset[str] = frozenset()
+) -> None:
     """Two classes whose names become one prompt (CLIP's tokenizer lowercases and collapses spaces;
-    the methods write `_` as a space) would train two labels on one text: refused, naming them."""
+    the methods write `_` as a space) would train two labels on one text: refused, naming them.
+    `repeated`: names the dataset's own list gives to several classes (OpenAI's ImageNet names),
+    accepted as given and logged."""
     seen: dict[str, int] = {}
     for label, name in enumerate(classnames):
         words = " ".join(name.replace("_", " ").lower().split())
-        if words in seen:
+        if words in seen and name in repeated:
+            log.info("classes %d and %d share the name %r in the dataset's list", seen[words], label, name)
+        elif words in seen:
             other = seen[words]
             raise DatasetError(
                 f"{root}: classes {classnames[other]!r} (label {other}) and {name!r} (label {label}) become "

@@ -4,7 +4,9 @@ reusable.
 - `reference` (the default): the reference's draw, so the same seed and shots give the same images as
   the original code on the same split file (the list order of the split matters);
 - `sorted`: a pure function of the split's contents (paths sorted first), the same on any machine
-  whatever order a reader or file system lists the images in.
+  whatever order a reader or file system lists the images in;
+- `clip_lora`: the draw of CLIP-LoRA's official code (MaxZanella/CLIP-LoRA, `datasets/`), so that
+  its runs see the images the official ones do.
 
 Either way the subsets are drawn over all classes, before `dataset.subsample` keeps the base or new
 ones, as the reference does.
@@ -20,27 +22,66 @@ from pathlib import Path
 from typing import Literal
 
 from src.common.files import write_json
+from src.common.messages import one_of
 from src.data.datasets.base import DatasetError
 from src.data.samples import Sample, Splits, relative_path
 
-FewShotSampler = Literal["reference", "sorted"]
+FewShotSampler = Literal["reference", "sorted", "clip_lora"]
+SAMPLERS = ("reference", "sorted", "clip_lora")
 VAL_SHOTS = 4  # validation keeps min(shots, 4) images per class, as the reference does
 
 
 def draw_fewshot(
-    train: list[Sample], val: list[Sample], shots: int, seed: int, sampler: FewShotSampler
+    train: list[Sample],
+    val: list[Sample],
+    shots: int,
+    seed: int,
+    sampler: FewShotSampler,
+    val_is_test: bool = False,
 ) -> tuple[list[Sample], list[Sample]]:
-    """`shots` images per class from `train`, min(shots, 4) from `val`."""
+    """`shots` images per class from `train`, min(shots, 4) from `val`. `val_is_test`: the dataset's
+    val split is its test set (ImageNet); the `clip_lora` sampler then draws val images from train."""
     val_shots = min(shots, VAL_SHOTS)
     if sampler == "reference":
         chosen_train, chosen_val = reference_few_shot([(train, shots), (val, val_shots)], seed)
         return chosen_train, chosen_val
     if sampler == "sorted":
         return few_shot(train, shots, seed), few_shot(val, val_shots, seed)
-    raise ValueError(f"data.fewshot_sampler={sampler!r}: use reference (the original code's) or sorted")
+    if sampler == "clip_lora":
+        if val_is_test:
+            return train_and_val_from_train(train, shots, val_shots, seed)
+        # its datasets draw the val subset first, then train, on Dassl's older repeat=True
+        chosen_val, chosen_train = reference_few_shot([(val, val_shots), (train, shots)], seed, repeat=True)
+        return chosen_train, chosen_val
+    raise ValueError(one_of("data.fewshot_sampler", sampler, SAMPLERS, "reference: the original code's"))
 
 
-def reference_few_shot(pools: list[tuple[list[Sample], int]], seed: int) -> list[list[Sample]]:
+def train_and_val_from_train(
+    train: list[Sample], shots: int, val_shots: int, seed: int
+) -> tuple[list[Sample], list[Sample]]:
+    """CLIP-LoRA's ImageNet draw (its `datasets/imagenet.py`): per class, in label order, one
+    `random.sample` of `shots + val_shots` images of the train list in path order (as torchvision's
+    ImageFolder lists them), the first `shots` to train and the rest to val; one stream of Python's
+    `random` seeded with the run's seed (its `set_random_seed`; nothing draws before the data). A
+    class with fewer images gives them all in drawn order, `shots` of them to train (the official
+    code stops there)."""
+    _check_shots(shots)
+    rng = random.Random(seed)
+    by_label: dict[int, list[Sample]] = defaultdict(list)
+    for item in sorted(train, key=lambda s: (s.label, s.path)):
+        by_label[item.label].append(item)
+    chosen_train: list[Sample] = []
+    chosen_val: list[Sample] = []
+    for group in by_label.values():
+        drawn = rng.sample(group, min(len(group), shots + val_shots))
+        chosen_train += drawn[:shots]
+        chosen_val += drawn[shots:]
+    return chosen_train, chosen_val
+
+
+def reference_few_shot(
+    pools: list[tuple[list[Sample], int]], seed: int, repeat: bool = False
+) -> list[list[Sample]]:
     """The reference's draw (Dassl's `DatasetBase.generate_fewshot_dataset`) from each of `pools`, a
     list of (images, shots), in order.
 
@@ -49,7 +90,8 @@ def reference_few_shot(pools: list[tuple[list[Sample], int]], seed: int) -> list
     before; `random.Random(seed)` gives the same numbers), continued from the train draw to the val
     draw. Per pool, the classes in the order in which they first appear and each class's images in
     list order; `random.sample(images, k)` for a class of at least k images, all of them for a
-    smaller one (Dassl's current `repeat=False`).
+    smaller one (Dassl's current `repeat=False`), or `random.choices(images, k=k)` with `repeat`
+    (Dassl's older default, which CLIP-LoRA's copy keeps).
     """
     rng = random.Random(seed)
     chosen = []
@@ -60,7 +102,10 @@ def reference_few_shot(pools: list[tuple[list[Sample], int]], seed: int) -> list
             by_label[item.label].append(item)
         subset: list[Sample] = []
         for group in by_label.values():
-            subset.extend(rng.sample(group, shots) if len(group) >= shots else group)
+            if len(group) >= shots:
+                subset.extend(rng.sample(group, shots))
+            else:
+                subset.extend(rng.choices(group, k=shots) if repeat else group)
         chosen.append(subset)
     return chosen
 

@@ -9,10 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch.optim import Optimizer
 
+from src.methods.base import MethodOptionError
 from src.methods.coop import CoOp
 from src.methods.zeroshot import HandMadeGuided
-from src.models.clip import FrozenCLIP
-from src.models.prompt_learner import token_count
+from src.models.clip import Architecture, FrozenCLIP
+from src.models.prompt_learner import PromptLearner
 
 
 def project_conflicting(grad: torch.Tensor, kl_grad: torch.Tensor, lambda_: float = 1.0) -> torch.Tensor:
@@ -28,14 +29,24 @@ def project_conflicting(grad: torch.Tensor, kl_grad: torch.Tensor, lambda_: floa
     return (g - lambda_ * torch.dot(g, unit) * unit).view_as(grad).to(grad.dtype)
 
 
+def template_words(template: str) -> str:
+    """The words of a template before the class name, ProGrad's initial context: "a type of pet, a
+    photo of a {}." -> "a type of pet, a photo of a"; "" when the name comes first ("{} texture.")."""
+    return template.split("{}")[0].strip(" ,")
+
+
 class ProGrad(HandMadeGuided, CoOp):
     """Trains on the cross-entropy; before each optimiser step, the gradient of each learnable
     tensor is projected (`project_conflicting`) against the gradient of the distillation loss
     KL(zero-shot || CoOp) at temperature T (times T^2), the zero-shot prediction coming from the
     hand-made `template`.
 
-    As the reference, the context (`n_ctx` vectors) starts as zeros followed by the template's
-    words before the class name ("a photo of a {}." -> "a photo of a"), with `init_from_template`.
+    As the reference, with `init_from_template` the context (`n_ctx` vectors) starts as zeros
+    followed by the template's words before the class name, one vector per word (split at spaces)
+    taken from the phrase's leading tokens; where a word is several tokens (a comma is one of its
+    own), the phrase's remaining tokens stay fixed text before the name: "a type of pet, a photo of
+    a {}." is 8 words and 9 tokens, so "a type of pet , a photo of" start the last 8 vectors and
+    "a" stays a word of every prompt. Nothing is drawn at random for it.
     """
 
     name = "prograd"
@@ -50,29 +61,36 @@ class ProGrad(HandMadeGuided, CoOp):
         init_from_template: bool = True,
         **coop_args: Any,
     ) -> None:
-        super().__init__(clip, classnames, **coop_args)
+        super().__init__(clip, classnames, **coop_args)  # the context: make_prompt_learner
         self.template = template
         self.lambda_ = lambda_
         self.temperature = temperature
-        words = template.split("{}")[0].strip(" ,")
-        self.init_words = words if init_from_template and words else None
-        if self.init_words:
-            self._init_context(self.init_words)
         self._kl_grads: list[torch.Tensor] | None = None
 
-    def _init_context(self, words: str) -> None:
-        n_words = token_count(self.clip.tokenize, words)
-        if n_words > self.prompt_learner.n_ctx:
-            raise ValueError(
-                f"ctx.n_ctx={self.prompt_learner.n_ctx} is shorter than the template's words {words!r} "
-                f"({n_words} tokens): raise ctx.n_ctx or set method.module.init_from_template=false"
+    @classmethod
+    def check_config(cls, args: dict[str, Any], architecture: Architecture) -> None:
+        super().check_config(args, architecture)
+        words = template_words(args["template"]) if args["init_from_template"] else ""
+        n_words = len(words.split(" ")) if words else 0
+        if args["ctx_init_count"] == "words" and n_words > args["n_ctx"]:
+            raise MethodOptionError(
+                f"ctx.n_ctx={args['n_ctx']} is shorter than the {n_words} words of the template's "
+                f"{words!r} that start the context: raise ctx.n_ctx or set "
+                "method.module.init_from_template=false"
             )
-        with torch.no_grad():
-            tokens = self.clip.tokenize([words]).to(self.clip.token_embedding.weight.device)
-            embedding = self.clip.token_embedding(tokens)[0, 1 : 1 + n_words].float()
-            ctx = self.prompt_learner.ctx
-            ctx.zero_()
-            ctx[..., ctx.shape[-2] - n_words :, :] = embedding
+
+    @property
+    def init_words(self) -> str | None:
+        """The phrase the context started from (after its zeros), or None for a random start."""
+        words = template_words(self.hparams.template) if self.hparams.init_from_template else ""
+        return words or None
+
+    def make_prompt_learner(self, classnames: list[str], clip: FrozenCLIP, **options: Any) -> PromptLearner:
+        # called by CoOp's constructor, after save_hyperparameters: the template is in hparams
+        if not self.init_words:
+            return super().make_prompt_learner(classnames, clip, **options)
+        options = {**options, "ctx_init": self.init_words, "zeros_before_init": True}
+        return super().make_prompt_learner(classnames, clip, **options)
 
     def kl_loss(self, logits: torch.Tensor, zero_shot_logits: torch.Tensor) -> torch.Tensor:
         """KL(zero-shot || CoOp) at temperature T, times T^2 (the reference's loss minus the
@@ -134,4 +152,5 @@ class ProGrad(HandMadeGuided, CoOp):
             "temperature": self.temperature,
             "template": self.template,
             "ctx_init": self.init_words,  # the last vectors' words (zeros before them)
+            "ctx_init_count": self.hparams.ctx_init_count if self.init_words else None,
         }

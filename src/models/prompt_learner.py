@@ -57,9 +57,12 @@ class PromptLearner(nn.Module):
         class_token_position: Position = "end",
         ctx_init_count: InitCount = "words",
         learned_init_tokens: int | None = None,
+        zeros_before_init: bool = False,
     ) -> None:
         """`learned_init_tokens`: with `ctx_init`, only its first tokens are learned and the rest stay
-        fixed words of every prompt (MaPLe learns "a photo" of "a photo of a {class}.")."""
+        fixed words of every prompt (MaPLe learns "a photo" of "a photo of a {class}.").
+        `zeros_before_init`: with `ctx_init`, the context keeps its `n_ctx` vectors, zeros followed by
+        the phrase's (ProGrad's initialisation: "X X ... X <phrase> {class}." with the X's zero)."""
         super().__init__()
         check_context(n_ctx, ctx_init, class_token_position, ctx_init_count)
         _check_tokenizer(tokenize)
@@ -72,14 +75,25 @@ class PromptLearner(nn.Module):
         with torch.no_grad():
             if ctx_init:
                 words = ctx_init.replace("_", " ").strip()
-                n_ctx = _init_length(tokenize, words, ctx_init_count)
+                n_init = _init_length(tokenize, words, ctx_init_count)
                 if learned_init_tokens:  # MaPLe: only the leading tokens learn, the rest stays text
-                    n_ctx = min(learned_init_tokens, n_ctx)
-                ctx = token_embedding(tokenize([words]).to(device))[0, 1 : 1 + n_ctx].float()
+                    n_init = min(learned_init_tokens, n_init)
+                ctx = token_embedding(tokenize([words]).to(device))[0, 1 : 1 + n_init].float()
+                n_zeros = 0
+                if zeros_before_init:
+                    if n_init > n_ctx:
+                        raise ValueError(
+                            f"ctx.n_ctx={n_ctx} is shorter than the {n_init} {ctx_init_count} of {words!r} "
+                            "that start the context: raise ctx.n_ctx"
+                        )
+                    n_zeros = n_ctx - n_init
+                    ctx = torch.cat([ctx.new_zeros(n_zeros, width), ctx])
+                n_ctx = n_zeros + n_init
                 if class_specific:
                     log.info("class-specific context: every class starts from %r", words)
                     ctx = ctx.expand(n_cls, -1, -1).clone()
-                prompt_prefix = words
+                # the X's stand for the zeros: the rest of the phrase follows the context as text
+                prompt_prefix = " ".join(["X"] * n_zeros + [words])
             else:
                 shape = (n_cls, n_ctx, width) if class_specific else (n_ctx, width)
                 ctx = torch.empty(shape).normal_(std=0.02).to(device)

@@ -131,8 +131,15 @@ RECIPE_PLACES = {
         "hflip",
         "test_transform",
         "cache_features",
+        "imagenet_names",
     ),
-    "trainer": ("max_epochs", "epochs_by_shots", "max_steps", "check_val_every_n_epoch"),
+    "trainer": (
+        "max_epochs",
+        "epochs_by_shots",
+        "epochs_by_subsample",
+        "max_steps",
+        "check_val_every_n_epoch",
+    ),
     "ctx": ("n_ctx", "init"),
 }
 

@@ -29,6 +29,12 @@ class DatasetReader:
     name: str = ""  # the config name (conf/dataset/<name>.yaml)
     folder: str = ""  # the folder name under $DATA, as in the reference's preparation guide
     in_prepare_guide: bool = True  # `python -m src.data.prepare <name>` knows where to get its files
+    # Its val split is its test set (ImageNet: no other labelled held-out images); a sampler that
+    # draws validation images from train (data.fewshot_sampler=clip_lora) does so here.
+    val_is_test: bool = False
+    # Names its own class list gives to several classes (OpenAI's ImageNet names): accepted, not
+    # refused as two classes whose prompts would be the same.
+    repeated_names: frozenset[str] = frozenset()
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
