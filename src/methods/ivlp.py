@@ -161,10 +161,13 @@ def check_ivlp(
 
 
 def learned_prompts(shape: tuple[int, ...]) -> nn.Parameter:
-    """Prompts that train, starting normal(std 0.02); an empty one (depth 1 of the text, depth 0 of
-    the image) does not: DDP refuses a trained parameter that no loss reaches."""
-    prompts = nn.Parameter(torch.empty(shape).normal_(std=0.02))
-    return prompts.requires_grad_(prompts.numel() > 0)
+    """Prompts that train, [blocks, tokens, width], starting normal(std 0.02), each block's drawn
+    in turn as the official code draws its per-block tensors; an empty one (depth 1 of the text,
+    depth 0 of the image) does not train: DDP refuses a trained parameter that no loss reaches."""
+    prompts = torch.empty(shape)
+    for block in prompts:
+        block.normal_(std=0.02)
+    return nn.Parameter(prompts).requires_grad_(prompts.numel() > 0)
 
 
 def words_or_random(clip: FrozenCLIP, n_ctx: int, ctx_init: str | None) -> str | None:

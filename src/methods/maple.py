@@ -47,11 +47,14 @@ class MaPLe(DeepPrompts):
         n_ctx = self.prompt_learner.n_ctx
         text_width = clip.token_embedding.weight.shape[1]
         image_width = visual.transformer.width
+        # Drawn from torch's generator in the official order (after the context): the first
+        # coupling, the deep prompts, the deep couplings' template; a run from the same seed
+        # starts where the official one does (tests/test_maple_whole_run.py).
+        first_coupling = nn.Linear(text_width, image_width)
         self.deep_text = learned_prompts((prompt_depth - 1, n_ctx, text_width))
         deep_coupling = nn.Linear(text_width, image_width)
         self.couplings = nn.ModuleList(
-            [nn.Linear(text_width, image_width)]
-            + [copy.deepcopy(deep_coupling) for _ in range(prompt_depth - 1)]
+            [first_coupling, *(copy.deepcopy(deep_coupling) for _ in range(prompt_depth - 1))]
         )
 
     @classmethod
