@@ -76,7 +76,7 @@ def test_a_whole_maple_run_is_the_official_run(official, cache_dir, tmp_path):
         assert [item[:2] for item in fewshot[split]] == official["fewshot"][split]
     prompt = torch.load(tmp_path / "prompt.pt", weights_only=True)
     final = {"ctx": prompt["ctx"], **prompt["weights"]}
-    for name, tensor in official["final"].items():
-        torch.testing.assert_close(final[name], tensor, atol=PROMPT_ATOL, rtol=0, msg=lambda m: f"{name}: {m}")
+    differences = {name: (final[name] - v).abs().max().item() for name, v in official["final"].items()}
+    assert max(differences.values()) <= PROMPT_ATOL, differences
     assert results["num_test"] == 361  # one test image is 0.28 points
     assert results["test_acc"] == pytest.approx(official["test_acc"], abs=1e-4)

@@ -259,6 +259,15 @@ def prograd(clip: FrozenCLIP, tmp_path: Path) -> Differences:
     diffs |= compare_grads({"ctx": kl_grad}, {"ctx": fixture["kl_grad"]}, "KL grad")
     method.on_before_optimizer_step(optimizer)
     diffs |= compare_grads({"prompt_learner.ctx": ctx.grad}, fixture["grads"], "projected grad")
+    # Oxford Pets and DTD: the official template of each, from conf/method/prograd.yaml, starts the
+    # context (exactly) and the class prompts (their text features) as the official prompt learner
+    for dataset, official in fixture["template_inits"].items():
+        start, _ = project_method("prograd", clip, fixture["classnames"], tmp_path, dataset=dataset)
+        assert start.template == official["template"], dataset
+        torch.testing.assert_close(start.prompt_learner.ctx.detach(), official["ctx"], atol=0, rtol=0)
+        with torch.no_grad():
+            features = start.text_features()
+        diffs |= compare_logits(features, official["text_features"], f"{dataset} initial text features")
     return diffs | compare_schedule(method, cfg, fixture)
 
 

@@ -13,16 +13,11 @@ written from the project's reader (the split the project reads), its paths relat
 project's rendered images, so both read the same files in the same order.
 
 Regenerate the stored result (tests/fixtures/parity/maple_whole_run.{json,safetensors}) and compare
-with the project's run (`--project`):
+with the project's run (`--project`), set up as experiments/parity/README.md says (the checkouts at
+their commits, the extra packages in /tmp/parity-extra):
 
-    git clone <mirror of muzairkhattak/multimodal-prompt-learning> /tmp/maple   # MAPLE_COMMIT
-    git clone <mirror of KaiyangZhou/Dassl.pytorch> /tmp/Dassl.pytorch          # DASSL_COMMIT
-    /work/main/.venv/bin/python -m venv --system-site-packages /tmp/dassl-venv
-    echo /work/main/.venv/lib/python3.11/site-packages \
-        > /tmp/dassl-venv/lib/python3.11/site-packages/main_venv.pth      # torch, open_clip, ...
-    /tmp/dassl-venv/bin/pip install yacs gdown tensorboard wilds==1.2.2    # what Dassl imports
-    PYTHONPATH=$PWD /tmp/dassl-venv/bin/python experiments/parity/maple_whole_run.py \
-        --maple /tmp/maple --dassl /tmp/Dassl.pytorch --project
+    PYTHONPATH=. .venv/bin/python experiments/parity/maple_whole_run.py \
+        /tmp/multimodal-prompt-learning --dassl /tmp/Dassl.pytorch --project
 
 The project's side of the comparison is
 `python -m src.train experiment=quickstart method=maple model=tiny_pretrained
@@ -51,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from experiments.parity.common import check_commit, put_on_path, torch_compat  # noqa: E402
 from src.data.datasets.digits import Digits as ProjectDigits  # noqa: E402
 from src.models.clip import CONFIG_DIR, shipped_weights  # noqa: E402
 
@@ -87,13 +83,6 @@ def patches(config: dict) -> dict[str, list[tuple[str, str, str]]]:
     vision, text = config["vision_cfg"], config["text_cfg"]
     same = "in fp16 (the original) the same cast; in fp32 no rounding of the prompts to fp16"
     return {
-        "dassl.optim.lr_scheduler": [
-            (
-                "super().__init__(optimizer, last_epoch, verbose)",
-                "super().__init__(optimizer, last_epoch)",
-                "torch >= 2.7 dropped _LRScheduler's `verbose` (Dassl passes False: no change)",
-            ),
-        ],
         "clip.model": [
             (
                 "return x * torch.sigmoid(1.702 * x)",
@@ -174,15 +163,11 @@ class PatchedLoader(importlib.machinery.SourceFileLoader):
         source = Path(self.path).read_text()
         for old, new, why in self.finder.replacements[fullname]:
             if source.count(old) != 1:
-                raise SystemExit(f"error: {self.path} holds {old!r} {source.count(old)} times, not once ({why})")
+                raise SystemExit(
+                    f"error: {self.path} holds {old!r} {source.count(old)} times, not once ({why})"
+                )
             source = source.replace(old, new)
         return compile(source, self.path, "exec")
-
-
-def checkout_commit(folder: Path) -> str:
-    return subprocess.run(
-        ["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-    ).stdout.strip()
 
 
 def write_digits_split(image_dir: Path, split_file: Path) -> None:
@@ -215,7 +200,9 @@ def register_digits(image_dir: Path) -> None:
             if num_shots >= 1:
                 train = self.generate_fewshot_dataset(train, num_shots=num_shots)
                 val = self.generate_fewshot_dataset(val, num_shots=min(num_shots, 4))
-            train, val, test = OxfordPets.subsample_classes(train, val, test, subsample=cfg.DATASET.SUBSAMPLE_CLASSES)
+            train, val, test = OxfordPets.subsample_classes(
+                train, val, test, subsample=cfg.DATASET.SUBSAMPLE_CLASSES
+            )
             super().__init__(train_x=train, val=val, test=test)
 
 
@@ -238,14 +225,17 @@ def load_tiny_clip(cfg):  # noqa: ANN001, ANN201
 def learned(learner: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The official prompt learner's learned tensors under the project's names."""
     state = {name: p.detach().clone().float() for name, p in learner.named_parameters()}
-    return {mine: torch.stack([state[n] for n in theirs]) if mine == "deep_text" else state[theirs[0]]
-            for mine, theirs in OFFICIAL_NAMES.items()}
+    return {
+        mine: torch.stack([state[n] for n in theirs]) if mine == "deep_text" else state[theirs[0]]
+        for mine, theirs in OFFICIAL_NAMES.items()
+    }
 
 
 def run_official(maple: Path, dassl_dir: Path, image_dir: Path, work: Path) -> dict:
     """Runs the official train.py; returns its few-shot images, losses, prompts and test accuracy."""
     config = json.loads((Path(CONFIG_DIR) / f"{MODEL}.json").read_text())
-    sys.path[:0] = [str(maple), str(dassl_dir)]
+    put_on_path(maple, dassl_dir)
+    torch_compat()
     sys.meta_path.insert(0, PatchedSource([maple, dassl_dir], patches(config)))
     import dassl.engine
     import trainers.maple
@@ -310,9 +300,11 @@ def run_official(maple: Path, dassl_dir: Path, image_dir: Path, work: Path) -> d
     record["fewshot"] = {"train": images(dataset.train_x), "val": images(dataset.val)}
     record["final"] = learned(trainer.model.prompt_learner)
     record["official"] = {
-        "maple": {"commit": checkout_commit(maple), "pinned": MAPLE_COMMIT},
-        "dassl": {"commit": checkout_commit(dassl_dir), "pinned": DASSL_COMMIT},
-        "patches": [[module, old, new, why] for module, items in patches(config).items() for old, new, why in items],
+        "maple": {"commit": check_commit(maple, MAPLE_COMMIT, True), "pinned": MAPLE_COMMIT},
+        "dassl": {"commit": check_commit(dassl_dir, DASSL_COMMIT, True), "pinned": DASSL_COMMIT},
+        "patches": [
+            [module, old, new, why] for module, items in patches(config).items() for old, new, why in items
+        ],
         "argv": sys.argv[1:],
     }
     return record
@@ -320,7 +312,9 @@ def run_official(maple: Path, dassl_dir: Path, image_dir: Path, work: Path) -> d
 
 def save(record: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {f"{stage}.{k}": v.contiguous() for stage in ("init", "final") for k, v in record[stage].items()}
+    tensors = {
+        f"{stage}.{k}": v.contiguous() for stage in ("init", "final") for k, v in record[stage].items()
+    }
     save_file(tensors, str(out.with_suffix(".safetensors")))
     meta = {k: v for k, v in record.items() if k not in ("init", "final")}
     meta["settings"] = {"model": MODEL, "shots": SHOTS, "seed": SEED, "prompt_depth": DEPTH, "n_ctx": N_CTX}
@@ -367,22 +361,30 @@ def compare_with_project(record: dict, cache_dir: Path, run_dir: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--maple", type=Path, required=True, help="checkout of multimodal-prompt-learning")
-    parser.add_argument("--dassl", type=Path, required=True, help="checkout of Dassl.pytorch")
+    parser.add_argument(
+        "maple", type=Path, help=f"a git checkout of multimodal-prompt-learning at {MAPLE_COMMIT[:7]}"
+    )
+    parser.add_argument(
+        "--dassl", type=Path, required=True, help=f"a git checkout of Dassl.pytorch at {DASSL_COMMIT[:7]}"
+    )
+    parser.add_argument(
+        "--any-commit", action="store_true", help="run other commits than the ones the fixture is from"
+    )
     default_cache = Path(os.environ.get("COOP_CACHE", Path.home() / ".cache" / "coop"))
     parser.add_argument("--cache-dir", type=Path, default=default_cache, help="the project's paths.cache_dir")
     parser.add_argument("--out", type=Path, default=FIXTURE, help="writes OUT.json and OUT.safetensors")
     parser.add_argument("--project", action="store_true", help="also run the project's side and compare")
     args = parser.parse_args()
     for folder, pinned in ((args.maple, MAPLE_COMMIT), (args.dassl, DASSL_COMMIT)):
-        if checkout_commit(folder) != pinned:
-            print(f"warning: {folder} is at {checkout_commit(folder)}, not {pinned}", file=sys.stderr)
+        check_commit(folder, pinned, args.any_commit)
     torch.set_num_threads(2)
     image_dir = args.cache_dir / "digits"  # where the project renders the digits (dataset=digits)
     with tempfile.TemporaryDirectory() as work:
         record = run_official(args.maple.resolve(), args.dassl.resolve(), image_dir, Path(work))
         save(record, args.out)
-        print(f"official: test accuracy {record['test_acc']:.2f} %; written to {args.out}.{{json,safetensors}}")
+        print(
+            f"official: test accuracy {record['test_acc']:.2f} %; written to {args.out}.{{json,safetensors}}"
+        )
         if args.project:
             compare_with_project(record, args.cache_dir, Path(work) / "project")
 

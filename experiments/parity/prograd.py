@@ -6,10 +6,11 @@ project's tiny CLIP.
 The official trainer `trainers/prograd.py` (class ProGrad, on the Dassl fork the repository ships,
 Dassl.ProGrad.pytorch, whose `prograd_backward_and_update` projects the gradient) is built by its
 own `build_model()` from its few-shot config (configs/trainers/ProGrad/rn50.yaml with the options of
-scripts/prograd.sh: 16 context vectors, lambda 1, T 1, 16 shots, 200 epochs) for Caltech101,
-whose official template "a photo of a {}." is also the project's (the context: 12 zeros, then "a
-photo of a"; for some datasets the official template and its word count differ from the
-project's: docs/methods.md). It runs its own `forward_backward` on the fixed images, with labels
+scripts/prograd.sh: 16 context vectors, lambda 1, T 1, 16 shots, 200 epochs) for Caltech101
+(official template "a photo of a {}.": the context is 12 zeros, then "a photo of a"). For Oxford
+Pets ("a type of pet, a photo of a {}.": 8 words, 9 tokens) and DTD ("a texture of {}.") it also
+stores the initial context and class text features the official prompt learner builds
+from its template. It runs its own `forward_backward` on the fixed images, with labels
 for which the CE gradient conflicts with the KL one, so that the projection acts. Stored: the
 initial context, the logits, the zero-shot logits, the loss terms (`ce`, and `kl` as the official
 loss writes it: the cross-entropy to the zero-shot prediction), the CE and KL gradients, the
@@ -19,6 +20,7 @@ projected gradient at the optimiser's step, the optimiser's settings and the lr 
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 import torch
 
@@ -38,6 +40,10 @@ CONFIG = "configs/trainers/ProGrad/rn50.yaml"
 DATASET = "Caltech101"  # its official template is the project's caltech101 template
 TEMPLATE = "a photo of a {}."
 LABELS = [3, 0, 0, 4]
+# Datasets whose official template puts words the project's does not into the initial context (the
+# project reads them from conf/method/prograd.yaml): the context, the prompts and the class text
+# features the official prompt learner starts from, before any step.
+TEMPLATE_INITS = {"OxfordPets": "oxford_pets", "DescribableTextures": "dtd"}
 
 
 def main() -> None:
@@ -50,19 +56,33 @@ def main() -> None:
     prograd = importlib.import_module("trainers.prograd")
     assert prograd.CUSTOM_TEMPLATES[DATASET] == TEMPLATE
 
-    cfg = get_cfg_default()
-    official_train.extend_cfg(cfg)
-    cfg.merge_from_file(str(code / CONFIG))
-    cfg.merge_from_list(
-        # scripts/prograd.sh (16 shots, 16 context vectors), the tiny CLIP's image size, fp32
-        ["LOSS.LAMBDA", 1.0, "TRAINER.COOP.N_CTX", 16, "TRAINER.COOP.CSC", False]
-        + ["TRAINER.COOP.CLASS_TOKEN_POSITION", "end", "DATASET.NUM_SHOTS", 16, "DATASET.NAME", DATASET]
-        + ["INPUT.SIZE", (32, 32), "TRAINER.COOP.PREC", "fp32"]
-    )
-    cfg.freeze()
+    def config(dataset: str) -> Any:
+        cfg = get_cfg_default()
+        official_train.extend_cfg(cfg)
+        cfg.merge_from_file(str(code / CONFIG))
+        cfg.merge_from_list(
+            # scripts/prograd.sh (16 shots, 16 context vectors), the tiny CLIP's image size, fp32
+            ["LOSS.LAMBDA", 1.0, "TRAINER.COOP.N_CTX", 16, "TRAINER.COOP.CSC", False]
+            + ["TRAINER.COOP.CLASS_TOKEN_POSITION", "end", "DATASET.NUM_SHOTS", 16, "DATASET.NAME", dataset]
+            + ["INPUT.SIZE", (32, 32), "TRAINER.COOP.PREC", "fp32"]
+        )
+        cfg.freeze()
+        return cfg
 
     clip, fixture = official_clip(REPO, COMMIT)
     fixture["template"] = TEMPLATE
+    fixture["template_inits"] = {}
+    for dataset, name in TEMPLATE_INITS.items():
+        model = dassl_trainer(prograd.ProGrad, config(dataset), fixture["classnames"]).model
+        with torch.no_grad():
+            prompts = model.prompt_learner()
+            features = model.text_encoder(prompts, model.tokenized_prompts)
+        fixture["template_inits"][name] = {
+            "template": prograd.CUSTOM_TEMPLATES[dataset],
+            "ctx": model.prompt_learner.ctx.detach().clone(),
+            "text_features": features,
+        }
+    cfg = config(DATASET)
     torch.manual_seed(1)
     trainer = dassl_trainer(prograd.ProGrad, cfg, fixture["classnames"])
     ctx = trainer.model.prompt_learner.ctx
