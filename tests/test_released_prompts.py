@@ -3,7 +3,7 @@ rebuilt as this project's methods with the original models' logits, and this pro
 written back as checkpoints the original code loads.
 
 tests/fixtures/dassl/ was written by the original code itself (experiments/parity/dassl_checkpoints.py:
-CoOp's, CoCoOp's and KgCoOp's prompt learners on the tiny `coop-tiny-openai` of seed 0, two SGD
+CoOp's, CoCoOp's, KgCoOp's and ProGrad's prompt learners on the tiny `coop-tiny-openai` of seed 0, two SGD
 steps, Dassl's save_checkpoint; manifest.json has the commits), with the logits of the original
 models on seeded noise images.
 """
@@ -29,6 +29,7 @@ from src.methods.released import dassl_state, prompt_from_dassl
 from src.models.clip import FrozenCLIP
 from src.run.config import compose_config
 from src.run.evaluation import evaluate
+from src.run.saved_prompt import as_prompt
 from src.run.training import train
 from tests.conftest import make_cfg, run_clip
 
@@ -54,24 +55,47 @@ def logits(module: nn.Module, batch: torch.Tensor) -> torch.Tensor:
         return module.eval()(batch)
 
 
-@pytest.mark.parametrize(("method", "given"), [("coop", "coop"), ("cocoop", None), ("kgcoop", None)])
-def test_official_checkpoints_give_the_official_logits(official_clip, method, given):
+PETS = "a photo of a {}, a type of pet."  # CoOp's Oxford Pets template
+PROGRAD_PETS = "a type of pet, a photo of a {}."  # ProGrad's (conf/method/prograd.yaml, as its code)
+
+
+@pytest.mark.parametrize(
+    ("method", "given", "template", "n_ctx"),
+    [
+        ("coop", "coop", PETS, 4),
+        ("cocoop", None, PETS, 4),
+        ("kgcoop", None, PETS, 4),
+        ("prograd", "prograd", PROGRAD_PETS, 16),
+    ],
+)
+def test_official_checkpoints_give_the_official_logits(official_clip, method, given, template, n_ctx):
     checkpoint = read_dassl(FIXTURES / method)  # the output folder: its prompt_learner/model.pth.tar-2
     assert checkpoint["epoch"] == 2 and Path(checkpoint["file"]).name == "model.pth.tar-2"
     # the stepped SGD and schedule are records of their attributes, not the classes
     successor = checkpoint["scheduler"]["successor"]
     assert successor.pickled_class == "torch.optim.lr_scheduler.CosineAnnealingLR"
     assert checkpoint["optimizer"]["state"][0]["momentum_buffer"].abs().sum() > 0
-    state = prompt_from_dassl(checkpoint, official_clip, CLASSNAMES, given, "a photo of a {}, a type of pet.")
-    assert state["method"] == method and state["classnames"] == CLASSNAMES and state["n_ctx"] == 4
+    state = prompt_from_dassl(checkpoint, official_clip, CLASSNAMES, given, template)
+    assert state["method"] == method and state["classnames"] == CLASSNAMES and state["n_ctx"] == n_ctx
     module = method_from_prompt(state, official_clip, CLASSNAMES)
     expected = torch.load(FIXTURES / method / "logits.pt", weights_only=True)
     got = logits(module, images())
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     assert (expected[:, 0] - expected[:, 1]).abs().max() > 1e-2  # the classes' logits differ
     # without a dataset, the classes it was trained on are read from its saved tokens
-    trained = prompt_from_dassl(checkpoint, official_clip, None, given)["classnames"]
+    trained = prompt_from_dassl(checkpoint, official_clip, None, given, template)["classnames"]
     assert trained == ["red fox", "golden retriever"]
+
+
+def test_prograds_checkpoint_needs_the_template_that_made_its_words(official_clip, tmp_path):
+    """ProGrad's Oxford Pets prompts learn 16 vectors (8 zeros, then "a type of pet , a photo of")
+    and keep "a" as text: rebuilt with its template for the dataset, which `method=prograd
+    dataset=oxford_pets` gives the commands; another template is one line."""
+    checkpoint = read_dassl(FIXTURES / "prograd")
+    with pytest.raises(ValueError, match=r"keep the words 'a' after the 16 learned vectors, which ProGrad's"):
+        prompt_from_dassl(checkpoint, official_clip, CLASSNAMES, "prograd", "a photo of a {}.")
+    cfg = compose_config("eval", ["method=prograd", "dataset=oxford_pets", f"ckpt={FIXTURES / 'prograd'}"])
+    assert as_prompt(checkpoint, official_clip, CLASSNAMES, cfg)["hparams"]["template"] == PROGRAD_PETS
 
 
 def test_keys_that_do_not_tell_the_method_and_another_backbone_are_one_line(official_clip):

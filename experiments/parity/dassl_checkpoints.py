@@ -1,7 +1,8 @@
 """Makes tests/fixtures/dassl/: checkpoints written by the original repositories' own code, and the
 logits their own models give with them, for tests/test_released_prompts.py.
 
-For each of CoOp, CoCoOp (KaiyangZhou/CoOp) and KgCoOp (htyao89/KgCoOp), this script imports the
+For each of CoOp, CoCoOp (KaiyangZhou/CoOp), KgCoOp (htyao89/KgCoOp) and ProGrad
+(BeierZhu/Prompt-align, on the Dassl fork it ships), this script imports the
 original trainer module from a checkout, builds its prompted CLIP (`CustomCLIP`, its prompt learner
 included) on the tiny random-weight backbone `coop-tiny-openai` (seed 0, put into the original's
 own `clip.model.CLIP` class), trains the prompt learner two SGD steps with Dassl's own optimiser
@@ -13,13 +14,18 @@ With checkouts of KaiyangZhou/Dassl.pytorch, KaiyangZhou/CoOp and htyao89/KgCoOp
 imports (yacs, gdown, tensorboard, and wilds without its dependencies) in a folder of their own:
 
     PYTHONPATH=$PWD .venv/bin/python experiments/parity/dassl_checkpoints.py --dassl <Dassl.pytorch> \
-        --coop <CoOp> --kgcoop <KgCoOp>/KgCoOp --deps <folder of Dassl's imports>
+        --coop <CoOp> --kgcoop <KgCoOp>/KgCoOp --prompt-align <Prompt-align> \
+        --deps <folder of Dassl's imports>
+
+ProGrad's prompt learner starts as its recipe does (CTX_INIT: 16 vectors, zeros then the words of
+its Oxford Pets template "a type of pet, a photo of a {}." before the name; "a" stays text).
 
 Adaptations, none of which touches what the originals compute: their `LRScheduler` subclasses
 pass `verbose`, which torch >= 2.7 no longer takes (dropped here); KgCoOp moves its hand-made
 teacher to CUDA (`.cuda()` is the identity here, on the CPU) and loads CLIP's weights by URL inside
 its prompt learner (it gets the same tiny CLIP instead). Commits used for the stored fixtures:
-Dassl.pytorch c61a1b5, CoOp ff61507, KgCoOp c43ccc3 (manifest.json records them).
+Dassl.pytorch c61a1b5, CoOp ff61507, KgCoOp c43ccc3, Prompt-align 1b76203 (manifest.json records
+them).
 """
 
 from __future__ import annotations
@@ -85,6 +91,8 @@ def config(trainer: str):
     cfg.OPTIM.WARMUP_TYPE, cfg.OPTIM.WARMUP_CONS_LR = "constant", 1e-5
     if trainer == "KgCoOp":
         cfg.TRAINER.COOP.CTX_INIT = True  # its recipe: the context starts from "a photo of a"
+    if trainer == "ProGrad":  # its recipe: zeros, then its dataset template's words
+        cfg.TRAINER.COOP.CTX_INIT, cfg.TRAINER.COOP.N_CTX = True, 16
     return cfg
 
 
@@ -161,13 +169,20 @@ def main() -> None:
     parser.add_argument("--dassl", type=Path, required=True)
     parser.add_argument("--coop", type=Path, required=True)
     parser.add_argument("--kgcoop", type=Path, required=True, help="the KgCoOp/ folder of htyao89/KgCoOp")
+    parser.add_argument("--prompt-align", type=Path, required=True, help="BeierZhu/Prompt-align")
     parser.add_argument("--deps", default="", help="a folder with yacs, gdown, tensorboard and wilds")
     parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)  # method, trainer: the child's job
     args = parser.parse_args()
-    jobs = {"coop": ("CoOp", args.coop), "cocoop": ("CoCoOp", args.coop), "kgcoop": ("KgCoOp", args.kgcoop)}
+    prograd = args.prompt_align / "ProGrad.public", args.prompt_align / "Dassl.ProGrad.pytorch"
+    jobs = {  # method: trainer, its repository, its Dassl
+        "coop": ("CoOp", args.coop, args.dassl),
+        "cocoop": ("CoCoOp", args.coop, args.dassl),
+        "kgcoop": ("KgCoOp", args.kgcoop, args.dassl),
+        "prograd": ("ProGrad", *prograd),
+    }
     if args.one:
         method, trainer = args.one
-        print(json.dumps(make(method, trainer, jobs[method][1], args.deps, args.dassl)))
+        print(json.dumps(make(method, trainer, jobs[method][1], args.deps, jobs[method][2])))
         return
     manifest = {
         "backbone": BACKBONE,
@@ -178,10 +193,11 @@ def main() -> None:
             "KaiyangZhou/Dassl.pytorch": git_commit(args.dassl),
             "KaiyangZhou/CoOp": git_commit(args.coop),
             "htyao89/KgCoOp": git_commit(args.kgcoop),
+            "BeierZhu/Prompt-align": git_commit(args.prompt_align),
         },
         "methods": {},
     }
-    for method, (trainer, _) in jobs.items():
+    for method, (trainer, _, _) in jobs.items():
         command = [sys.executable, __file__, *sys.argv[1:], "--one", method, trainer]
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         if done.returncode:

@@ -47,6 +47,7 @@ from src.methods.cocoop import CoCoOp
 from src.methods.coop import CoOp
 from src.methods.ivlp import IVLP, DeepPrompts
 from src.methods.maple import MaPLe
+from src.methods.prograd import template_words
 from src.models.clip import FrozenCLIP
 
 log = logging.getLogger(__name__)
@@ -217,6 +218,20 @@ def _ctx_init(cls: type[Method], clip: FrozenCLIP, n_ctx: int, fixed: list[int],
     return " ".join(["X"] * n_ctx + [_decode(clip, fixed)])
 
 
+def _check_prograd_words(template: str, clip: FrozenCLIP, n_ctx: int, fixed: list[int], file: str) -> None:
+    """ProGrad's context is its template's words before the name, one vector per word from the
+    phrase's leading tokens, the phrase's other tokens kept as text: a ValueError unless `template`
+    keeps the file's `fixed` words so."""
+    words = template_words(template)
+    n_words = len(words.split(" ")) if words else 0
+    if n_words > n_ctx or _ids(clip, words)[n_words:] != fixed:
+        raise ValueError(
+            f"ckpt={file}: its prompts keep the words {_decode(clip, fixed)!r} after the {n_ctx} learned "
+            f"vectors, which ProGrad's template {template!r} does not: give the dataset it was trained on "
+            "(dataset=..., whose ProGrad template made them)"
+        )
+
+
 def _default_fixed(cls: type[Method], clip: FrozenCLIP, n_ctx: int) -> list[int]:
     """The fixed words the original code keeps with its default phrase, for a file without its
     token_suffix: MaPLe's and IVLP's phrase beyond the first n_ctx tokens (none for CoOp's)."""
@@ -273,7 +288,11 @@ def prompt_from_dassl(
     elif name in ("kgcoop", "prograd"):
         hparams["template"] = template or "a photo of a {}."
         if name == "prograd":
-            hparams["init_from_template"] = False  # the context is the file's
+            # the context is the file's; the template's words rebuild the words its prompts keep
+            # after it (Oxford Pets': "a type of pet, a photo of a" learns 8 and keeps "a")
+            hparams["init_from_template"] = bool(fixed)
+            if fixed:
+                _check_prograd_words(hparams["template"], clip, n_ctx, fixed, file)
     elif issubclass(cls, MaPLe):
         deep = _indexed(sd, MAPLE_TEXT)
         hparams["prompt_depth"] = len(deep) + 1
@@ -304,7 +323,7 @@ def prompt_from_dassl(
         "n_ctx": n_ctx,
         "class_specific": class_specific,
         "class_token_position": "end",
-        "ctx_init": _ctx_init(cls, clip, n_ctx, fixed, file),
+        "ctx_init": None if hparams.get("init_from_template") else _ctx_init(cls, clip, n_ctx, fixed, file),
         "ctx_init_count": "words",
         "hparams": hparams,
         "weights": weights,

@@ -20,9 +20,12 @@ def as_prompt(
 ) -> dict[str, Any]:
     """A prompt file's state as it is; a Dassl checkpoint as one, for `clip` (the command's
     `model=`), `classnames` (the tested dataset's; None: those it was trained on), its method from
-    `method=` (or its tensors) and the dataset's template (KgCoOp's and ProGrad's)."""
+    `method=` (or its tensors) and the template its method takes for the dataset (KgCoOp's and
+    ProGrad's)."""
     if not is_released(state):
         return state
     method = cfg.method.name if cfg.get("method") else None
     template = cfg.dataset.get("template") if cfg.get("dataset") else None
+    if method and "template" in (cfg.method.get("module") or {}):
+        template = cfg.method.module.template  # the method's own for the dataset (ProGrad's)
     return prompt_from_dassl(state, clip, classnames, method, template)
