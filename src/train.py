@@ -13,7 +13,7 @@ import hydra
 from omegaconf import DictConfig
 
 from src.packing.jobs import PACKED_RUNS
-from src.packing.train import train_packed_job
+from src.packing.train import train_packed, train_packed_job
 from src.run.cli import run, task
 from src.run.config import as_hydra_overrides
 from src.run.search import is_search_job, search_job
@@ -26,7 +26,7 @@ def main(cfg: DictConfig) -> float | list[float] | dict:
     if PACKED_RUNS in cfg:  # a pack of a multirun's runs (pack=true)
         return [results["test_acc"] for results in train_packed_job(cfg)]
     if is_search_job(cfg):  # a trial of a hyper-parameter search, or the chosen one's test
-        return search_job(cfg)
+        return search_job(cfg, train_packed)
     return train(cfg)["test_acc"]
 
 

@@ -162,3 +162,34 @@ def test_a_search_chooses_by_validation_tests_only_the_chosen_and_is_reported(
 def cells(line: str) -> list[str]:
     """The cells of a row of a markdown table."""
     return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+
+def test_a_trials_seeds_train_as_one_pack_and_score_as_alone(cli, cache_dir, tmp_path):
+    """pack=true: each trial's two seeds train as one pack on one frozen CLIP; each run validates as
+    the same run alone (its validation.json, the trial's score), and the chosen trial is tested."""
+    sweep = tmp_path / "search"
+    digits = [
+        "experiment=quickstart",
+        f"paths.cache_dir={cache_dir}",
+        "shots=1",
+        "baseline=null",
+        "trainer.enable_progress_bar=false",
+    ]
+    args = ["-m", "hparams_search=coop_optuna", *digits, "trainer.max_epochs=choice(1,2)", "pack=true"]
+    cli(
+        main, as_hydra_overrides([*args, "hydra.sweeper.n_trials=2", "seeds=1,2", f"hydra.sweep.dir={sweep}"])
+    )
+    search = json.loads((sweep / "search.json").read_text())
+    best = json.loads((sweep / "best.json").read_text())
+    for trial in search["trials"]:
+        runs = {
+            seed: json.loads((sweep / trial["dir"] / f"seed{seed}/validation.json").read_text())
+            for seed in (1, 2)
+        }
+        assert [run["pack_size"] for run in runs.values()] == [2, 2]
+        assert trial["val_accs"] == {str(seed): run["val_acc"] for seed, run in runs.items()}
+    trial = search["trials"][0]
+    setting = [f"{key}={value}" for key, value in trial["params"].items()]
+    alone = train(make_cfg([*digits, *setting, "seed=2"], tmp_path / "alone"), test=False)
+    assert alone["val_acc"] == pytest.approx(trial["val_accs"]["2"], abs=1e-6)
+    assert set(best["test_accs"]) == {"1", "2"}

@@ -253,11 +253,17 @@ class PackedRuns(pl.LightningModule):
         loops = ("fit_loop", "validate_loop", "test_loop", "predict_loop")
         return {name: getattr(trainer, name).state_dict() for name in loops}
 
-    def _validate(self, runs: list[PackedRun]) -> None:
+    def validate_last(self) -> list[float]:
+        """Each run's accuracy (0-1) on its few-shot val set after training, logged as the run alone
+        logs its `trainer.validate` (a trial of a search: src/run/search.py)."""
+        return self._validate(self.runs)
+
+    def _validate(self, runs: list[PackedRun]) -> list[float]:
         """Each run's accuracy on its few-shot val set, logged as Lightning logs it for the run alone
         (at the epoch's last step); validation draws nothing from the runs' streams."""
         if self._val_loaders is None:
             self._val_loaders = {id(run): run.datamodule.val_dataloader() for run in self.runs}
+        accs = []
         for run in runs:
             loader = self._val_loaders[id(run)]
             method = run.module
@@ -266,10 +272,10 @@ class PackedRuns(pl.LightningModule):
                 for images, labels in loader:
                     method.val_acc.update(method(images.to(self.device)), labels.to(self.device))
             method.on_validation_epoch_end()
-            run.log_metrics(
-                {"val/acc": method.val_acc.compute().item(), "epoch": self.epoch}, step=run.steps - 1
-            )
+            accs.append(method.val_acc.compute().item())
+            run.log_metrics({"val/acc": accs[-1], "epoch": self.epoch}, step=run.steps - 1)
             method.val_acc.reset()
+        return accs
 
     def on_test_epoch_start(self) -> None:
         self._test_text = [run.module.text_features() for run in self.runs]

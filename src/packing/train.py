@@ -36,7 +36,9 @@ from src.run.logs import silence_known_warnings
 from src.run.resume import continue_logs, prepare_run_dir, read_checkpoint, stopped_by_sigterm
 from src.run.training import (
     finished_run,
+    finished_validation,
     run_results,
+    validation_results,
     write_config,
     write_results,
     zeroshot_baseline,
@@ -53,11 +55,12 @@ def train_packed_job(cfg: DictConfig) -> list[dict[str, Any]]:
         return train_packed(cfgs)
 
 
-def train_packed(cfgs: list[DictConfig]) -> list[dict[str, Any]]:
+def train_packed(cfgs: list[DictConfig], test: bool = True) -> list[dict[str, Any]]:
     """Trains the runs of `cfgs` (one method and data, seeds and contexts of their own; see
     src/packing/jobs.py) as one pack and writes each run's folder; returns their results, in order.
     Runs with results (`skip_done`) are not trained again. A run that fails its checks is left out,
-    the others train, and then FailedRuns names it (as the sweep names a run that fails alone)."""
+    the others train, and then FailedRuns names it (as the sweep names a run that fails alone).
+    `test=False`: validated instead of tested, as `train(cfg, test=False)` (a search's trial)."""
     silence_known_warnings()
     results: dict[int, dict[str, Any]] = {}
     checked: dict[int, CheckedRun] = {}
@@ -65,7 +68,7 @@ def train_packed(cfgs: list[DictConfig]) -> list[dict[str, Any]]:
     for index, cfg in enumerate(cfgs):
         out = Path(cfg.paths.output_dir)
         try:
-            done = finished_run(cfg, out)
+            done = finished_run(cfg, out) if test else finished_validation(cfg, out)
             if done is None:  # every run's checks first, then the folders are claimed, as alone
                 checked[index] = check_training_run(cfg, out)
             else:
@@ -86,7 +89,7 @@ def train_packed(cfgs: list[DictConfig]) -> list[dict[str, Any]]:
         for position, run in enumerate(runs):
             by_epoch[run.start_epoch].append(position)
         for first_epoch, positions in sorted(by_epoch.items()):
-            trained = train_together(clip, [runs[p] for p in positions], first_epoch)
+            trained = train_together(clip, [runs[p] for p in positions], first_epoch, test)
             for position, result in zip(positions, trained, strict=True):
                 results[pending[position]] = result
         failed = [run.failed for run in runs if run.failed is not None]
@@ -132,9 +135,11 @@ def build_runs(runs: list[PackedRun]) -> FrozenCLIP:
     return clip
 
 
-def train_together(clip: FrozenCLIP, runs: list[PackedRun], first_epoch: int) -> list[dict[str, Any] | None]:
-    """Fits runs that continue from the same epoch as one pack, tests them and writes their files;
-    None for a run that stopped (`PackedRun.failed`)."""
+def train_together(
+    clip: FrozenCLIP, runs: list[PackedRun], first_epoch: int, test: bool = True
+) -> list[dict[str, Any] | None]:
+    """Fits runs that continue from the same epoch as one pack, tests (or, `test=False`, validates)
+    them and writes their files; None for a run that stopped (`PackedRun.failed`)."""
     first = runs[0]
     epochs = first.max_epochs - first_epoch
     trainer: pl.Trainer = instantiate(
@@ -156,7 +161,7 @@ def train_together(clip: FrozenCLIP, runs: list[PackedRun], first_epoch: int) ->
             logger.log_hyperparams(run.module.hparams_initial)
     baseline = (
         zeroshot_baseline(first.cfg, clip, first.datamodule)
-        if first.cfg.get("baseline") == "zeroshot"
+        if first.cfg.get("baseline") == "zeroshot" and test
         else None
     )
     pack = PackedRuns(clip, runs, first_epoch)
@@ -165,6 +170,8 @@ def train_together(clip: FrozenCLIP, runs: list[PackedRun], first_epoch: int) ->
         if epochs > 0:
             trainer.fit(pack)
         train_time = (time.perf_counter() - start) / len(runs)  # each run's share of the pack's time
+        if not test:
+            return validated(runs, pack.validate_last(), train_time)
         trainer.test(pack, verbose=False)
     results = []
     for run, metrics in zip(runs, pack.test_metrics, strict=True):
@@ -179,4 +186,18 @@ def train_together(clip: FrozenCLIP, runs: list[PackedRun], first_epoch: int) ->
         for logger in run.loggers:
             logger.finalize("success")
         results.append(result)
+    return results
+
+
+def validated(runs: list[PackedRun], accs: list[float], train_time: float) -> list[dict[str, Any] | None]:
+    """Each run's validation.json (`train_together(test=False)`); None for a run that stopped."""
+    results = []
+    for run, acc in zip(runs, accs, strict=True):
+        if run.failed is not None:
+            results.append(None)
+            continue
+        args = (run.cfg, run.datamodule, {"val/acc": acc}, train_time, run.out, run.max_epochs)
+        results.append(validation_results(*args, pack_size=len(runs)))
+        for logger in run.loggers:
+            logger.finalize("success")
     return results

@@ -1,9 +1,10 @@
 """The jobs of a hyper-parameter search (`python -m src.train -m hparams_search=<name>`; the sweeper
 is hydra_plugins/coop_optuna_sweeper): a trial, and the test of the chosen trial.
 
-A trial trains its setting once per seed (`seeds=1,2,3`; `seed` alone by default), each run in its
-own folder `<trial folder>/seed<S>/`, validates each run's last model on the few-shot validation
-split and returns the mean of their accuracies: the trial's score. It never reads the test split.
+A trial trains its setting once per seed (`seeds=1,2,3`; `seed` alone by default; with `pack=true`,
+its seeds as one pack), each run in its own folder `<trial folder>/seed<S>/`, validates each run's
+last model on the few-shot validation split and returns the mean of their accuracies: the trial's
+score. It never reads the test split.
 The search's last job (`search.chosen=<that trial's folder>`) runs the chosen trial's runs again:
 each continues from its last checkpoint, with nothing left to train, and is tested, so that it
 ends as the run of that setting launched alone would (results.json).
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +37,15 @@ def is_search_job(cfg: DictConfig) -> bool:
     return cfg.get("search") is not None
 
 
-def search_job(cfg: DictConfig) -> dict[str, Any]:
+# Trains runs of one setting and several seeds as one pack: src/packing/train.py's train_packed,
+# given by src/train.py (the packing package sits above this one).
+PackTrainer = Callable[..., list[dict[str, Any]]]
+
+
+def search_job(cfg: DictConfig, train_packed: PackTrainer | None = None) -> dict[str, Any]:
     """A trial (`search.chosen` unset): {"val_acc": the mean over seeds, "val_accs": {seed: acc},
-    "dir": the trial's folder}; the test of a chosen trial: {"test_acc", "test_accs", "runs"}."""
+    "dir": the trial's folder}; the test of a chosen trial: {"test_acc", "test_accs", "runs"}.
+    `train_packed`: how a trial's seeds train as one pack (with `pack=true`)."""
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.RUN:
         raise SearchError(
             "an hparams_search config is a search of many runs: launch it as a multirun, "
@@ -45,7 +53,7 @@ def search_job(cfg: DictConfig) -> dict[str, Any]:
         )
     seeds = trial_seeds(cfg)
     if cfg.search.get("chosen") is None:
-        return run_trial(cfg, seeds, Path(cfg.paths.output_dir))
+        return run_trial(cfg, seeds, Path(cfg.paths.output_dir), train_packed)
     return test_trial(cfg, seeds, Path(cfg.search.chosen))
 
 
@@ -64,11 +72,17 @@ def seed_run(cfg: DictConfig, seed: int, folder: Path) -> DictConfig:
     return cfg
 
 
-def run_trial(cfg: DictConfig, seeds: list[int], folder: Path) -> dict[str, Any]:
-    accs = {}
-    for seed in seeds:
-        validated = train(seed_run(cfg, seed, folder / f"seed{seed}"), test=False)
-        accs[str(seed)] = validated["val_acc"]
+def run_trial(
+    cfg: DictConfig, seeds: list[int], folder: Path, train_packed: PackTrainer | None = None
+) -> dict[str, Any]:
+    """Trains and validates the trial's runs: with `pack=true`, its seeds as one pack (one frozen
+    CLIP, each run's folder and validation as alone: docs/packing.md), else one after another."""
+    runs = [seed_run(cfg, seed, folder / f"seed{seed}") for seed in seeds]
+    if cfg.get("pack") and len(runs) > 1 and train_packed is not None:
+        validated = train_packed(runs, test=False)
+    else:
+        validated = [train(run, test=False) for run in runs]
+    accs = {str(seed): result["val_acc"] for seed, result in zip(seeds, validated, strict=True)}
     mean = sum(accs.values()) / len(accs)
     if len(seeds) > 1:
         log.info("trial's validation accuracy: %.2f%% (mean over seeds %s)", mean, ", ".join(accs))

@@ -93,7 +93,9 @@ def train(cfg: DictConfig, test: bool = True) -> dict[str, Any]:
         if trainer.is_global_zero:
             write_results(out, module, results)
     else:
-        results = validation_results(cfg, datamodule, trainer, metrics, train_time, out)
+        results = validation_results(
+            cfg, datamodule, metrics, train_time, out, trainer.max_epochs, trainer.is_global_zero
+        )
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
             # The next run of a sweep in this process gets its own W&B run, not this one.
@@ -126,13 +128,15 @@ def finished_validation(cfg: DictConfig, out: Path) -> dict[str, Any] | None:
 def validation_results(
     cfg: DictConfig,
     datamodule: FewShotDataModule,
-    trainer: pl.Trainer,
     metrics: dict[str, float],
     train_time: float,
     out: Path,
+    epochs: int,
+    write: bool = True,
+    **extra: Any,
 ) -> dict[str, Any]:
-    """validation.json of a run validated, not tested: the last model's accuracy (percent) on the
-    few-shot validation split."""
+    """validation.json of a run validated, not tested (written where `write`: the main process):
+    the last model's accuracy (percent) on the few-shot validation split after `epochs` epochs."""
     results = {
         "dataset": cfg.dataset.name,
         "subsample": cfg.dataset.subsample,
@@ -141,10 +145,11 @@ def validation_results(
         "seed": cfg.seed,
         "val_acc": 100 * metrics["val/acc"],
         "num_val": len(datamodule.val_items),
-        "epochs": trainer.max_epochs,
+        "epochs": epochs,
         "train_time_s": round(train_time, 3),
+        **extra,
     }
-    if trainer.is_global_zero:
+    if write:
         write_json(out / VALIDATION_FILE, results)
     log.info("validation accuracy %.2f%% (%d images); in %s", results["val_acc"], results["num_val"], out)
     return results
