@@ -3,9 +3,10 @@ rebuilt as this project's methods with the original models' logits, and this pro
 written back as checkpoints the original code loads.
 
 tests/fixtures/dassl/ was written by the original code itself (experiments/parity/dassl_checkpoints.py:
-CoOp's, CoCoOp's, KgCoOp's and ProGrad's prompt learners on the tiny `coop-tiny-openai` of seed 0, two SGD
-steps, Dassl's save_checkpoint; manifest.json has the commits), with the logits of the original
-models on seeded noise images.
+CoOp's, CoCoOp's, KgCoOp's and ProGrad's prompt learners on the tiny `coop-tiny-openai` of seed 0,
+two SGD steps, Dassl's save_checkpoint; manifest.json has the commits; and by
+experiments/parity/promptsrc.py: PromptSRC's whole model after one step, Dassl's save_model), with
+the logits of the original models.
 """
 
 from __future__ import annotations
@@ -215,3 +216,22 @@ def test_maple_and_promptsrc_prompts_round_trip_under_the_original_names(
     again = method_from_prompt(state, tiny_clip, names)
     batch = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     assert torch.equal(logits(again, batch), logits(module, batch))
+
+
+def test_promptsrcs_official_checkpoint_gives_the_official_logits(tiny_clip):
+    """tests/fixtures/dassl/promptsrc: PromptSRC's model after one official step (muzairkhattak/
+    PromptSRC, experiments/parity/promptsrc.py: the tiny CLIP of tests/fixtures/parity/promptsrc.pt),
+    written by Dassl's own save_model, the whole model as the official releases hold it: its deep
+    text and image prompts are read from the encoders' keys, the frozen CLIP's tensors left."""
+    from tests.test_parity import images_of
+
+    fixture = torch.load(Path(__file__).parent / "fixtures/parity/promptsrc.pt", weights_only=True)
+    checkpoint = read_dassl(FIXTURES / "promptsrc")
+    assert Path(checkpoint["file"]).parent.name == "VLPromptLearner" and checkpoint["epoch"] == 1
+    assert any(key.startswith("image_encoder.") for key in checkpoint["state_dict"])  # the frozen CLIP too
+    state = prompt_from_dassl(checkpoint, tiny_clip, fixture["classnames"])
+    assert state["method"] == "promptsrc"
+    assert (state["hparams"]["prompt_depth_text"], state["hparams"]["prompt_depth_vision"]) == (2, 2)
+    module = method_from_prompt(state, tiny_clip, fixture["classnames"])
+    expected = torch.load(FIXTURES / "promptsrc" / "logits.pt", weights_only=True)
+    torch.testing.assert_close(logits(module, images_of(fixture)), expected, atol=1e-5, rtol=1e-5)

@@ -49,6 +49,7 @@ if str(ROOT) not in sys.path:
 from src.models.clip import FrozenCLIP  # noqa: E402  (the worktree's src, whatever PYTHONPATH says)
 
 FIXTURES = ROOT / "tests" / "fixtures" / "parity"
+DASSL_FIXTURES = ROOT / "tests" / "fixtures" / "dassl"  # checkpoints of the official save routines
 # Class names as a dataset gives them (underscores, names of one to three tokens), the Oxford Pets
 # template of the official code and the project (conf/dataset/oxford_pets.yaml).
 CLASSNAMES = ["abyssinian", "american_bulldog", "great_pyrenees", "yorkshire_terrier", "sphynx"]
@@ -319,9 +320,7 @@ def sketch(grad: torch.Tensor, seed: int) -> torch.Tensor:
     return grad.float() @ torch.randn(grad.shape[-1], SKETCH_COLUMNS, generator=generator)
 
 
-def seed_large(
-    params: dict[str, torch.Tensor], names: dict[str, str], large: int = LARGE
-) -> dict[str, int]:
+def seed_large(params: dict[str, torch.Tensor], names: dict[str, str], large: int = LARGE) -> dict[str, int]:
     """Sets each parameter of `params` (official name -> tensor) of more than `large` numbers to
     `seeded` values; returns {project name: seed} (`names` maps official to project names)."""
     seeds = {}
@@ -404,3 +403,34 @@ def dassl_step(
     grads = capture_grads(trainer.optim, learned)
     trainer.batch_idx, trainer.num_batches = 0, 2
     return trainer.forward_backward({"img": images, "label": labels}), grads
+
+
+def released_check(
+    trainer: Any, clip: FrozenCLIP, classnames: list[str], images: torch.Tensor, folder: Path | None = None
+) -> dict[str, Any]:
+    """The official trainer's model written by Dassl's own `save_model` (the released prompts'
+    routine) into `folder` (a Dassl output folder; None: a temporary one), with the official
+    model's logits on `images` (`logits.pt` beside it), read back as a released prompt by the
+    project (src/methods/released.py) and compared: {"file_bytes", "logits"} (the largest
+    difference), printed."""
+    from src.common.dassl_checkpoint import read_dassl  # noqa: PLC0415
+    from src.methods.base import method_from_prompt  # noqa: PLC0415
+    from src.methods.released import prompt_from_dassl  # noqa: PLC0415
+
+    trainer.set_model_mode("eval")
+    with torch.no_grad():
+        official = trainer.model(images)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = folder or Path(tmp)
+        trainer.save_model(0, str(out))
+        torch.save(official.clone(), out / "logits.pt")
+        (file,) = out.rglob("model.pth.tar-1")
+        state = prompt_from_dassl(read_dassl(out), clip, classnames)
+        module = method_from_prompt(state, clip, classnames).eval()
+        with torch.no_grad():
+            mine = module(images)
+        check = {"file_bytes": file.stat().st_size, "logits": float((mine - official).abs().max())}
+    print(
+        f"released checkpoint ({state['method']}, {check['file_bytes']} bytes): logits {check['logits']:.1e}"
+    )
+    return check

@@ -22,12 +22,14 @@ import torch
 import torch.nn.functional as F
 
 from experiments.parity.common import (
+    DASSL_FIXTURES,
     dassl_step,
     dassl_trainer,
     normalise,
     official_clip,
     parse_args,
     prepare_dassl,
+    released_check,
     save,
 )
 from experiments.parity.ivlp import COMMIT, DEPTH, REPO, official_cfg, project_names
@@ -72,6 +74,10 @@ def main() -> None:
     total = sum(fixture["loss"].values()).item()
     assert abs(summary["loss"] - total) < 1e-6, (summary["loss"], total)
     fixture["grads"] = project_names(grads, DEPTH)
+    # the stepped model as Dassl's save_model writes it (the whole model, 1.5 MB on this CLIP), for
+    # tests/test_released_prompts.py
+    folder = args.out.parent / "dassl_promptsrc" if args.out else DASSL_FIXTURES / "promptsrc"
+    fixture["released_checkpoint"] = released_check(trainer, clip, fixture["classnames"], images, folder)
     save("promptsrc", fixture, args.out)
 
 
