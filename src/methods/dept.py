@@ -160,7 +160,6 @@ class DePT(ValidatesAccuracy, Method):
         head_logits, head_labels = self.head.training_logits(*features, labels)
         return {**terms, "cat": self.cat_weight * F.cross_entropy(head_logits, head_labels)}
 
-
     def param_groups(self) -> list[dict[str, Any]]:
         """The base's trained parameters, and the head's at `cat_lr_ratio` times the optimiser's lr
         (the recipe's `method.optimizer`: the base's)."""

@@ -199,7 +199,6 @@ class MMRL(TextOncePerEvaluation, ValidatesAccuracy, Method):
             "reg_text": self.reg_weight * parts["reg_text"],
         }
 
-
     # -- results and the prompt file ----------------------------------------------------------
     def hyperparameters(self) -> dict[str, Any]:
         """The arguments that rebuild the method (besides CLIP and the class list)."""

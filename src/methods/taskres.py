@@ -88,7 +88,6 @@ class TaskRes(TextOncePerEvaluation, ValidatesAccuracy, Method):
         """Cross-entropy of the logits, the official loss."""
         return {"ce": F.cross_entropy(self(images), labels)}
 
-
     # -- results and the prompt file ----------------------------------------------------------
     def hyperparameters(self) -> dict[str, Any]:
         """The arguments that rebuild the method (besides CLIP and the class list)."""
