@@ -13,9 +13,13 @@ import pytorch_lightning as pl
 import torch
 from safetensors.torch import load_file
 
+from src.common.dassl_checkpoint import read_dassl
 from src.data.datasets.digits import CLASSNAMES
 from src.methods.maple import MaPLe
+from src.methods.released import prompt_from_dassl
 from src.models.clip import FrozenCLIP, shipped_weights
+from src.run.config import compose_config
+from src.run.evaluation import evaluate
 from src.run.training import train
 from tests.conftest import make_cfg
 
@@ -79,4 +83,25 @@ def test_a_whole_maple_run_is_the_official_run(official, cache_dir, tmp_path):
     differences = {name: (final[name] - v).abs().max().item() for name, v in official["final"].items()}
     assert max(differences.values()) <= PROMPT_ATOL, differences
     assert results["num_test"] == 361  # one test image is 0.28 points
+    assert results["test_acc"] == pytest.approx(official["test_acc"], abs=1e-4)
+
+
+def test_the_official_runs_own_checkpoint_is_its_prompts_and_accuracy(official, cache_dir, tmp_path):
+    """tests/fixtures/dassl/maple: the checkpoint the official run's train.py wrote (Dassl's
+    save_model, epoch 5), read by src.eval as a released prompt: the official run's final prompts,
+    exactly, and its test accuracy."""
+    folder = Path(__file__).parent / "fixtures" / "dassl" / "maple"
+    checkpoint = read_dassl(folder)
+    assert Path(checkpoint["file"]).name == "model.pth.tar-5" and checkpoint["epoch"] == 5
+    clip = FrozenCLIP(official["settings"]["model"], shipped_weights("coop-tiny-digits.safetensors"))
+    state = prompt_from_dassl(checkpoint, clip, CLASSNAMES)
+    assert (
+        state["method"] == "maple"
+        and state["hparams"]["prompt_depth"] == official["settings"]["prompt_depth"]
+    )
+    released = {"ctx": state["ctx"], **state["weights"]}
+    for name, tensor in official["final"].items():
+        assert torch.equal(released[name], tensor), name
+    args = [f"ckpt={folder}", "model=tiny_pretrained", "dataset=digits", f"paths.cache_dir={cache_dir}"]
+    results = evaluate(compose_config("eval", [*args, "data.num_workers=0"], tmp_path / "eval"))
     assert results["test_acc"] == pytest.approx(official["test_acc"], abs=1e-4)

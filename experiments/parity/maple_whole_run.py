@@ -34,6 +34,7 @@ import importlib.util
 import json
 import os
 import runpy
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -46,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from experiments.parity.common import check_commit, put_on_path, torch_compat  # noqa: E402
+from experiments.parity.common import DASSL_FIXTURES, check_commit, put_on_path, torch_compat  # noqa: E402
 from src.data.datasets.digits import Digits as ProjectDigits  # noqa: E402
 from src.models.clip import CONFIG_DIR, shipped_weights  # noqa: E402
 
@@ -305,7 +306,7 @@ def run_official(maple: Path, dassl_dir: Path, image_dir: Path, work: Path) -> d
         "patches": [
             [module, old, new, why] for module, items in patches(config).items() for old, new, why in items
         ],
-        "argv": sys.argv[1:],
+        "argv": [arg.replace(str(work), "<work>") for arg in sys.argv[1:]],
     }
     return record
 
@@ -386,6 +387,12 @@ def main() -> None:
     default_cache = Path(os.environ.get("COOP_CACHE", Path.home() / ".cache" / "coop"))
     parser.add_argument("--cache-dir", type=Path, default=default_cache, help="the project's paths.cache_dir")
     parser.add_argument("--out", type=Path, default=FIXTURE, help="writes OUT.json and OUT.safetensors")
+    parser.add_argument(
+        "--checkpoint-out",
+        type=Path,
+        default=DASSL_FIXTURES / "maple",
+        help="a copy of the run's Dassl output",
+    )
     parser.add_argument("--project", action="store_true", help="also run the project's side and compare")
     args = parser.parse_args()
     for folder, pinned in ((args.maple, MAPLE_COMMIT), (args.dassl, DASSL_COMMIT)):
@@ -395,8 +402,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         record = run_official(args.maple.resolve(), args.dassl.resolve(), image_dir, Path(work))
         save(record, args.out)
+        # the run's own checkpoint, as Dassl's save_model wrote it (the prompt learner and the
+        # encoders its CustomCLIP holds), for tests/test_maple_whole_run.py
+        shutil.rmtree(args.checkpoint_out, ignore_errors=True)
+        shutil.copytree(
+            Path(work) / "output" / "MultiModalPromptLearner", args.checkpoint_out / "MultiModalPromptLearner"
+        )
         print(
-            f"official: test accuracy {record['test_acc']:.2f} %; written to {args.out}.{{json,safetensors}}"
+            f"official: test accuracy {record['test_acc']:.2f} %; written to {args.out}.{{json,safetensors}} "
+            f"and {args.checkpoint_out}"
         )
         if args.project:
             compare_with_project(record, args.cache_dir, Path(work) / "project")
