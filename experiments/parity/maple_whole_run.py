@@ -348,8 +348,8 @@ def compare_with_project(record: dict, cache_dir: Path, run_dir: Path) -> dict:
     mine = {"ctx": prompt["ctx"], **prompt["weights"]}
     fewshot = json.loads((run_dir / "fewshot.json").read_text())
     differences = {k: float((mine[k].float() - v).abs().max()) for k, v in record["final"].items()}
-    # the official run's own checkpoint (Dassl's save_model wrote it, frozen CLIP included: too large
-    # for the tests' fixtures), read as a released prompt and tested by the project
+    # the official run's own checkpoint (Dassl's save_model wrote it), read as a released prompt and
+    # tested by the project's src.eval, as tests/test_maple_whole_run.py does with its copy
     released = run_dir.parent / "released"
     command = [sys.executable, "-m", "src.eval", f"ckpt={run_dir.parent / 'output'}", "model=tiny_pretrained"]
     command += [
