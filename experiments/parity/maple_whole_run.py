@@ -21,8 +21,8 @@ their commits, the extra packages in /tmp/parity-extra):
 
 The project's side of the comparison is
 `python -m src.train experiment=quickstart method=maple model=tiny_pretrained
-method.module.prompt_depth=2 baseline=null` (tests/test_maple_whole_run.py runs it in-process
-against the stored result).
+method.module.prompt_depth=2 ctx.n_ctx=2 baseline=null` (`project_overrides`;
+tests/test_maple_whole_run.py runs it in-process against the stored result).
 """
 
 from __future__ import annotations

@@ -194,9 +194,7 @@ class FewShotDataModule(pl.LightningDataModule):
         if self.train_items is not None:
             return
         splits, everything = self.splits, self.all_splits
-        check_distinct_classnames(
-            splits.classnames, self.dataset.root, getattr(self.dataset, "repeated_names", frozenset())
-        )
+        check_distinct_classnames(splits.classnames, self.dataset.root, self.dataset.repeated_names)
         check = ImageCheck(skip_bad=self.skip_bad_images)
         pickled = reference_fewshot_file(self.dataset.root, self.shots, self.seed)
         if self.fewshot_file:
@@ -274,7 +272,7 @@ class FewShotDataModule(pl.LightningDataModule):
                 self.shots,
                 self.seed,
                 self.fewshot_sampler,
-                val_is_test=getattr(self.dataset, "val_is_test", False),
+                val_is_test=self.dataset.val_is_test,
             )
             chosen = train + val if check_train else val
             good = check.keep_good(chosen)

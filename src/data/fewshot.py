@@ -19,7 +19,7 @@ import os
 import random
 from collections import defaultdict
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from src.common.files import write_json
 from src.common.messages import one_of
@@ -27,7 +27,7 @@ from src.data.datasets.base import DatasetError
 from src.data.samples import Sample, Splits, relative_path
 
 FewShotSampler = Literal["reference", "sorted", "clip_lora"]
-SAMPLERS = ("reference", "sorted", "clip_lora")
+SAMPLERS: tuple[str, ...] = get_args(FewShotSampler)
 VAL_SHOTS = 4  # validation keeps min(shots, 4) images per class, as the reference does
 
 

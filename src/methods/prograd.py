@@ -35,6 +35,11 @@ def template_words(template: str) -> str:
     return template.split("{}")[0].strip(" ,")
 
 
+def word_count(words: str) -> int:
+    """The context vectors a phrase starts, as the official `len(ctx_init.split(" "))` (0 for none)."""
+    return len(words.split(" ")) if words else 0
+
+
 class ProGrad(HandMadeGuided, CoOp):
     """Trains on the cross-entropy; before each optimiser step, the gradient of each learnable
     tensor is projected (`project_conflicting`) against the gradient of the distillation loss
@@ -71,7 +76,7 @@ class ProGrad(HandMadeGuided, CoOp):
     def check_config(cls, args: dict[str, Any], architecture: Architecture) -> None:
         super().check_config(args, architecture)
         words = template_words(args["template"]) if args["init_from_template"] else ""
-        n_words = len(words.split(" ")) if words else 0
+        n_words = word_count(words)
         if args["ctx_init_count"] == "words" and n_words > args["n_ctx"]:
             raise MethodOptionError(
                 f"ctx.n_ctx={args['n_ctx']} is shorter than the {n_words} words of the template's "

@@ -47,7 +47,7 @@ from src.methods.cocoop import CoCoOp
 from src.methods.coop import CoOp
 from src.methods.ivlp import IVLP, DeepPrompts
 from src.methods.maple import MaPLe
-from src.methods.prograd import template_words
+from src.methods.prograd import template_words, word_count
 from src.models.clip import FrozenCLIP
 
 log = logging.getLogger(__name__)
@@ -223,7 +223,7 @@ def _check_prograd_words(template: str, clip: FrozenCLIP, n_ctx: int, fixed: lis
     phrase's leading tokens, the phrase's other tokens kept as text: a ValueError unless `template`
     keeps the file's `fixed` words so."""
     words = template_words(template)
-    n_words = len(words.split(" ")) if words else 0
+    n_words = word_count(words)
     if n_words > n_ctx or _ids(clip, words)[n_words:] != fixed:
         raise ValueError(
             f"ckpt={file}: its prompts keep the words {_decode(clip, fixed)!r} after the {n_ctx} learned "

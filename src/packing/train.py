@@ -170,34 +170,26 @@ def train_together(
         if epochs > 0:
             trainer.fit(pack)
         train_time = (time.perf_counter() - start) / len(runs)  # each run's share of the pack's time
-        if not test:
-            return validated(runs, pack.validate_last(), train_time)
-        trainer.test(pack, verbose=False)
+        if test:
+            trainer.test(pack, verbose=False)
+            per_run = pack.test_metrics
+        else:  # a search's trial: each run's validation.json, as train(cfg, test=False) alone
+            per_run = [{"val/acc": acc} for acc in pack.validate_last()]
     results = []
-    for run, metrics in zip(runs, pack.test_metrics, strict=True):
-        if run.failed is not None:  # no results.json: as alone, the run stopped
+    for run, metrics in zip(runs, per_run, strict=True):
+        if run.failed is not None:  # no results: as alone, the run stopped
             results.append(None)
             continue
-        result = run_results(
-            run.cfg, run.module, run.datamodule, trainer, metrics, train_time, run.max_epochs, baseline
-        )
-        result["pack_size"] = len(runs)
-        write_results(run.out, run.module, result)
+        if test:
+            result = run_results(
+                run.cfg, run.module, run.datamodule, trainer, metrics, train_time, run.max_epochs, baseline
+            )
+            result["pack_size"] = len(runs)
+            write_results(run.out, run.module, result)
+        else:
+            args = (run.cfg, run.datamodule, metrics, train_time, run.out, run.max_epochs)
+            result = validation_results(*args, pack_size=len(runs))
         for logger in run.loggers:
             logger.finalize("success")
         results.append(result)
-    return results
-
-
-def validated(runs: list[PackedRun], accs: list[float], train_time: float) -> list[dict[str, Any] | None]:
-    """Each run's validation.json (`train_together(test=False)`); None for a run that stopped."""
-    results = []
-    for run, acc in zip(runs, accs, strict=True):
-        if run.failed is not None:
-            results.append(None)
-            continue
-        args = (run.cfg, run.datamodule, {"val/acc": acc}, train_time, run.out, run.max_epochs)
-        results.append(validation_results(*args, pack_size=len(runs)))
-        for logger in run.loggers:
-            logger.finalize("success")
     return results
