@@ -88,3 +88,17 @@ def test_run_folders_from_before_the_move_continue(tmp_path: Path) -> None:
     current = fingerprint(make_cfg([*coop["overrides"], "method.optimizer.lr=0.001"], tmp_path))
     changed = differences(upgrade_fingerprint(coop["config"], current), current)
     assert changed == "method.optimizer.lr: 0.002 -> 0.001"
+
+
+def test_the_data_settings_resolve_in_place(tmp_path: Path) -> None:
+    """`python -m src.train ... --cfg job --resolve` resolves the config in place, where a default
+    given as a bare list inside an interpolation is refused ("Value 'list' is not a supported
+    primitive type"): the crop scale's default, the method's and the dataset's all resolve."""
+    for args, scale in (
+        (["dataset=oxford_pets"], [0.08, 1.0]),
+        (["dataset=oxford_pets", "method=mmrl"], [0.5, 1.0]),
+        (["dataset=digits"], [0.5, 1.0]),
+    ):
+        data = make_cfg(args, tmp_path).data
+        OmegaConf.resolve(data)
+        assert OmegaConf.to_container(data)["crop_scale"] == scale, args
