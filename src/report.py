@@ -23,8 +23,9 @@ listed, and only the newest is used (marked `†`).
 --wandb also logs the report as one W&B run of job_type `report` (src/run/wandb_runs.py), in the
 project the runs logged to (logger=wandb) unless --wandb-project names another: each table of
 report.md as a wandb.Table of the numbers its cells are formatted from (mean, std, number of seeds,
-missing seeds, the printed cell), the plots as images, and runs.csv with each run's W&B run
-(`wandb_run`, also a column of runs.csv) and its page (`wandb_url`, where the entity is known).
+missing seeds, the printed cell; a search's trials with their searched values unrounded), the
+plots as images, and runs.csv with each run's W&B run (`wandb_run`, also a column of runs.csv) and
+its page (`wandb_url`, where the entity is known).
 
 A results.json that cannot be read (cut short, not this project's) does not stop the report: the
 tables are written from every readable run, and the unreadable ones are listed in report.md and
@@ -449,7 +450,8 @@ def shots_label(shots: int) -> str:
 class ReportTable:
     """A table of the report: `text` as report.md prints it, `numbers` the cells it is formatted
     from (one row per cell: where it stands, mean, std, number of seeds... and the printed `cell`),
-    which `--wandb` logs. `key` names it on W&B: `<backbone>/<table>`, or `problems/<table>`."""
+    which `--wandb` logs. `key` names it on W&B: `<backbone>/<table>`, `problems/<table>` or
+    `searches/<the search's folder>`."""
 
     key: str
     title: str
@@ -502,7 +504,9 @@ def report_runs(root: Path, out: Path | None = None) -> Report:
             tables += own
             plots |= {f"{backbone}/plot_{label}": path for label, path in drawn.items()}
     if searches:
-        lines += searches_section(searches)
+        found = search_tables(searches)
+        lines += searches_section(searches, found)
+        tables += found
     if runs is not None:
         found = problem_tables(runs, table)
         lines += problems(found)
@@ -628,13 +632,30 @@ def read_searches(root: Path) -> tuple[dict[str, dict], list[str]]:
     return searches, unreadable
 
 
-def search_table(search: dict) -> pd.DataFrame:
-    """A row per trial: its searched settings, validation accuracy (%, the mean over its seeds, then
-    each seed's), state, and for the chosen trial its test accuracy (the only one tested)."""
+def search_tables(searches: dict[str, dict]) -> list[ReportTable]:
+    """Each search's trials as a table: report.md's text (the searched values to 4 digits) and the
+    numbers (W&B's, unrounded)."""
+    return [
+        ReportTable(
+            "searches" if folder == "." else f"searches/{folder}",
+            "this folder" if folder == "." else folder,
+            search_table(search, digits=4),
+            search_table(search),
+        )
+        for folder, search in searches.items()
+    ]
+
+
+def search_table(search: dict, digits: int | None = None) -> pd.DataFrame:
+    """A row per trial: its searched settings (floats to `digits` significant digits, if given),
+    validation accuracy (%, the mean over its seeds, then each seed's), state, and for the chosen
+    trial its test accuracy (the only one tested)."""
     chosen = search.get("chosen") or {}
     rows = []
     for trial in search["trials"]:
-        params = {k: f"{v:.4g}" if isinstance(v, float) else v for k, v in trial["params"].items()}
+        params = {
+            k: f"{v:.{digits}g}" if digits and isinstance(v, float) else v for k, v in trial["params"].items()
+        }
         row = {"trial": trial["trial"], **params, "val acc": trial.get("val_acc")}
         accs = trial.get("val_accs") or {}
         if len(accs) > 1:
@@ -649,18 +670,19 @@ def search_table(search: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def searches_section(searches: dict[str, dict]) -> list[str]:
+def searches_section(searches: dict[str, dict], tables: list[ReportTable]) -> list[str]:
+    """report.md's section of the searches and their `search_tables`."""
     lines = ["## Hyper-parameter searches", ""]
-    for folder, search in searches.items():
+    for search, table in zip(searches.values(), tables, strict=True):
         seeds = search.get("seeds")
         over = f"mean over seeds {', '.join(map(str, seeds))}" if seeds else "one seed"
         lines += [
-            f"### {'this folder' if folder == '.' else folder}",
+            f"### {table.title}",
             "",
             f"{len(search['trials'])} trials, chosen by validation accuracy (%, {over}); only the "
             "chosen trial is tested.",
             "",
-            markdown(search_table(search)),
+            markdown(table.text),
             "",
         ]
     return lines

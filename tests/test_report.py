@@ -327,6 +327,34 @@ def test_report_logs_one_wandb_run_of_its_tables_figures_and_runs(grid, tmp_path
     }
 
 
+def test_a_searchs_trials_are_a_wandb_table_of_the_report(grid, tmp_path_factory, monkeypatch):
+    """A hyper-parameter search under the folder (its search.json): its trials table of report.md is
+    also a table of the W&B report, with the searched values unrounded."""
+    lrs = [0.0013785388962275391, 0.002621]
+    trials = [
+        {"trial": i, "state": "complete", "params": {"ctx.n_ctx": n, "method.optimizer.lr": lr},
+         "val_acc": acc, "val_accs": {"1": acc - 1, "2": acc + 1}, "dir": f"trial{i}"}
+        for i, (n, lr, acc) in enumerate(zip((16, 8), lrs, (83.75, 81.25), strict=True))
+    ]  # fmt: skip
+    chosen = {"trial": 0, "test_acc": 83.24}
+    search = {"seeds": [1, 2], "trials": trials, "chosen": chosen}
+    (grid / "search_dtd").mkdir()
+    (grid / "search_dtd" / "search.json").write_text(json.dumps(search))
+    wandb_dir = logged_to_wandb(grid, tmp_path_factory.mktemp("wandb"), monkeypatch)
+    main([str(grid), "--wandb"])
+
+    report = (grid / "report" / "report.md").read_text()
+    assert "### search_dtd" in report and "| 0       | 16          | 0.001379" in report
+    (run_dir,) = (wandb_dir / "wandb").glob("offline-run-*")
+    (file,) = (run_dir / "files" / "media" / "table" / "searches").glob("search_dtd_0_*.table.json")
+    logged = json.loads(file.read_text())
+    frame = pd.DataFrame(logged["data"], columns=logged["columns"]).set_index("trial")
+    assert list(frame["method.optimizer.lr"]) == lrs and list(frame["ctx.n_ctx"]) == [16, 8]
+    assert list(frame["val acc"]) == [83.75, 81.25] and list(frame["val seed 2"]) == [84.75, 82.25]
+    assert list(frame["chosen"]) == ["yes", ""] and frame.loc[0, "test acc"] == 83.24
+    assert logged["data"][1][logged["columns"].index("test acc")] is None  # only the chosen is tested
+
+
 def test_wandb_mistakes_are_one_error_line(grid, tmp_path_factory, monkeypatch, capsys):
     """A project name W&B refuses stops the report before it is written; runs that logged to
     several projects need the report's named; no wandb package says how to install it."""
